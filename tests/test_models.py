@@ -1,0 +1,86 @@
+"""Every model goes through the same loader and layer discovery, and passes the same checks."""
+
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from skimage import data
+
+from workers.heatmaps import HeatmapError, compute_heatmaps
+from workers.models import ModelError, load_model
+from workers.preprocess import prepare_batch
+
+GAP_LINEAR = {"mobilenet_v2": "features", "resnet18": "layer4", "densenet121": "features",
+              "efficientnet_b0": "features"}
+OTHER_HEADS = {"vgg11": "features", "convnext_tiny": "features"}
+
+
+@pytest.mark.parametrize("name", [*GAP_LINEAR, *OTHER_HEADS])
+def test_every_model_loads_finds_its_layer_and_gives_maps(name):
+    torch.manual_seed(0)
+    loaded = load_model(name, weights=None, device="cpu")
+    assert loaded.target_layer == {**GAP_LINEAR, **OTHER_HEADS}[name]
+    x = torch.randn(2, 3, 96, 128)
+    heat = compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="gradcam", top_k=2)
+    assert heat.maps.shape[:2] == (2, 2) and heat.maps.shape[-2:] == (3, 4)
+    assert 0 <= heat.maps.min() and heat.maps.max() <= 1
+    if name in GAP_LINEAR:
+        cam = compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="cam", top_k=2)
+        assert cam.maps.shape == heat.maps.shape
+    else:
+        with pytest.raises(HeatmapError, match="Use method 'gradcam'"):
+            compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="cam")
+
+
+def test_bundled_weights_are_verified_and_classify_a_real_photo():
+    loaded = load_model(device="cpu")
+    assert loaded.weights_sha256 == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+    cat = torch.from_numpy(data.chelsea()).permute(2, 0, 1)
+    batch, _ = prepare_batch([cat], 224, "cpu")
+    with torch.no_grad():
+        top = loaded.model(batch).topk(3).indices[0].tolist()
+    assert set(top) & {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+    assert loaded.class_names[281] == "tabby"
+
+
+def test_state_dict_and_safetensors_round_trip_with_class_names(tmp_path):
+    model = torchvision.models.resnet18(num_classes=4)
+    state = model.state_dict()
+    torch.save(state, tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\n")
+    for file in ("w.pt", "w.safetensors"):
+        loaded = load_model("resnet18", weights=tmp_path / file, class_names=tmp_path / "names.txt", device="cpu")
+        assert loaded.class_names == ["a", "b", "c", "d"]
+        for k, v in loaded.model.state_dict().items():
+            torch.testing.assert_close(v, state[k])
+    with pytest.raises(ModelError, match="3 class names for a head with 4 outputs"):
+        load_model("resnet18", weights=tmp_path / "w.pt", class_names=["a", "b", "c"], device="cpu")
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"weight": Payload(marker)}, f)
+    with pytest.raises(ModelError, match="refused to load"):
+        load_model("resnet18", weights=tmp_path / "evil.pt", device="cpu")
+    assert not marker.exists()
+
+
+def test_unknown_layer_and_model_fail_with_the_choices():
+    with pytest.raises(ModelError, match=r"no layer 'layer9' in resnet18; candidates: .*layer4"):
+        load_model("resnet18", weights=None, target_layer="layer9", device="cpu")
+    with pytest.raises(ModelError, match="unknown model 'resnet1000'"):
+        load_model("resnet1000", weights=None)
+    assert load_model("resnet18", weights=None, target_layer="layer3", device="cpu").target_layer == "layer3"

