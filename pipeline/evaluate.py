@@ -83,11 +83,28 @@ def load_predictions(pred: str | Path | list | dict) -> list[dict]:
     return anns
 
 
+def _match_images(gt: COCO, images: list[dict], anns: list[dict]) -> list[dict]:
+    """A predicted COCO dataset numbers its own images: match them to the ground truth by file name."""
+    by_name = {Path(i["file_name"]).name: i["id"] for i in gt.dataset["images"]}
+    mapping = {i["id"]: by_name.get(Path(i["file_name"]).name) for i in images}
+    missing = [i["file_name"] for i in images if mapping[i["id"]] is None]
+    if missing:
+        raise EvaluationError(f"{len(missing)} predicted images are not in the ground truth, e.g. {missing[:3]}")
+    return [{**a, "image_id": mapping[a["image_id"]]} for a in anns]
+
+
 def evaluate(gt_path: str | Path, pred: str | Path | list | dict) -> dict:
     """All figures for predictions against the COCO ground truth in gt_path."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
+    if isinstance(pred, (str, Path)):
+        try:
+            pred = json.loads(Path(pred).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvaluationError(f"cannot read predictions {pred}: {exc}") from exc
     anns = load_predictions(pred)
+    if isinstance(pred, dict) and pred.get("images"):
+        anns = _match_images(gt, pred["images"], anns)
     unknown = {a["image_id"] for a in anns} - set(gt.getImgIds())
     if unknown:
         raise EvaluationError(f"{len(unknown)} predicted image ids are not in {gt_path}, e.g. {sorted(unknown)[:3]}")

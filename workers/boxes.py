@@ -72,6 +72,31 @@ def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2,
     return maps
 
 
+def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 8, iterations: int = 2) -> Tensor:
+    """Sharpen maps [B,K,h,w] with a colour model of the object learnt from the map itself.
+
+    Colour histograms of foreground (weighted by the map) and background (by 1 - map) are built per map
+    over `bins`^3 RGB cells of image [B,3,h,w] (normalised network input); each pixel's map value becomes
+    the posterior map * p(c|fg) / (map * p(c|fg) + (1 - map) * p(c|bg)), as GrabCut's colour term does.
+    """
+    b, k, h, w = maps.shape
+    rgb = image.float() * torch.tensor([0.229, 0.224, 0.225], device=image.device)[:, None, None]
+    rgb = rgb + torch.tensor([0.485, 0.456, 0.406], device=image.device)[:, None, None]
+    cell = (rgb.clamp(0, 1 - 1e-6) * bins).long()
+    index = ((cell[:, 0] * bins + cell[:, 1]) * bins + cell[:, 2]).flatten(1)  # [B, hw]
+    index = index[:, None].expand(b, k, h * w)
+    inside = valid.flatten(1)[:, None].float()
+    prior = maps.flatten(2)
+    for _ in range(iterations):
+        fg = torch.zeros(b, k, bins**3, device=maps.device).scatter_add_(2, index, prior * inside)
+        bg = torch.zeros(b, k, bins**3, device=maps.device).scatter_add_(2, index, (1 - prior) * inside)
+        fg = (fg + 1e-3) / (fg.sum(2, keepdim=True) + 1e-3 * bins**3)
+        bg = (bg + 1e-3) / (bg.sum(2, keepdim=True) + 1e-3 * bins**3)
+        pf, pb = fg.gather(2, index), bg.gather(2, index)
+        prior = maps.flatten(2) * pf / (maps.flatten(2) * pf + (1 - maps.flatten(2)) * pb + 1e-7)
+    return prior.view(b, k, h, w) * valid[:, None]
+
+
 def connected_components(mask: Tensor) -> Tensor:
     """Label 8-connected components of masks [N,H,W] (bool), all at once.
 

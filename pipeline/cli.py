@@ -1,0 +1,128 @@
+"""camlabel's command line: annotate, export-coco, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from pipeline.evaluate import EvaluationError, evaluate
+from pipeline.sources import SourceError
+from schemas.config import ConfigError, JobConfig, load_config
+from workers.heatmaps import METHODS
+from workers.models import ModelError
+
+log = logging.getLogger("camlabel")
+
+
+def _annotate_flags(parser: argparse.ArgumentParser) -> None:
+    """Every JobConfig field as a flag; defaults stay None so a YAML config is only overridden on purpose."""
+    parser.add_argument("source", nargs="?", help="folder (recursive), glob, .csv/.parquet manifest, or URI")
+    parser.add_argument("--config", help="YAML file with any of the fields below")
+    parser.add_argument("--out", help="run directory")
+    parser.add_argument("--labels", help="CSV: file_name, labels (class indices or names, space-separated)")
+    parser.add_argument("--model", help="torchvision classifier name (default mobilenet_v2)")
+    parser.add_argument("--weights", help="'bundled', 'DEFAULT' (torchvision download) or a local file")
+    parser.add_argument("--class-names", help="text file, one class name a line")
+    parser.add_argument("--target-layer", help="layer whose maps are used (default: found automatically)")
+    parser.add_argument("--method", help=f"one of {', '.join(METHODS)} (default cam)")
+    parser.add_argument("--input-size", type=int, help="shorter side in pixels at the image's own aspect")
+    parser.add_argument("--rule", help="instances (default) or paper (Zhou et al.'s 20%% largest component)")
+    parser.add_argument("--threshold", type=float, help="fraction of the map's max kept as object")
+    parser.add_argument("--mask-threshold", type=float, help="threshold for masks (default: --threshold)")
+    parser.add_argument("--top-k", type=int, help="predicted classes considered when there are no labels")
+    parser.add_argument("--min-score", type=float, help="minimum probability of a predicted class")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                        help="colour refinement of the maps")
+    parser.add_argument("--actors", type=int, help="annotate actors (default: one per GPU, else per core)")
+    parser.add_argument("--gpus-per-actor", type=float)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--rows-per-part", type=int)
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camlabel", description="Pseudo-labels from class activation maps.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _annotate_flags(sub.add_parser("annotate", help="annotate an image collection with Ray"))
+    demo = sub.add_parser("demo", help="annotate the bundled demo photos and export COCO")
+    demo.add_argument("--out", default="runs/demo")
+    export = sub.add_parser("export-coco", help="write a run (or several) as COCO JSON")
+    export.add_argument("runs", nargs="+", type=Path)
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
+    ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
+    ev.add_argument("--gt", required=True, type=Path)
+    ev.add_argument("--pred", required=True, type=Path, help="COCO results list or COCO dataset")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, SourceError, ModelError, EvaluationError) as exc:
+        print(f"camlabel {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_annotate(args) -> int:
+    from pipeline.job import annotate
+
+    names = {f.name for f in fields(JobConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    config = load_config(args.config, overrides)
+    manifest = annotate(config)
+    print(json.dumps({"out": config.out, **manifest["counts"], "seconds": manifest["seconds"]}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The bundled default: scikit-image's real photos, predicted classes, COCO export."""
+    import skimage
+
+    from pipeline.export import export_coco
+    from pipeline.job import annotate
+
+    data = Path(skimage.data.data_dir)
+    photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
+              "camera.png", "hubble_deep_field.jpg"]
+    out = Path(args.out)
+    manifest_path = out / "demo_manifest.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text("path\n" + "".join(f"{data / p}\n" for p in photos))
+    config = load_config(None, {"source": str(manifest_path), "out": str(out / "run")})
+    manifest = annotate(config)
+    export_coco([out / "run"], out / "coco.json")
+    print(json.dumps({"run": str(out / "run"), "coco": str(out / "coco.json"), **manifest["counts"],
+                      "seconds": manifest["seconds"]}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import export_coco
+
+    coco = export_coco(args.runs, args.out, results=args.results)
+    count = len(coco) if args.results else len(coco["annotations"])
+    print(json.dumps({"out": str(args.out), "annotations": count}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    print(json.dumps(evaluate(args.gt, args.pred), indent=2))
+    return 0
+
+
+COMMANDS = {"annotate": cmd_annotate, "demo": cmd_demo, "export-coco": cmd_export, "eval": cmd_eval}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The annotate job's driver: list the source, skip what is done, stream through Ray, write parts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from pipeline.plan import annotate_stream, plan_resources
+from pipeline.sources import labels_for, list_images, read_labels
+from pipeline.writers import RunWriter, atomic_write_json, read_parts
+from schemas.config import JobConfig
+from schemas.tables import ERRORS, IMAGES
+from workers.annotator import AnnotateSettings
+from workers.models import load_model
+
+log = logging.getLogger(__name__)
+PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def settings_of(config: JobConfig) -> AnnotateSettings:
+    return AnnotateSettings(method=config.method, input_size=config.input_size, rule=config.rule,
+                            threshold=config.threshold, mask_threshold=config.mask_threshold, top_k=config.top_k,
+                            min_score=config.min_score, flip=config.flip, refine=config.refine)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at address (or RAY_ADDRESS); without one, start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+             include_dashboard=False if not address else None)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def annotate(config: JobConfig, progress: bool = True) -> dict:
+    """Annotate every image of config.source not yet in config.out; return the run's manifest."""
+    started = datetime.now(UTC).isoformat()
+    run_dir = Path(config.out)
+    model = {"name": config.model, "weights": config.weights, "class_names": config.class_names,
+             "target_layer": config.target_layer}
+    loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
+    model["target_layer"] = loaded.target_layer
+    settings = settings_of(config)
+    labels = read_labels(config.labels, loaded.class_names) if config.labels else None
+    paths = list_images(config.source)
+    writer = RunWriter(run_dir, config.rows_per_part)
+    done = writer.done_paths()
+    todo = [p for p in paths if p not in done]
+    items = []
+    for p in todo:
+        found = labels_for(p, config.source, labels) if labels is not None else None
+        items.append({"path": p, "labels": " ".join(map(str, found)) if found is not None else "-"})
+    manifest = {
+        "config": config.as_dict(),
+        "model": {"name": loaded.name, "weights": loaded.weights_source, "weights_sha256": loaded.weights_sha256,
+                  "target_layer": loaded.target_layer, "classes": len(loaded.class_names)},
+        "settings": settings.__dict__,
+        "versions": versions(),
+        "source": config.source,
+        "started": started,
+        "status": "running",
+    }
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    del loaded
+    start = time.perf_counter()
+    if items:
+        connect(config.address)
+        resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor)
+        manifest["resources"] = resources.__dict__
+        log.info("annotating %d images (%d already done) with %s", len(items), len(done), resources)
+        bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
+        for table in annotate_stream(items, model, settings, resources):
+            writer.add(table)
+            bar.update(table.num_rows)
+        writer.flush()
+        bar.close()
+    annotated = read_parts(run_dir / "annotations", IMAGES, ["path", "annotations"])
+    errors = read_parts(run_dir / "errors", ERRORS, ["path"])
+    manifest.update({
+        "status": "finished",
+        "finished": datetime.now(UTC).isoformat(),
+        "seconds": round(time.perf_counter() - start, 2),
+        "counts": {
+            "inputs": len(paths),
+            "annotated": annotated.num_rows,
+            "errors": errors.num_rows,
+            "annotations": sum(len(a) for a in annotated.column("annotations").to_pylist()),
+            "this_run": len(items),
+        },
+    })
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,94 @@
+"""The Ray Data plan, top to bottom: read the paths, read and decode the bytes, annotate on actors.
+
+The driver (pipeline.job) consumes the stream and writes Parquet parts itself, so every part is
+written atomically under a deterministic name and a rerun knows exactly what is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline.sources import read_bytes
+from workers.actor import AnnotateActor
+from workers.annotator import AnnotateSettings
+from workers.decode import DecodeError, decode, image_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each annotate actor holds; chosen from the cluster unless the user says."""
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    batch_size: int
+
+
+def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None) -> Resources:
+    """One actor per GPU when the cluster has GPUs; otherwise one per CPU core, each with one torch
+    thread, leaving a quarter core free for the decode tasks."""
+    cluster = ray.cluster_resources()
+    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus else 0.0
+    if gpus_per_actor:
+        count = actors or max(1, int(gpus / gpus_per_actor))
+        return Resources(count, gpus_per_actor, 1.0, batch_size or 32)
+    count = actors or cpus
+    return Resources(count, 0.0, max(0.25, min(1.0, (cpus - 0.25) / count)), batch_size or 8)
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    """Read each path's bytes and decode them; a failure becomes an error row, never an exception."""
+    out: dict[str, list] = {k: [] for k in ("path", "labels", "image_id", "width", "height", "image",
+                                            "error_stage", "error")}
+    for path, labels in zip(batch["path"], batch["labels"], strict=True):
+        stage, error, image, digest, size = "read", "", np.zeros((1, 1, 3), np.uint8), "", (0, 0)
+        try:
+            data = read_bytes(str(path))
+            digest = hashlib.sha256(data).hexdigest()
+            stage = "decode"
+            size = image_size(data)
+            pixels = decode(data)
+            image = pixels.permute(1, 2, 0).numpy()
+            size = (image.shape[1], image.shape[0])
+        except (OSError, DecodeError) as exc:
+            error = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a decoder bug must not take the job down
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            stage = ""
+        for key, value in zip(out, (str(path), labels, digest, size[0], size[1], image, stage, error), strict=True):
+            out[key].append(value)
+    return out
+
+
+def annotate_stream(
+    items: list[dict],
+    model: dict,
+    settings: AnnotateSettings,
+    resources: Resources,
+) -> Iterator[pa.Table]:
+    """items: [{"path": str, "labels": "i j" or "-"}] -> a stream of Arrow tables of schemas.RESULTS."""
+    blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=0.25)
+    ds = ds.map_batches(
+        AnnotateActor,
+        fn_constructor_kwargs={"model": model, "settings": settings},
+        batch_size=resources.batch_size,
+        batch_format="numpy",
+        num_gpus=resources.gpus_per_actor,
+        num_cpus=resources.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),  # Ray Data restarts a dead actor and
+    )  # retries its batch (max_restarts and max_task_retries default to -1 for actor pools)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -1,0 +1,122 @@
+"""What to annotate: image paths from a folder, a glob or a manifest, and image-level labels from a CSV.
+
+Local paths and any URI that pyarrow's filesystems open (s3://, gs://, file://).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob
+import os
+from pathlib import PurePosixPath
+
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class SourceError(ValueError):
+    """A source, manifest or labels file that cannot be used; the message names the file and line."""
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def list_images(source: str) -> list[str]:
+    """Sorted, de-duplicated image paths under a directory (recursive), a glob, or a manifest's `path` column."""
+    suffix = PurePosixPath(source).suffix.lower()
+    if suffix in (".csv", ".parquet"):
+        return _from_manifest(source)
+    if _is_uri(source):
+        fs, root = pafs.FileSystem.from_uri(source)
+        prefix = source[: len(source) - len(root)] if source.endswith(root) else ""
+        pattern = None
+        if any(c in root for c in "*?["):
+            pattern, root = root, root.split("*")[0].rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=False))
+        paths = [i.path for i in infos if i.type == pafs.FileType.File]
+        paths = [p for p in paths if fnmatch.fnmatch(p, pattern)] if pattern else paths
+        return sorted({prefix + p for p in paths if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES})
+    if any(c in source for c in "*?["):
+        return sorted({os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)})
+    if not os.path.isdir(source):
+        raise SourceError(f"source {source!r} is not a directory, a glob, a .csv/.parquet manifest or a URI")
+    found = set()
+    for folder, _dirs, files in os.walk(source, followlinks=False):  # symlinked folders are not followed
+        for name in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                found.add(os.path.abspath(os.path.join(folder, name)))
+    return sorted(found)
+
+
+def _from_manifest(manifest: str) -> list[str]:
+    try:
+        table = pq.read_table(manifest) if manifest.endswith(".parquet") else pacsv.read_csv(manifest)
+    except Exception as exc:
+        raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
+    if "path" not in table.column_names:
+        raise SourceError(f"manifest {manifest} has no 'path' column (columns: {', '.join(table.column_names)})")
+    base = os.path.dirname(os.path.abspath(manifest)) if not _is_uri(manifest) else manifest.rsplit("/", 1)[0]
+    paths = []
+    for line, path in enumerate(table.column("path").to_pylist(), start=2):
+        if not path:
+            raise SourceError(f"{manifest}:{line}: empty path")
+        if ".." in PurePosixPath(path).parts:
+            raise SourceError(f"{manifest}:{line}: path {path!r} climbs out with '..'")
+        if _is_uri(path) or os.path.isabs(path):
+            paths.append(path)
+        else:
+            paths.append(f"{base}/{path}" if _is_uri(base) else os.path.join(base, path))
+    return sorted(set(paths))
+
+
+def read_bytes(path: str) -> bytes:
+    if _is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_labels(path: str, class_names: list[str]) -> dict[str, list[int]]:
+    """file_name -> class indices, from a CSV with columns file_name and labels (space-separated
+    indices or class names; a name with spaces is written with underscores)."""
+    lookup = {n.lower(): i for i, n in enumerate(class_names)}
+    lookup.update({n.lower().replace(" ", "_"): i for i, n in enumerate(class_names)})
+    labels: dict[str, list[int]] = {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"file_name", "labels"} - set(reader.fieldnames or [])
+            if missing:
+                raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            for line, row in enumerate(reader, start=2):
+                name = (row.get("file_name") or "").strip()
+                if not name or ".." in PurePosixPath(name).parts or os.path.isabs(name):
+                    raise SourceError(f"{path}:{line}: file_name {name!r} must be a relative path without '..'")
+                classes = []
+                for token in (row.get("labels") or "").split():
+                    index = int(token) if token.isdigit() else lookup.get(token.lower())
+                    if index is None or not 0 <= index < len(class_names):
+                        raise SourceError(f"{path}:{line}: unknown class {token!r} (use an index below "
+                                          f"{len(class_names)} or a class name)")
+                    classes.append(index)
+                labels[name] = sorted(set(classes))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"cannot read labels {path}: {exc}") from exc
+    return labels
+
+
+def labels_for(path: str, source: str, labels: dict[str, list[int]]) -> list[int] | None:
+    """The image's labels, matched by its path relative to the source, else by its bare file name."""
+    root = source if not any(c in source for c in "*?[") else source.split("*")[0]
+    relative = os.path.relpath(path, root) if not _is_uri(path) and os.path.isdir(root) else path
+    for key in (relative, PurePosixPath(path).name):
+        if key in labels:
+            return labels[key]
+    return None

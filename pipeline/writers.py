@@ -1,0 +1,101 @@
+"""Parquet parts written atomically (temp file, fsync, rename) under names fixed by their content.
+
+A run directory holds `annotations/part-*.parquet` and `errors/part-*.parquet`. A part either exists
+whole or not at all, so a rerun reads the finished parts, skips their images, and nothing is lost or
+written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from schemas.tables import ERRORS, IMAGES, RESULTS
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_parts(folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Every finished part under folder (temp files start with '.', which pyarrow ignores)."""
+    if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
+        return schema.empty_table().select(columns) if columns else schema.empty_table()
+    return pads.dataset(str(folder), schema=schema, format="parquet").to_table(columns=columns)
+
+
+class RunWriter:
+    """Buffers result rows and writes them as parts of about `rows_per_part` images."""
+
+    def __init__(self, run_dir: Path, rows_per_part: int = 1000) -> None:
+        self.run_dir = Path(run_dir)
+        self.rows_per_part = rows_per_part
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.written_paths: set[str] = set()
+        self.annotated = 0
+        self.failed = 0
+        self.annotations = 0
+
+    def done_paths(self) -> set[str]:
+        """Paths of every image already in a finished part (annotated or failed)."""
+        done = set(read_parts(self.run_dir / "annotations", IMAGES, ["path"]).column("path").to_pylist())
+        return done | set(read_parts(self.run_dir / "errors", ERRORS, ["path"]).column("path").to_pylist())
+
+    def add(self, results: pa.Table) -> None:
+        """results: schemas.RESULTS rows. Rows for a path already written (a retried task) are dropped."""
+        paths = results.column("path").to_pylist()
+        fresh = [i for i, p in enumerate(paths) if p not in self.written_paths]
+        if len(fresh) < len(paths):
+            results = results.take(fresh)
+        self.written_paths.update(results.column("path").to_pylist())
+        self.pending.append(results.cast(RESULTS))
+        self.pending_rows += results.num_rows
+        if self.pending_rows >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_rows:
+            return
+        table = pa.concat_tables(self.pending).sort_by("path")
+        self.pending, self.pending_rows = [], 0
+        name = "part-" + hashlib.sha256("\n".join(table.column("path").to_pylist()).encode()).hexdigest()[:20]
+        failed = table.filter(pc.is_valid(table.column("error")))
+        good = table.filter(pc.is_null(table.column("error")))
+        if failed.num_rows:
+            errors = pa.table({"path": failed.column("path"), "stage": failed.column("error_stage"),
+                               "reason": failed.column("error")}, schema=ERRORS)
+            atomic_write_table(self.run_dir / "errors" / f"{name}.parquet", errors)
+        if good.num_rows:
+            atomic_write_table(self.run_dir / "annotations" / f"{name}.parquet", good.select(IMAGES.names))
+        self.annotated += good.num_rows
+        self.failed += failed.num_rows
+        self.annotations += sum(len(a) for a in good.column("annotations").to_pylist())

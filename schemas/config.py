@@ -1,0 +1,104 @@
+"""The annotate job's configuration: one dataclass, filled from a YAML file and/or flags, validated
+before anything starts, with errors that name the field and what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from workers.boxes import RULES
+from workers.heatmaps import METHODS
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; str() names the field."""
+
+
+@dataclass
+class JobConfig:
+    source: str = ""
+    out: str = ""
+    labels: str | None = None
+    model: str = "mobilenet_v2"
+    weights: str | None = "bundled"
+    class_names: str | None = None
+    target_layer: str | None = None
+    method: str = "cam"
+    input_size: int = 448
+    rule: str = "instances"
+    threshold: float | None = None
+    mask_threshold: float | None = None
+    top_k: int = 3
+    min_score: float = 0.1
+    flip: bool = True
+    refine: bool = True
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    batch_size: int | None = None
+    rows_per_part: int = 1000
+    address: str | None = None
+
+    def validate(self) -> JobConfig:
+        def fail(field: str, allowed: str) -> None:
+            raise ConfigError(f"{field}: {getattr(self, field)!r} is not allowed; {allowed}")
+
+        if not self.source:
+            fail("source", "give a folder, a glob, a .csv/.parquet manifest or a URI")
+        if not self.out:
+            fail("out", "give the run directory")
+        if self.method not in METHODS:
+            fail("method", f"one of {', '.join(METHODS)}")
+        if self.rule not in RULES:
+            fail("rule", f"one of {', '.join(RULES)}")
+        if not 32 <= self.input_size <= 2048:
+            fail("input_size", "an integer from 32 to 2048 (shorter side in pixels)")
+        for name in ("threshold", "mask_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                fail(name, "a fraction of the map's max, between 0 and 1")
+        if not 0 <= self.min_score <= 1:
+            fail("min_score", "a probability between 0 and 1")
+        for name, low in (("top_k", 1), ("rows_per_part", 1), ("actors", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < low):
+                fail(name, f"an integer >= {low}")
+        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor <= 8:
+            fail("gpus_per_actor", "a number from 0 to 8")
+        if self.labels is not None and not Path(self.labels).is_file():
+            fail("labels", "a CSV file with columns file_name, labels")
+        if self.weights not in (None, "bundled", "DEFAULT") and not Path(self.weights).is_file():
+            fail("weights", "'bundled', 'DEFAULT' or an existing .pt/.pth/.safetensors file")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: dict) -> JobConfig:
+    """YAML values first, then every flag the user actually gave; unknown keys are errors."""
+    values: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of field: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in fields(JobConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field; fields are {', '.join(known)}")
+    for name, value in values.items():
+        expected = known[name].type
+        if "int" in expected and "float" not in expected and isinstance(value, float) and value.is_integer():
+            values[name] = int(value)
+        if "bool" in expected and not isinstance(value, bool):
+            raise ConfigError(f"{name}: {value!r} is not allowed; true or false")
+        if ("int" in expected or "float" in expected) and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{name}: {value!r} is not allowed; a number")
+    return JobConfig(**values).validate()

@@ -1,0 +1,33 @@
+"""Arrow schemas of every table camlabel writes: one row per image, one row per failed image."""
+
+import pyarrow as pa
+
+ANNOTATION = pa.struct([
+    ("category_id", pa.int32()),  # class index + 1, as in the COCO export
+    ("class_name", pa.string()),
+    ("bbox", pa.list_(pa.float32(), 4)),  # COCO [x, y, w, h] in original-image pixels
+    ("score", pa.float32()),
+    ("area", pa.int64()),  # mask pixels
+    ("rle_counts", pa.string()),  # COCO compressed RLE of the mask, size = (height, width)
+])
+
+IMAGES = pa.schema([
+    ("image_id", pa.string()),  # sha256 of the file's bytes: stable across names and runs
+    ("path", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("label_source", pa.string()),  # "labels" (image-level labels given) or "predicted"
+    ("top_classes", pa.list_(pa.int32())),
+    ("top_scores", pa.list_(pa.float32())),
+    ("annotations", pa.list_(ANNOTATION)),
+    ("method", pa.string()),
+])
+
+ERRORS = pa.schema([
+    ("path", pa.string()),
+    ("stage", pa.string()),  # read | decode | annotate
+    ("reason", pa.string()),
+])
+
+# What an annotate actor returns for a batch: an image row, or an error (error_stage set).
+RESULTS = pa.schema([*IMAGES, ("error_stage", pa.string()), ("error", pa.string())])

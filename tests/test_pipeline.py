@@ -1,0 +1,119 @@
+"""The annotate job end to end under a real local Ray, on real photos that scikit-image ships."""
+
+import json
+import shutil
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+from pycocotools.coco import COCO
+from skimage import data
+
+from pipeline.cli import main
+from pipeline.evaluate import evaluate
+from pipeline.export import coco_from_runs
+from schemas.tables import ERRORS, IMAGES
+
+PHOTOS = {"cat.png": data.chelsea, "coffee.png": data.coffee, "rocket.jpg": data.rocket,
+          "astronaut.png": data.astronaut, "horse.png": lambda: (data.horse() == 0).astype("uint8") * 255}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    for name, load in PHOTOS.items():
+        Image.fromarray(load()).resize((160, 120)).save(root / ("sub" if name == "rocket.jpg" else "") / name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "labels.csv").write_text("file_name,labels\ncat.png,tabby\nsub/rocket.jpg,812\ncoffee.png,967 504\n")
+    return root
+
+
+def annotate(source, out, *extra):
+    assert main(["annotate", str(source), "--out", str(out), "--input-size", "160", "--no-flip",
+                 "--batch-size", "2", "--rows-per-part", "2", *extra]) == 0
+
+
+def rows(run_dir):
+    table = pads.dataset(str(run_dir / "annotations"), schema=IMAGES, format="parquet").to_table()
+    return sorted(table.to_pylist(), key=lambda r: r["path"])
+
+
+def test_annotate_export_and_resume(local_ray, collection, tmp_path, capsys):
+    out = tmp_path / "run"
+    annotate(collection, out, "--labels", str(collection / "labels.csv"))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["inputs"] == 6 and summary["annotated"] == 5 and summary["errors"] == 1
+
+    first = rows(out)
+    assert [r["path"].rsplit("/", 1)[1] for r in first] == ["astronaut.png", "cat.png", "coffee.png", "horse.png",
+                                                             "rocket.jpg"]
+    for part in (out / "annotations").glob("*.parquet"):
+        assert pq.read_schema(part).equals(IMAGES, check_metadata=False)
+    by_name = {r["path"].rsplit("/", 1)[1]: r for r in first}
+    assert by_name["cat.png"]["label_source"] == "labels"
+    assert {a["category_id"] for a in by_name["cat.png"]["annotations"]} == {282}
+    assert {a["category_id"] for a in by_name["coffee.png"]["annotations"]} <= {968, 505}
+    assert {a["category_id"] for a in by_name["rocket.jpg"]["annotations"]} == {813}
+    assert by_name["astronaut.png"]["label_source"] == "predicted"
+    assert by_name["cat.png"]["width"] == 160 and by_name["cat.png"]["height"] == 120
+    assert len({r["image_id"] for r in first}) == 5
+
+    errors = pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
+    assert [(e["path"].rsplit("/", 1)[1], e["stage"]) for e in errors] == [("broken.jpg", "decode")]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["model"]["weights_sha256"].startswith("b0353104")
+    assert manifest["config"]["method"] == "cam" and manifest["versions"]["torch"]
+
+    # resume: a deleted part is recomputed, and nothing else is touched or duplicated
+    parts = sorted((out / "annotations").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    parts[0].unlink()
+    annotate(collection, out, "--labels", str(collection / "labels.csv"))
+    capsys.readouterr()
+    assert rows(out) == first
+    assert not list(out.rglob(".*.tmp"))
+
+    # COCO export loads in pycocotools and scores itself perfectly
+    coco_path = tmp_path / "coco.json"
+    assert main(["export-coco", str(out), "--out", str(coco_path)]) == 0
+    coco = COCO(str(coco_path))
+    assert len(coco.getImgIds()) == 5 and len(coco.getAnnIds()) == sum(len(r["annotations"]) for r in first)
+    assert evaluate(coco_path, coco_path)["corloc"] == 1.0
+    results = coco_from_runs([out], results=True)
+    assert coco.loadRes(results).getAnnIds()
+
+
+def test_a_killed_actor_is_replaced_and_nothing_is_lost(local_ray, collection, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    annotate(collection, clean)
+    monkeypatch.setenv("CAMLABEL_FAULT", f"die-once:{tmp_path / 'died'}")
+    ray.shutdown()  # the fault reaches actors through the environment of a new local Ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    faulty = tmp_path / "faulty"
+    annotate(collection, faulty)
+    assert (tmp_path / "died").exists()
+    assert rows(faulty) == rows(clean)
+
+
+def test_a_model_that_raises_loses_only_the_images_at_fault(local_ray, collection, tmp_path, monkeypatch):
+    ray.shutdown()
+    monkeypatch.setenv("CAMLABEL_FAULT", "raise:1000")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    out = tmp_path / "run"
+    annotate(collection, out)
+    errors = pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
+    assert len(errors) == 6
+    assert sum(e["stage"] == "annotate" and "injected" in e["reason"] for e in errors) == 5
+    shutil.rmtree(out)

@@ -1,0 +1,100 @@
+"""The Ray Data callable class: one model on one device, a batch of decoded images in, Arrow rows out."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from schemas.tables import RESULTS
+from workers.annotator import AnnotateSettings, Annotator
+from workers.models import load_model
+
+log = logging.getLogger(__name__)
+
+# For tests of fault handling: "die-once:<marker file>" kills the process on its first model call,
+# "raise:<n>" makes the first n model calls of each actor raise.
+FAULT_ENV = "CAMLABEL_FAULT"
+
+
+class AnnotateActor:
+    """Loads the model once; each call annotates one batch (columns of the decode stage)."""
+
+    def __init__(self, model: dict, settings: AnnotateSettings, torch_threads: int | None = None) -> None:
+        if not torch.cuda.is_available():
+            torch.set_num_threads(torch_threads or 1)  # one thread per actor: no OpenMP oversubscription
+        self.loaded = load_model(**model)
+        self.annotator = Annotator(self.loaded, settings)
+        self.method = settings.method
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        ok = [i for i in range(n) if not batch["error"][i]]
+        rows = {name: [None] * n for name in RESULTS.names}
+        for name in ("image_id", "path", "width", "height", "error_stage", "error"):
+            rows[name] = [_plain(v) for v in batch[name]]
+        for i in range(n):
+            rows["error_stage"][i] = rows["error_stage"][i] or None
+            rows["error"][i] = rows["error"][i] or None
+        if ok:
+            self._annotate(batch, ok, rows)
+        return pa.Table.from_pydict(rows, schema=RESULTS)
+
+    def _annotate(self, batch, ok: list[int], rows: dict) -> None:
+        """Images with labels and images without are annotated as two sub-batches; a sub-batch that
+        fails is retried one image at a time so only the image at fault becomes an error row."""
+        labels = {i: _parse_labels(batch["labels"][i]) for i in ok}
+        for group in ([i for i in ok if labels[i] is not None], [i for i in ok if labels[i] is None]):
+            if not group:
+                continue
+            try:
+                self._record(group, labels, batch, rows)
+            except Exception:
+                log.exception("batch of %d failed; retrying one image at a time", len(group))
+                for i in group:
+                    try:
+                        self._record([i], labels, batch, rows)
+                    except Exception as exc:
+                        rows["error_stage"][i], rows["error"][i] = "annotate", f"{type(exc).__name__}: {exc}"
+
+    def _record(self, group: list[int], labels: dict, batch, rows: dict) -> None:
+        self.calls += 1
+        self._maybe_fail()
+        images = [torch.from_numpy(np.array(batch["image"][i])).permute(2, 0, 1) for i in group]
+        given = labels[group[0]] is not None
+        result = self.annotator(images, [labels[i] for i in group] if given else None)
+        names = self.loaded.class_names
+        for j, i in enumerate(group):
+            rows["label_source"][i] = "labels" if given else "predicted"
+            rows["top_classes"][i] = result.top_classes[j].tolist()
+            rows["top_scores"][i] = result.top_scores[j].tolist()
+            rows["method"][i] = self.method
+            rows["annotations"][i] = [
+                {"category_id": p.class_index + 1, "class_name": names[p.class_index], "bbox": p.bbox,
+                 "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
+                for p in result.labels[j]]
+
+    def _maybe_fail(self) -> None:
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault.startswith("die-once:"):
+            marker = fault.split(":", 1)[1]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+        elif fault.startswith("raise:") and self.calls <= int(fault.split(":", 1)[1]):
+            raise RuntimeError("injected model failure")
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _parse_labels(text) -> list[int] | None:
+    """The decode stage passes labels as 'i j k'; None means 'no labels: use predicted classes'."""
+    if text is None or text == "-":
+        return None
+    return [int(t) for t in str(text).split()]

@@ -1,0 +1,66 @@
+"""Bytes to an upright RGB uint8 image, or a reason why not. Nothing is decoded before its size is known."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_image
+
+MAX_PIXELS = 64_000_000  # larger headers are refused unread (decompression bombs)
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone; raises DecodeError for what is not an image."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"refused: {exc}") from exc
+    except Exception as exc:
+        raise DecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """uint8 [3, H, W], EXIF orientation applied; grey, palette, alpha, CMYK and 16-bit made RGB.
+
+    torchvision decodes JPEG, PNG, WEBP and GIF (first frame); PIL handles the rest.
+    """
+    width, height = image_size(data)
+    if width * height > max_pixels:
+        raise DecodeError(f"refused: {width}x{height} is over the {max_pixels:,}-pixel limit")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)
+    except Exception:
+        image = _decode_with_pil(data)
+    if image.dim() == 4:  # animated: the first frame
+        image = image[0]
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.shape[0] != 3 or min(image.shape[-2:]) < 1:
+        raise DecodeError(f"unsupported pixel layout {tuple(image.shape)} {image.dtype}")
+    return image
+
+
+def _decode_with_pil(data: bytes) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I", "F"):
+                im = im.point(lambda v: v / 256).convert("L")
+            rgb = im.convert("RGB")
+            return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(
+                rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+    except Exception as exc:
+        raise DecodeError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
