@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from workers.boxes import RULES, PseudoLabel, pseudo_labels
@@ -26,6 +27,7 @@ class AnnotateSettings:
     top_k: int = 3
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
+    scales: tuple[float, ...] = (1.0,)  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # diffuse maps along the image's colour edges before thresholding
 
     def __post_init__(self) -> None:
@@ -64,7 +66,7 @@ class Annotator:
             targets = torch.full((len(images), width), -1, dtype=torch.long, device=device)
             for i, row in enumerate(labels):
                 targets[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-        heat = self._heatmaps(batch, valid, targets)
+        heat = self._heatmaps_multiscale(images, batch, valid, targets)
         classes, scores = heat.classes, heat.scores
         if targets is None:  # predicted classes: keep those above min_score, and always the top one
             confident = scores >= s.min_score
@@ -75,6 +77,18 @@ class Annotator:
         found = pseudo_labels(heat.maps, classes, scores, valid, tuple(batch.shape[-2:]), sizes, self.rule,
                               s.mask_threshold, guide=batch if s.refine else None)
         return BatchResult(found, top.indices, top.values, heat.maps)
+
+    def _heatmaps_multiscale(self, images, batch, valid, targets):
+        """Maps at every scale, resampled onto the first scale's grid and averaged."""
+        heat = self._heatmaps(batch, valid, targets)
+        for scale in self.settings.scales[1:]:
+            other_batch, other_valid = prepare_batch(images, round(self.settings.input_size * scale), batch.device)
+            other = self._heatmaps(other_batch.contiguous(memory_format=torch.channels_last), other_valid,
+                                   heat.classes)
+            heat.maps = heat.maps + resample_maps(other.maps, other_valid, other_batch.shape[-2:],
+                                                  heat.maps.shape[-2:], valid, batch.shape[-2:])
+        heat.maps = heat.maps / heat.maps.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+        return heat
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
         s = self.settings
@@ -100,3 +114,18 @@ def _flip_valid(x: Tensor, valid: Tensor) -> Tensor:
     source = torch.where(cols[None] < w, w - 1 - cols[None], cols[None])  # [B, W]
     index = source[:, None, None, :].expand_as(x)
     return x.gather(-1, index)
+
+
+def resample_maps(maps: Tensor, valid: Tensor, input_size, grid_size, to_valid: Tensor, to_input_size) -> Tensor:
+    """Maps [B,K,h,w] of a padded batch (valid [B,2] of input_size) sampled on the grid_size cells of
+    another padded batch of the same images (to_valid, to_input_size): the same image point per cell."""
+    gh, gw = grid_size
+    th, tw = to_input_size
+    ys = (torch.arange(gh, device=maps.device) + 0.5) * (th / gh)  # cell centres, target input pixels
+    xs = (torch.arange(gw, device=maps.device) + 0.5) * (tw / gw)
+    fy = valid[:, 0].float() / to_valid[:, 0].float()  # target pixels -> source pixels, per image
+    fx = valid[:, 1].float() / to_valid[:, 1].float()
+    sy = ys[None] * fy[:, None] / input_size[0] * 2 - 1  # [B, gh]
+    sx = xs[None] * fx[:, None] / input_size[1] * 2 - 1  # [B, gw]
+    grid = torch.stack([sx[:, None, :].expand(-1, gh, -1), sy[:, :, None].expand(-1, -1, gw)], -1)
+    return F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,69 @@
+"""Evaluator figures on cases computed by hand."""
+
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipeline.cli import main
+from pipeline.evaluate import EvaluationError, evaluate
+
+
+def rle_box(x, y, w, h, size=(100, 100)):
+    m = np.zeros(size, np.uint8)
+    m[y : y + h, x : x + w] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+@pytest.fixture
+def gt_path(tmp_path):
+    gt = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+        "categories": [{"id": 5, "name": "thing"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 40, 40], "area": 1600,
+                         "iscrowd": 0, "segmentation": rle_box(10, 10, 40, 40)}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+def pred(x, y=10, score=0.9, w=40, h=40):
+    return {"image_id": 1, "category_id": 5, "bbox": [x, y, w, h], "score": score, "segmentation": rle_box(x, y, w, h)}
+
+
+def test_a_perfect_prediction_scores_one(gt_path):
+    r = evaluate(gt_path, [pred(10)])
+    assert r["corloc"] == 1 and r["mean_box_iou"] == pytest.approx(1) and r["mean_mask_iou"] == pytest.approx(1)
+    assert r["bbox_AP"] == pytest.approx(1) and r["segm_AP50"] == pytest.approx(1)
+
+
+def test_shifted_boxes_score_the_hand_computed_iou(gt_path):
+    r = evaluate(gt_path, [pred(20)])  # overlap 30x40 = 1200, union 2000
+    assert r["mean_box_iou"] == pytest.approx(0.6, abs=1e-6) and r["mean_mask_iou"] == pytest.approx(0.6)
+    assert r["corloc"] == 1 and r["bbox_AP50"] == pytest.approx(1) and r["bbox_AP"] == pytest.approx(0.3)  # IoU 0.6 passes 0.5, 0.55, 0.6
+    r = evaluate(gt_path, [pred(30)])  # overlap 800, union 2400
+    assert r["mean_box_iou"] == pytest.approx(1 / 3, abs=1e-6) and r["corloc"] == 0
+
+
+def test_corloc_uses_the_top_scoring_box_of_the_class(gt_path):
+    r = evaluate(gt_path, [pred(10, score=0.2), pred(60, score=0.8)])
+    assert r["corloc"] == 0
+    assert evaluate(gt_path, [pred(10, score=0.8), pred(60, score=0.2)])["corloc"] == 1
+
+
+def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
+    r = evaluate(gt_path, [])
+    assert r["corloc"] == 0 and r["bbox_AP"] == 0 and r["predictions"] == 0
+    with pytest.raises(EvaluationError, match="1 predicted image ids are not in"):
+        evaluate(gt_path, [{**pred(10), "image_id": 7}])
+    bad = pred(10)
+    del bad["score"]
+    with pytest.raises(EvaluationError, match="prediction 0 lacks score"):
+        evaluate(gt_path, [bad])
+    missing = tmp_path / "nope.json"
+    assert main(["eval", "--gt", str(gt_path), "--pred", str(missing)]) == 2
+    assert "cannot read predictions" in capsys.readouterr().err

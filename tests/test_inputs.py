@@ -1,0 +1,163 @@
+"""Bad and odd input: each image decodes correctly or is refused with a reason; configs fail by field."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.plan import decode_batch
+from pipeline.sources import SourceError, labels_for, list_images, read_labels
+from schemas.config import ConfigError, load_config
+from workers.decode import DecodeError, decode
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width=40, height=30) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+ODD = {
+    "grey": lambda: encode(Image.fromarray(gradient()[..., 0]), "PNG"),
+    "palette_alpha": lambda: encode(Image.fromarray(gradient()).convert("P"), "PNG", transparency=0),
+    "rgba": lambda: encode(Image.fromarray(gradient()).convert("RGBA"), "PNG"),
+    "cmyk_jpeg": lambda: encode(Image.fromarray(gradient()).convert("CMYK"), "JPEG"),
+    "png16": lambda: encode(Image.fromarray(gradient()[..., 0].astype(np.uint16) * 257), "PNG"),
+    "gif": lambda: encode(Image.fromarray(gradient()).convert("P"), "GIF", save_all=True,
+                          append_images=[Image.fromarray(gradient()[::-1]).convert("P")]),
+    "bmp": lambda: encode(Image.fromarray(gradient()), "BMP"),
+    "tiny": lambda: encode(Image.fromarray(np.zeros((1, 1, 3), np.uint8)), "PNG"),
+}
+
+
+@pytest.mark.parametrize("kind", ODD)
+def test_odd_modes_decode_to_rgb_uint8(kind):
+    image = decode(ODD[kind]())
+    assert image.dtype.is_floating_point is False and image.shape[0] == 3
+    expected = (1, 1) if kind == "tiny" else (30, 40)
+    assert tuple(image.shape[1:]) == expected
+
+
+def test_decoded_colours_are_right():
+    image = decode(encode(Image.fromarray(gradient()), "PNG"))
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), gradient())
+    grey16 = decode(ODD["png16"]())
+    np.testing.assert_array_equal(grey16[0].numpy(), gradient()[..., 0])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_the_upright_image(orientation):
+    upright = gradient(40, 30)
+    stored = Image.fromarray(upright)
+    # store the pixels so that applying `orientation` brings them back upright
+    inverse = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+               7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}[orientation]
+    if inverse is not None:
+        stored = stored.transpose(inverse)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = decode(encode(stored, "PNG", exif=exif))
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), upright)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty file"),
+    (b"\x00\x01garbage" * 100, "not a readable image"),
+    (b"<html><body>hello</body></html>", "not a readable image"),
+])
+def test_non_images_are_refused_with_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode(data)
+
+
+def test_truncated_jpeg_and_decompression_bomb_are_refused():
+    whole = encode(Image.fromarray(gradient(200, 200)), "JPEG")
+    with pytest.raises(DecodeError):
+        decode(whole[: len(whole) // 3])
+    # a PNG header that claims 30000 x 30000 pixels: refused from the header, never decoded
+    bomb = encode(Image.new("1", (30000, 30000)), "PNG")
+    with pytest.raises(DecodeError, match="refused"):
+        decode(bomb)
+
+
+def test_decode_stage_turns_every_failure_into_a_row(tmp_path):
+    (tmp_path / "ok.png").write_bytes(encode(Image.fromarray(gradient()), "PNG"))
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(encode(Image.fromarray(gradient()), "PNG"))
+    locked.chmod(0)
+    paths = [str(tmp_path / n) for n in ("ok.png", "bad.jpg", "missing.png", "locked.png")]
+    out = decode_batch({"path": np.array(paths), "labels": np.array(["-"] * 4)})
+    assert out["error"][0] == "" and out["image"][0].shape == (30, 40, 3)
+    assert out["error_stage"][1] == "decode" and "not a readable image" in out["error"][1]
+    assert out["error_stage"][2] == "read" and "FileNotFoundError" in out["error"][2]
+    if os.geteuid() != 0:  # root reads anything
+        assert out["error_stage"][3] == "read"
+
+
+def test_listing_skips_symlink_loops_and_keeps_duplicates_by_name(tmp_path):
+    (tmp_path / "a").mkdir()
+    data = encode(Image.fromarray(gradient()), "PNG")
+    (tmp_path / "a" / "one.png").write_bytes(data)
+    (tmp_path / "a" / "copy.PNG").write_bytes(data)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    assert [p.rsplit("/", 1)[1] for p in list_images(str(tmp_path))] == ["copy.PNG", "one.png"]
+    assert len(list_images(str(tmp_path / "a" / "*.png"))) == 1
+
+
+def test_manifest_rejects_paths_that_climb_out(tmp_path):
+    (tmp_path / "m.csv").write_text("path\nimg/a.png\n../etc/passwd\n")
+    with pytest.raises(SourceError, match=r"m.csv:3: path '../etc/passwd' climbs out"):
+        list_images(str(tmp_path / "m.csv"))
+    (tmp_path / "n.csv").write_text("file\nx.png\n")
+    with pytest.raises(SourceError, match="no 'path' column"):
+        list_images(str(tmp_path / "n.csv"))
+
+
+def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
+    names = ["cat", "great white shark", "dog"]
+    good = tmp_path / "good.csv"
+    good.write_text("file_name,labels\na/x.jpg,cat 2\ny.jpg,great_white_shark\nz.jpg,\n")
+    labels = read_labels(str(good), names)
+    assert labels == {"a/x.jpg": [0, 2], "y.jpg": [1], "z.jpg": []}
+    assert labels_for(str(tmp_path / "a" / "x.jpg"), str(tmp_path), labels) == [0, 2]
+    assert labels_for("/elsewhere/y.jpg", str(tmp_path), labels) == [1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file_name,labels\nx.jpg,cat\ny.jpg,unicorn\n")
+    with pytest.raises(SourceError, match=r"bad.csv:3: unknown class 'unicorn'"):
+        read_labels(str(bad), names)
+    bad.write_text("file_name,labels\n../x.jpg,cat\n")
+    with pytest.raises(SourceError, match=r"bad.csv:2: file_name '../x.jpg'"):
+        read_labels(str(bad), names)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"method": "magic"}, "method"),
+    ({"input_size": 5}, "input_size"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"actors": 0}, "actors"),
+    ({"batch_size": "big"}, "batch_size"),
+    ({"colour": "red"}, "colour"),
+    ({"source": ""}, "source"),
+])
+def test_bad_config_values_fail_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        load_config(None, {"source": "x", "out": "y", **overrides})
+
+
+def test_bad_flag_exits_2_with_one_line(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"source: {tmp_path}\nout: {tmp_path / 'o'}\nrule: fancy\n")
+    assert main(["annotate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camlabel annotate: rule: 'fancy' is not allowed") and "\n" not in err
