@@ -18,6 +18,13 @@ from workers.models import ModelError
 log = logging.getLogger("camlabel")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     """Every JobConfig field as a flag; defaults stay None so a YAML config is only overridden on purpose."""
     parser.add_argument("source", nargs="?", help="folder (recursive), glob, .csv/.parquet manifest, or URI")
@@ -35,6 +42,8 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-threshold", type=float, help="threshold for masks (default: --threshold)")
     parser.add_argument("--top-k", type=int, help="predicted classes considered when there are no labels")
     parser.add_argument("--min-score", type=float, help="minimum probability of a predicted class")
+    parser.add_argument("--scales", type=_floats, help="input sizes averaged, as multiples of --input-size "
+                        "(default 1.0,1.5)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                         help="colour refinement of the maps")

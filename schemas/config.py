@@ -3,7 +3,7 @@ before anything starts, with errors that name the field and what is allowed."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -32,6 +32,7 @@ class JobConfig:
     mask_threshold: float | None = None
     top_k: int = 3
     min_score: float = 0.1
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.5])
     flip: bool = True
     refine: bool = True
     actors: int | None = None
@@ -58,6 +59,8 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 fail(name, "a fraction of the map's max, between 0 and 1")
+        if not self.scales or not all(isinstance(x, (int, float)) and 0.25 <= x <= 4 for x in self.scales):
+            fail("scales", "a non-empty list of multiples of input_size between 0.25 and 4")
         if not 0 <= self.min_score <= 1:
             fail("min_score", "a probability between 0 and 1")
         for name, low in (("top_k", 1), ("rows_per_part", 1), ("actors", 1), ("batch_size", 1)):
@@ -94,6 +97,10 @@ def load_config(path: str | Path | None, overrides: dict) -> JobConfig:
         raise ConfigError(f"{unknown[0]}: unknown field; fields are {', '.join(known)}")
     for name, value in values.items():
         expected = known[name].type
+        if name == "scales":
+            if not isinstance(value, list):
+                raise ConfigError(f"scales: {value!r} is not allowed; a list of numbers, e.g. [1.0, 1.5]")
+            continue
         if "int" in expected and "float" not in expected and isinstance(value, float) and value.is_integer():
             values[name] = int(value)
         if "bool" in expected and not isinstance(value, bool):

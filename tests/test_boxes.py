@@ -64,7 +64,7 @@ def test_every_strong_component_is_an_instance_and_the_paper_rule_keeps_one_box(
     maps = blob_maps(blobs=((4, 20, 4, 30, 1.0), (40, 60, 80, 120, 0.8), (40, 44, 4, 8, 0.3)))
     args = (torch.tensor([[3]]), torch.tensor([[0.5]]), torch.tensor([[64, 128]]), (64, 128), [(64, 128)])
     (found,) = pseudo_labels(maps, *args, rule=RULES["instances"])
-    assert len(found) == 2  # the 0.3 peak is below min_peak
+    assert len(found) == 2  # the 0.3 peak is below the threshold
     assert found[0].score > found[1].score
     np.testing.assert_allclose(found[0].bbox, [4, 4, 26, 16], atol=4)
     np.testing.assert_allclose(found[1].bbox, [80, 40, 40, 20], atol=4)

@@ -27,7 +27,7 @@ class AnnotateSettings:
     top_k: int = 3
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
-    scales: tuple[float, ...] = (1.0,)  # input sizes, as multiples of input_size, whose maps are averaged
+    scales: tuple[float, ...] = (1.0, 1.5)  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # diffuse maps along the image's colour edges before thresholding
 
     def __post_init__(self) -> None:

@@ -25,18 +25,17 @@ class BoxRule:
     """How a map becomes labels.
 
     paper: Zhou et al. 2016: keep pixels >= 20% of the max, box the largest connected component,
-    mask = every kept pixel. instances: every component whose peak reaches `min_peak` is an instance,
-    boxed from its own mask; scored by class probability x peak.
+    mask = every kept pixel. instances: every component above `threshold` (of the refined map's max)
+    and `min_area` is an instance, boxed from its own mask, scored by class probability x its peak.
     """
 
     name: str = "instances"
-    threshold: float = 0.3
-    min_peak: float = 0.5
+    threshold: float = 0.6
     min_area: float = 0.002  # of the image, to drop specks
     max_instances: int = 3
 
 
-PAPER_RULE = BoxRule("paper", threshold=0.2, min_peak=1.0, min_area=0.0, max_instances=1)
+PAPER_RULE = BoxRule("paper", threshold=0.2, min_area=0.0, max_instances=1)
 RULES = {"paper": PAPER_RULE, "instances": BoxRule()}
 
 
@@ -49,8 +48,8 @@ class PseudoLabel:
     rle: dict  # COCO RLE, counts as str
 
 
-def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2, sigma: float = 0.25,
-                    steps: int = 30) -> Tensor:
+def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2, sigma: float = 0.15,
+                    steps: int = 60) -> Tensor:
     """Diffuse maps [B,K,h,w] along colour-coherent regions of image [B,3,h,w] (a random walk).
 
     Each step replaces a pixel's value by the mean of its (2r+1)^2 neighbours, weighted by
@@ -72,7 +71,7 @@ def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2,
     return maps
 
 
-def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 8, iterations: int = 2) -> Tensor:
+def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 16, iterations: int = 2) -> Tensor:
     """Sharpen maps [B,K,h,w] with a colour model of the object learnt from the map itself.
 
     Colour histograms of foreground (weighted by the map) and background (by 1 - map) are built per map
@@ -142,7 +141,7 @@ def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Ten
         keep = torch.ones_like(area, dtype=torch.bool)
     else:
         rank = peak * (1 + area / cells[owner])  # peak first; area breaks near-ties
-        keep = (peak >= rule.min_peak) & (area >= rule.min_area * cells[owner])
+        keep = area >= rule.min_area * cells[owner]
     order = torch.argsort(rank, descending=True, stable=True)
     order = order[keep[order]]
     order = order[torch.argsort(owner[order], stable=True)]
@@ -167,7 +166,9 @@ def pseudo_labels(
 
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
     original_sizes: each image's (height, width). mask_threshold defaults to the rule's threshold.
-    guide: the network input [B,3,H,W]; when given, maps are refined along its colour edges.
+    guide: the network input [B,3,H,W]; when given, maps are refined with the image's colours: a colour
+    model of object vs background (`colour_refine`), then a random walk along colour edges
+    (`affinity_refine`). This is what lifts CAM's blobs to object-shaped masks and tight boxes.
     """
     b, k = classes.shape
     height, width = input_size
@@ -180,7 +181,7 @@ def pseudo_labels(
     work = work * inside[:, None]
     if guide is not None:
         colour = F.interpolate(guide, size=size, mode="area")
-        work = normalise(affinity_refine(work, colour, inside))
+        work = normalise(affinity_refine(colour_refine(work, colour, inside), colour, inside))
     live = (classes >= 0)[..., None, None]
     labels = connected_components(((work >= rule.threshold) & live).flatten(0, 1))
     owner, ids, area, peak = component_stats(labels, work.flatten(0, 1))
