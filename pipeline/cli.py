@@ -51,6 +51,9 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--rows-per-part", type=int)
+    parser.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=None,
+                        help="--out is a root of runs/<run-id>/; annotate only what earlier runs of the same "
+                        "model, weights and method have not")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("runs", nargs="+", type=Path)
     export.add_argument("--out", required=True, type=Path)
     export.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
+    runs = sub.add_parser("runs", help="list the runs under an incremental output root")
+    runs.add_argument("root", type=Path)
     ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
     ev.add_argument("--gt", required=True, type=Path)
     ev.add_argument("--pred", required=True, type=Path, help="COCO results list or COCO dataset")
@@ -90,7 +95,7 @@ def cmd_annotate(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in names}
     config = load_config(args.config, overrides)
     manifest = annotate(config)
-    print(json.dumps({"out": config.out, **manifest["counts"], "seconds": manifest["seconds"]}))
+    print(json.dumps({"out": manifest["run_dir"], **manifest["counts"], "seconds": manifest["seconds"]}))
     return 0
 
 
@@ -125,12 +130,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from pipeline.job import list_runs
+
+    for run in list_runs(args.root):
+        counts = run.get("counts", {})
+        print(json.dumps({"run": run["run"], "series": run.get("series"), "status": run.get("status"),
+                          "started": run.get("started"), "method": run["config"]["method"],
+                          "model": run["model"]["name"], **counts}))
+    return 0
+
+
 def cmd_eval(args) -> int:
     print(json.dumps(evaluate(args.gt, args.pred), indent=2))
     return 0
 
 
-COMMANDS = {"annotate": cmd_annotate, "demo": cmd_demo, "export-coco": cmd_export, "eval": cmd_eval}
+COMMANDS = {"annotate": cmd_annotate, "demo": cmd_demo, "export-coco": cmd_export, "runs": cmd_runs,
+            "eval": cmd_eval}
 
 
 if __name__ == "__main__":

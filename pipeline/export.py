@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pyarrow.dataset as pads
-
-from pipeline.writers import atomic_write_json
+from pipeline.writers import atomic_write_json, read_parts
 from schemas.tables import IMAGES
 from workers.models import imagenet_class_names
 
@@ -20,8 +18,7 @@ def coco_from_runs(run_dirs: list[Path], class_names: list[str] | None = None, r
         folder = Path(run_dir) / "annotations"
         if not folder.is_dir():
             continue
-        dataset = pads.dataset(str(folder), schema=IMAGES, format="parquet")
-        rows = dataset.to_table().sort_by("path").to_pylist()  # one run's rows; see README for scale
+        rows = read_parts(folder, IMAGES).sort_by("path").to_pylist()
         for row in rows:
             if row["image_id"] in seen:
                 continue
@@ -47,8 +44,17 @@ def coco_from_runs(run_dirs: list[Path], class_names: list[str] | None = None, r
     }
 
 
+def expand_runs(paths: list[Path]) -> list[Path]:
+    """A run directory stays itself; an incremental root becomes its finished runs, oldest first."""
+    runs = []
+    for path in paths:
+        nested = sorted(p.parent for p in Path(path).glob("runs/*/manifest.json"))
+        runs += nested if nested else [Path(path)]
+    return runs
+
+
 def export_coco(run_dirs: list[Path], out: Path, results: bool = False, relative_to: str | None = None) -> dict:
-    coco = coco_from_runs(run_dirs, results=results)
+    coco = coco_from_runs(expand_runs(run_dirs), results=results)
     if relative_to and not results:
         for image in coco["images"]:
             image["file_name"] = os.path.relpath(image["file_name"], relative_to)

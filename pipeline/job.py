@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -45,25 +47,63 @@ def connect(address: str | None) -> None:
     """Join the cluster at address (or RAY_ADDRESS); without one, start a local Ray."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        os.environ.pop("RAY_ADDRESS", None)  # Ray refuses an empty one
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def series_of(loaded, settings: AnnotateSettings) -> str:
+    """Runs whose results may be merged: same model, weights, layer, method and settings."""
+    key = json.dumps([loaded.name, loaded.weights_sha256 or loaded.weights_source, loaded.target_layer,
+                      settings.__dict__], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Every run under root/runs, oldest first, with its manifest."""
+    runs = []
+    for manifest in sorted(Path(root).glob("runs/*/manifest.json")):
+        runs.append({"run": manifest.parent.name, "dir": str(manifest.parent), **json.loads(manifest.read_text())})
+    return runs
+
+
+def incremental_run(root: Path, series: str) -> tuple[Path, list[Path]]:
+    """The run to write under root/runs (the series' unfinished run, resumed, else a new one) and the
+    series' earlier runs, whose images are not annotated again."""
+    mine = [r for r in list_runs(root) if r.get("series") == series]
+    unfinished = [Path(r["dir"]) for r in mine if r.get("status") != "finished"]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    current = unfinished[-1] if unfinished else Path(root) / "runs" / f"{stamp}-{series}"
+    return current, [Path(r["dir"]) for r in mine if Path(r["dir"]) != current]
+
+
 def annotate(config: JobConfig, progress: bool = True) -> dict:
-    """Annotate every image of config.source not yet in config.out; return the run's manifest."""
+    """Annotate every image of config.source not yet in the run; return the run's manifest.
+
+    With config.incremental, config.out is a root holding runs/<run-id>/, and images already annotated
+    by an earlier run of the same series (same path or same content) are skipped.
+    """
     started = datetime.now(UTC).isoformat()
-    run_dir = Path(config.out)
     model = {"name": config.model, "weights": config.weights, "class_names": config.class_names,
              "target_layer": config.target_layer}
     loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
     model["target_layer"] = loaded.target_layer
     settings = settings_of(config)
+    series = series_of(loaded, settings)
+    earlier: list[Path] = []
+    run_dir = Path(config.out)
+    if config.incremental:
+        run_dir, earlier = incremental_run(run_dir, series)
     labels = read_labels(config.labels, loaded.class_names) if config.labels else None
     paths = list_images(config.source)
     writer = RunWriter(run_dir, config.rows_per_part)
     done = writer.done_paths()
+    for previous in earlier:
+        done |= RunWriter(previous).done_paths()
+        writer.known_ids |= set(read_parts(previous / "annotations", IMAGES, ["image_id"]).column(0).to_pylist())
     todo = [p for p in paths if p not in done]
     items = []
     for p in todo:
@@ -76,6 +116,8 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         "settings": settings.__dict__,
         "versions": versions(),
         "source": config.source,
+        "series": series,
+        "earlier_runs": [p.name for p in earlier],
         "started": started,
         "status": "running",
     }
@@ -96,6 +138,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     annotated = read_parts(run_dir / "annotations", IMAGES, ["path", "annotations"])
     errors = read_parts(run_dir / "errors", ERRORS, ["path"])
     manifest.update({
+        "run_dir": str(run_dir),
         "status": "finished",
         "finished": datetime.now(UTC).isoformat(),
         "seconds": round(time.perf_counter() - start, 2),

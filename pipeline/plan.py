@@ -21,6 +21,7 @@ from workers.annotator import AnnotateSettings
 from workers.decode import DecodeError, decode, image_size
 
 log = logging.getLogger(__name__)
+DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Resources:
 
 def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None) -> Resources:
     """One actor per GPU when the cluster has GPUs; otherwise one per CPU core, each with one torch
-    thread, leaving a quarter core free for the decode tasks."""
+    thread and 0.9 of the core's reservation, so a decode task (0.1) always fits beside it on every
+    node, even a one-core node (else the plan could not be scheduled)."""
     cluster = ray.cluster_resources()
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
     if gpus_per_actor is None:
@@ -44,7 +46,7 @@ def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: f
         count = actors or max(1, int(gpus / gpus_per_actor))
         return Resources(count, gpus_per_actor, 1.0, batch_size or 32)
     count = actors or cpus
-    return Resources(count, 0.0, max(0.25, min(1.0, (cpus - 0.25) / count)), batch_size or 8)
+    return Resources(count, 0.0, min(1.0 - DECODE_CPUS, (cpus - DECODE_CPUS) / count), batch_size or 8)
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -81,7 +83,7 @@ def annotate_stream(
     """items: [{"path": str, "labels": "i j" or "-"}] -> a stream of Arrow tables of schemas.RESULTS."""
     blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=0.25)
+    ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS)
     ds = ds.map_batches(
         AnnotateActor,
         fn_constructor_kwargs={"model": model, "settings": settings},

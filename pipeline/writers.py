@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from schemas.tables import ERRORS, IMAGES, RESULTS
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -45,11 +48,26 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def quarantine_broken_parts(folder: Path) -> list[Path]:
+    """Rename parts whose Parquet footer does not read (a copy cut short by a non-atomic store) to
+    `*.broken`, so they are neither read nor trusted; their images are then annotated again."""
+    broken = []
+    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
+        try:
+            pq.read_metadata(part)
+        except Exception:
+            log.warning("ignoring unreadable part %s", part)
+            part.rename(part.with_suffix(".broken"))
+            broken.append(part)
+    return broken
+
+
 def read_parts(folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """Every finished part under folder (temp files start with '.', which pyarrow ignores)."""
     if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
         return schema.empty_table().select(columns) if columns else schema.empty_table()
-    return pads.dataset(str(folder), schema=schema, format="parquet").to_table(columns=columns)
+    return pads.dataset([str(p) for p in sorted(folder.glob("part-*.parquet"))], schema=schema,
+                        format="parquet").to_table(columns=columns)
 
 
 class RunWriter:
@@ -61,21 +79,27 @@ class RunWriter:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.written_paths: set[str] = set()
+        self.known_ids: set[str] = set()  # content already annotated by an earlier run of the series
         self.annotated = 0
         self.failed = 0
         self.annotations = 0
 
     def done_paths(self) -> set[str]:
         """Paths of every image already in a finished part (annotated or failed)."""
+        quarantine_broken_parts(self.run_dir / "annotations")
+        quarantine_broken_parts(self.run_dir / "errors")
         done = set(read_parts(self.run_dir / "annotations", IMAGES, ["path"]).column("path").to_pylist())
         return done | set(read_parts(self.run_dir / "errors", ERRORS, ["path"]).column("path").to_pylist())
 
     def add(self, results: pa.Table) -> None:
-        """results: schemas.RESULTS rows. Rows for a path already written (a retried task) are dropped."""
+        """results: schemas.RESULTS rows. Rows for a path already written (a retried task) and images
+        whose content an earlier run annotated are dropped."""
         paths = results.column("path").to_pylist()
-        fresh = [i for i, p in enumerate(paths) if p not in self.written_paths]
+        ids = results.column("image_id").to_pylist()
+        fresh = [i for i, (p, h) in enumerate(zip(paths, ids, strict=True))
+                 if p not in self.written_paths and h not in self.known_ids]
         if len(fresh) < len(paths):
-            results = results.take(fresh)
+            results = results.take(pa.array(fresh, type=pa.int64()))
         self.written_paths.update(results.column("path").to_pylist())
         self.pending.append(results.cast(RESULTS))
         self.pending_rows += results.num_rows

@@ -39,6 +39,7 @@ class JobConfig:
     gpus_per_actor: float | None = None
     batch_size: int | None = None
     rows_per_part: int = 1000
+    incremental: bool = False  # out is a root of runs/<run-id>/; skip what earlier runs annotated
     address: str | None = None
 
     def validate(self) -> JobConfig:

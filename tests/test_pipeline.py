@@ -1,7 +1,12 @@
 """The annotate job end to end under a real local Ray, on real photos that scikit-image ships."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -20,9 +25,14 @@ PHOTOS = {"cat.png": data.chelsea, "coffee.png": data.coffee, "rocket.jpg": data
           "astronaut.png": data.astronaut, "horse.png": lambda: (data.horse() == 0).astype("uint8") * 255}
 
 
+def restart_ray():
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    restart_ray()
     yield
     ray.shutdown()
 
@@ -99,21 +109,52 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost(local_ray, collection, t
     clean = tmp_path / "clean"
     annotate(collection, clean)
     monkeypatch.setenv("CAMLABEL_FAULT", f"die-once:{tmp_path / 'died'}")
-    ray.shutdown()  # the fault reaches actors through the environment of a new local Ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    restart_ray()  # the fault reaches actors through the environment of a new local Ray
     faulty = tmp_path / "faulty"
     annotate(collection, faulty)
     assert (tmp_path / "died").exists()
     assert rows(faulty) == rows(clean)
+    monkeypatch.delenv("CAMLABEL_FAULT")
+    restart_ray()
 
 
 def test_a_model_that_raises_loses_only_the_images_at_fault(local_ray, collection, tmp_path, monkeypatch):
-    ray.shutdown()
     monkeypatch.setenv("CAMLABEL_FAULT", "raise:1000")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    restart_ray()
     out = tmp_path / "run"
     annotate(collection, out)
     errors = pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
     assert len(errors) == 6
     assert sum(e["stage"] == "annotate" and "injected" in e["reason"] for e in errors) == 5
-    shutil.rmtree(out)
+    monkeypatch.delenv("CAMLABEL_FAULT")
+    restart_ray()
+
+
+def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collection, tmp_path):
+    """SIGKILL the driver (and its local Ray) once parts exist; the same command then finishes the job.
+    A part cut short by a non-atomic store is set aside and its images annotated again."""
+    source = tmp_path / "many"
+    source.mkdir()
+    for i in range(24):
+        shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
+        (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))  # distinct content, same pixels
+    clean = tmp_path / "clean"
+    annotate(source, clean)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "pipeline.cli", "annotate", str(source), "--out", str(out), "--input-size",
+               "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("annotations/part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    parts = sorted(out.glob("annotations/part-*.parquet"))
+    assert 2 <= len(parts) < 12, "the driver was not killed half way"
+    parts[0].write_bytes(parts[0].read_bytes()[:100])  # a part cut short
+    (out / "annotations" / ".part-x.parquet.tmp").write_bytes(b"half written")
+    annotate(source, out)
+    assert rows(out) == rows(clean)
+    assert parts[0].with_suffix(".broken").exists()

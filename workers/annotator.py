@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import Tensor
 from workers.boxes import RULES, PseudoLabel, pseudo_labels
 from workers.heatmaps import compute_heatmaps
 from workers.models import LoadedModel
-from workers.preprocess import prepare_batch
+from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,6 @@ class BatchResult:
     labels: list[list[PseudoLabel]]
     top_classes: Tensor  # [B, top_k] predicted class indices
     top_scores: Tensor  # [B, top_k]
-    maps: Tensor = field(repr=False)  # [B, K, h, w]
 
 
 class Annotator:
@@ -56,6 +55,20 @@ class Annotator:
 
     @torch.no_grad()
     def __call__(self, images: list[Tensor], labels: list[list[int]] | None = None) -> BatchResult:
+        """Images of one shape class are run together, so a portrait is never padded to a panorama."""
+        found: list[list[PseudoLabel]] = [[] for _ in images]
+        top_k = min(self.settings.top_k, len(self.loaded.class_names))
+        top_classes = torch.empty(len(images), top_k, dtype=torch.long)
+        top_scores = torch.empty(len(images), top_k)
+        for group in shape_groups(images, self.settings.input_size):
+            result = self._annotate([images[i] for i in group], None if labels is None else [labels[i] for i in group])
+            for j, i in enumerate(group):
+                found[i] = result.labels[j]
+            top_classes[group] = result.top_classes.cpu()
+            top_scores[group] = result.top_scores.float().cpu()
+        return BatchResult(found, top_classes, top_scores)
+
+    def _annotate(self, images: list[Tensor], labels: list[list[int]] | None) -> BatchResult:
         s = self.settings
         device = self.loaded.device
         batch, valid = prepare_batch(images, s.input_size, device)
@@ -76,7 +89,7 @@ class Annotator:
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         found = pseudo_labels(heat.maps, classes, scores, valid, tuple(batch.shape[-2:]), sizes, self.rule,
                               s.mask_threshold, guide=batch if s.refine else None)
-        return BatchResult(found, top.indices, top.values, heat.maps)
+        return BatchResult(found, top.indices, top.values)
 
     def _heatmaps_multiscale(self, images, batch, valid, targets):
         """Maps at every scale, resampled onto the first scale's grid and averaged."""
@@ -129,3 +142,12 @@ def resample_maps(maps: Tensor, valid: Tensor, input_size, grid_size, to_valid: 
     sx = xs[None] * fx[:, None] / input_size[1] * 2 - 1  # [B, gw]
     grid = torch.stack([sx[:, None, :].expand(-1, gh, -1), sy[:, :, None].expand(-1, -1, gw)], -1)
     return F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def shape_groups(images: list[Tensor], short_side: int, step: int = 2 * MULTIPLE) -> list[list[int]]:
+    """Indices of images whose network input has the same orientation and long side (to `step` px)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        h, w = scaled_size(image.shape[-2], image.shape[-1], short_side, 2 * short_side)
+        groups.setdefault((-(-h // step), -(-w // step)), []).append(i)
+    return list(groups.values())

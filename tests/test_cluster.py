@@ -1,0 +1,112 @@
+"""A real two-node Ray cluster on this machine: `ray job submit` runs the RayJob's entrypoint, twice.
+
+The second submission, over a grown source, must annotate only the new images (incremental runs).
+Also checks the deploy/ manifests for the fields the cluster relies on.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from skimage import data
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args, env, timeout=300, check=True):
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """`ray start --head` plus one worker node joined with `ray start --address`; stopped afterwards."""
+    import ray
+
+    ray.shutdown()
+    gcs, dashboard = free_port(), free_port()
+    # loopback-only test cluster: no token (real clusters share one: RAY_AUTH_MODE=token, see deploy/README.md)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", env=env)
+        ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats", env=env)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        ray_cli("stop", "--force", env=env, check=False)
+
+
+def submit(cluster, submission_id: str, config: Path) -> None:
+    result = ray_cli("job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id, "--",
+                     "camlabel", "annotate", "--config", str(config), "--incremental", env=cluster["env"],
+                     timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = ray_cli("job", "status", "--address", cluster["dashboard"], submission_id, env=cluster["env"])
+    assert "succeeded" in status.stdout.lower()
+
+
+def test_scheduled_job_on_a_two_node_cluster_is_incremental(cluster, tmp_path):
+    source, out = tmp_path / "incoming", tmp_path / "output"
+    source.mkdir()
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    for i, photo in enumerate(photos[:2]):
+        Image.fromarray(photo).resize((128, 96)).save(source / f"night1_{i}.png")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"source": str(source), "out": str(out), "input_size": 128, "flip": False,
+                                      "scales": [1.0], "batch_size": 2, "rows_per_part": 2}))
+    submit(cluster, "camlabel-night1", config)
+    for i, photo in enumerate(photos[2:]):
+        Image.fromarray(photo).resize((128, 96)).save(source / f"night2_{i}.png")
+    shutil.copy(source / "night1_0.png", source / "night2_renamed_copy.png")  # same content, new name
+    submit(cluster, "camlabel-night2", config)
+
+    listing = subprocess.run([str(BIN / "camlabel"), "runs", str(out)], capture_output=True, text=True, check=True)
+    runs = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert [r["status"] for r in runs] == ["finished", "finished"]
+    assert runs[0]["series"] == runs[1]["series"]
+    assert [r["this_run"] for r in runs] == [2, 3]  # the second night read only its three new files
+    assert [r["annotated"] for r in runs] == [2, 2]  # and kept the renamed copy out: its content is done
+
+    coco = tmp_path / "all.json"
+    subprocess.run([str(BIN / "camlabel"), "export-coco", str(out), "--out", str(coco)], check=True)
+    images = json.loads(coco.read_text())["images"]
+    assert sorted(Path(i["file_name"]).name for i in images) == ["night1_0.png", "night1_1.png", "night2_0.png",
+                                                                  "night2_1.png"]
+
+
+def test_deploy_manifests_have_what_the_cluster_needs():
+    rayjob = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    assert spec["entrypoint"].startswith("camlabel annotate") and "--config /config/job.yaml" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(m["mountPath"] == "/data" for m in worker["volumeMounts"])
+    documents = list(yaml.safe_load_all((DEPLOY / "cronjob.yaml").read_text()))
+    kinds = {d["kind"]: d for d in documents}
+    assert {"ServiceAccount", "Role", "RoleBinding", "CronJob"} <= set(kinds)
+    cron = kinds["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert cron["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == "camlabel-scheduler"
+    assert "rayjobs" in kinds["Role"]["rules"][0]["resources"]
+    from schemas.config import load_config
+
+    job = yaml.safe_load((DEPLOY / "job.yaml").read_text())
+    assert load_config(None, {**job, "source": str(DEPLOY), "out": "/tmp/x"}).gpus_per_actor == 1
