@@ -49,16 +49,18 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
 
 
 def quarantine_broken_parts(folder: Path) -> list[Path]:
-    """Rename parts whose Parquet footer does not read (a copy cut short by a non-atomic store) to
-    `*.broken`, so they are neither read nor trusted; their images are then annotated again."""
+    """Move parts whose Parquet footer does not read (a copy cut short by a non-atomic store) to
+    RUN_DIR/quarantine/, so they are neither read nor trusted; their images are annotated again."""
     broken = []
     for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
         try:
             pq.read_metadata(part)
         except Exception:
-            log.warning("ignoring unreadable part %s", part)
-            part.rename(part.with_suffix(".broken"))
-            broken.append(part)
+            target = folder.parent / "quarantine" / f"{folder.name}-{part.name}"
+            log.warning("unreadable part %s moved to %s", part, target)
+            target.parent.mkdir(exist_ok=True)
+            part.rename(target)
+            broken.append(target)
     return broken
 
 

@@ -28,10 +28,12 @@ def test_component_stats_area_and_peak():
     mask[0, 6:9, 6:9] = True  # 9 pixels
     values = torch.rand(1, 10, 10)
     labels = connected_components(mask)
-    owner, ids, area, peak = component_stats(labels, values)
+    owner, ids, area, peak, mass = component_stats(labels, values)
     assert owner.tolist() == [0, 0]
     assert sorted(area.tolist()) == [6.0, 9.0]
     assert sorted(peak.tolist()) == sorted([float(values[0, 1:3, 1:4].max()), float(values[0, 6:9, 6:9].max())])
+    assert sorted(mass.tolist()) == pytest.approx(sorted([float(values[0, 1:3, 1:4].sum()),
+                                                          float(values[0, 6:9, 6:9].sum())]))
 
 
 def blob_maps(shape=(64, 128), blobs=((8, 24, 32, 64, 1.0),)):

@@ -157,4 +157,4 @@ def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collecti
     (out / "annotations" / ".part-x.parquet.tmp").write_bytes(b"half written")
     annotate(source, out)
     assert rows(out) == rows(clean)
-    assert parts[0].with_suffix(".broken").exists()
+    assert (out / "quarantine" / f"annotations-{parts[0].name}").exists()

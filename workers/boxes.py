@@ -117,8 +117,8 @@ def connected_components(mask: Tensor) -> Tensor:
             return labels[:, 0].long()
 
 
-def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per component of labels [N,H,W]: (map index, label id, area in pixels, peak of `values`).
+def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per component of labels [N,H,W]: (map index, label id, area in pixels, peak and sum of `values`).
 
     Flat tensors over every component of every map; vectorised with unique + scatter.
     """
@@ -127,11 +127,17 @@ def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Ten
     key = torch.arange(n, device=labels.device)[:, None] * (flat.shape[1] + 1) + flat
     fg = flat > 0
     keys, inverse = torch.unique(key[fg], return_inverse=True)
-    area = torch.zeros(len(keys), device=labels.device).scatter_add_(0, inverse, torch.ones_like(inverse,
-                                                                                                 dtype=torch.float))
-    peak = torch.zeros(len(keys), device=labels.device).scatter_reduce_(
-        0, inverse, values.flatten(1)[fg].float(), reduce="amax", include_self=False)
-    return keys // (flat.shape[1] + 1), keys % (flat.shape[1] + 1), area, peak
+    inside = values.flatten(1)[fg].float()
+    zeros = torch.zeros(len(keys), device=labels.device)
+    area = zeros.scatter_add(0, inverse, torch.ones_like(inside))
+    peak = zeros.scatter_reduce(0, inverse, inside, reduce="amax", include_self=False)
+    mass = zeros.scatter_add(0, inverse, inside)
+    return keys // (flat.shape[1] + 1), keys % (flat.shape[1] + 1), area, peak, mass
+
+
+def instance_confidence(probability: Tensor, peak: Tensor, share: Tensor) -> Tensor:
+    """Score of an instance: class probability x its peak."""
+    return probability * peak
 
 
 def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Tensor) -> Tensor:
@@ -184,10 +190,12 @@ def pseudo_labels(
         work = normalise(affinity_refine(colour_refine(work, colour, inside), colour, inside))
     live = (classes >= 0)[..., None, None]
     labels = connected_components(((work >= rule.threshold) & live).flatten(0, 1))
-    owner, ids, area, peak = component_stats(labels, work.flatten(0, 1))
+    owner, ids, area, peak, mass = component_stats(labels, work.flatten(0, 1))
     cells = (valid[:, 0] * valid[:, 1] / WORK_STRIDE**2).float().repeat_interleave(k)
+    share = mass / work.flatten(2).sum(-1).flatten()[owner].clamp(min=1e-7)  # of the map's whole evidence
+    confidence = instance_confidence(scores.flatten()[owner].float(), peak, share)
     kept = _select(rule, owner, area, peak, cells)
-    owner, ids, peak = owner[kept].tolist(), ids[kept], peak[kept]
+    owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept]
     results: list[list[PseudoLabel]] = [[] for _ in range(b)]
     by_image: dict[int, list[int]] = {}
     for j, o in enumerate(owner):
@@ -200,7 +208,7 @@ def pseudo_labels(
         # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
         results[i] = _encode(component, region if rule.name == "paper" else component,
                              [int(classes[i, r]) for r in ranks],
-                             (scores[i, [owner[j] % k for j in members]] * peak[members]).tolist())
+                             confidence[members].tolist())
     return results
 
 
