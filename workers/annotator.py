@@ -87,7 +87,8 @@ class Annotator:
             classes = torch.where(confident, classes, -1)
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        found = pseudo_labels(heat.maps, classes, scores, valid, tuple(batch.shape[-2:]), sizes, self.rule,
+        present = scores if targets is None else torch.ones_like(scores)  # labelled classes are present
+        found = pseudo_labels(heat.maps, classes, present, valid, tuple(batch.shape[-2:]), sizes, self.rule,
                               s.mask_threshold, guide=batch if s.refine else None)
         return BatchResult(found, top.indices, top.values)
 

@@ -136,8 +136,12 @@ def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def instance_confidence(probability: Tensor, peak: Tensor, share: Tensor) -> Tensor:
-    """Score of an instance: class probability x its peak."""
-    return probability * peak
+    """Score of an instance: P(class present) x its peak x its share of the map's evidence.
+
+    A compact component holding most of the map's mass is far more often a whole, correctly boxed object
+    than one of several fragments; ranking by it lifted box AP50 on held-apart benchmark images.
+    """
+    return probability * peak * share
 
 
 def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Tensor) -> Tensor:
@@ -170,6 +174,7 @@ def pseudo_labels(
 ) -> list[list[PseudoLabel]]:
     """maps [B,K,h,w] in [0,1], classes/scores [B,K] -> per image, its pseudo labels.
 
+    scores: the probability that each class is present (1 for classes a person labelled).
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
     original_sizes: each image's (height, width). mask_threshold defaults to the rule's threshold.
     guide: the network input [B,3,H,W]; when given, maps are refined with the image's colours: a colour
