@@ -66,13 +66,15 @@ def main() -> None:
     parser.add_argument("--mask-threshold", type=float)
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--no-refine", action="store_true")
+    parser.add_argument("--scales", default="1.0,1.5", help="multiples of --input-size whose maps are averaged")
     parser.add_argument("--limit", type=int)
     logging.basicConfig(level=logging.WARNING)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = AnnotateSettings(input_size=args.input_size, rule=args.rule, threshold=args.threshold,
-                            mask_threshold=args.mask_threshold, flip=not args.no_flip, refine=not args.no_refine)
+                            mask_threshold=args.mask_threshold, flip=not args.no_flip, refine=not args.no_refine,
+                            scales=tuple(float(x) for x in args.scales.split(",")))
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
