@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
@@ -146,7 +147,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
             "inputs": len(paths),
             "annotated": annotated.num_rows,
             "errors": errors.num_rows,
-            "annotations": sum(len(a) for a in annotated.column("annotations").to_pylist()),
+            "annotations": int(pc.sum(pc.list_value_length(annotated.column("annotations"))).as_py() or 0),
             "this_run": len(items),
         },
     })

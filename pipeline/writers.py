@@ -82,9 +82,6 @@ class RunWriter:
         self.pending_rows = 0
         self.written_paths: set[str] = set()
         self.known_ids: set[str] = set()  # content already annotated by an earlier run of the series
-        self.annotated = 0
-        self.failed = 0
-        self.annotations = 0
 
     def done_paths(self) -> set[str]:
         """Paths of every image already in a finished part (annotated or failed)."""
@@ -122,6 +119,3 @@ class RunWriter:
             atomic_write_table(self.run_dir / "errors" / f"{name}.parquet", errors)
         if good.num_rows:
             atomic_write_table(self.run_dir / "annotations" / f"{name}.parquet", good.select(IMAGES.names))
-        self.annotated += good.num_rows
-        self.failed += failed.num_rows
-        self.annotations += sum(len(a) for a in good.column("annotations").to_pylist())

@@ -6,7 +6,15 @@ import torch
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from workers.boxes import PAPER_RULE, RULES, affinity_refine, component_stats, connected_components, pseudo_labels
+from workers.boxes import (
+    PAPER_RULE,
+    RULES,
+    affinity_refine,
+    component_stats,
+    connected_components,
+    working_maps,
+)
+from workers.boxes import pseudo_labels as labels_from_work
 
 
 def test_components_match_scipy_8_connectivity():
@@ -34,6 +42,10 @@ def test_component_stats_area_and_peak():
     assert sorted(peak.tolist()) == sorted([float(values[0, 1:3, 1:4].max()), float(values[0, 6:9, 6:9].max())])
     assert sorted(mass.tolist()) == pytest.approx(sorted([float(values[0, 1:3, 1:4].sum()),
                                                           float(values[0, 6:9, 6:9].sum())]))
+
+
+def pseudo_labels(maps, classes, scores, valid, input_size, sizes, rule=RULES["instances"]):
+    return labels_from_work(working_maps(maps, valid, input_size), classes, scores, valid, input_size, sizes, rule)
 
 
 def blob_maps(shape=(64, 128), blobs=((8, 24, 32, 64, 1.0),)):

@@ -68,3 +68,27 @@ def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
     missing = tmp_path / "nope.json"
     assert main(["eval", "--gt", str(gt_path), "--pred", str(missing)]) == 2
     assert "cannot read predictions" in capsys.readouterr().err
+
+
+def test_map_meter_on_planted_maps():
+    import torch
+
+    from pipeline.evaluate import MapMeter
+
+    heatmap = torch.zeros(40, 40)
+    heatmap[10:20, 10:30] = 1.0  # exactly the object
+    heatmap[30:34, 0:4] = 0.5  # a weaker blob elsewhere
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[10:20, 10:30] = True
+    meter = MapMeter()
+    meter.accumulate(heatmap, torch.tensor([[10, 10, 20, 10]]), mask)
+    r = meter.compute()
+    assert r["MaxBoxAccV2"] == 1.0 and r["PxAP"] == pytest.approx(1.0)
+    shifted = MapMeter()
+    shifted.accumulate(heatmap, torch.tensor([[20, 10, 20, 10]]), mask)  # box IoU 1/3 with the blob
+    r = shifted.compute()
+    assert r["MaxBoxAcc@0.3"] == 1.0 and r["MaxBoxAcc@0.5"] == 0.0 and r["MaxBoxAcc@0.7"] == 0.0
+    assert r["MaxBoxAccV2"] == pytest.approx(1 / 3)
+    noisy = MapMeter()
+    noisy.accumulate(torch.full((40, 40), 0.5), torch.tensor([[10, 10, 20, 10]]), mask)
+    assert noisy.compute()["PxAP"] == pytest.approx(200 / 1600)  # a flat map: precision = mask share

@@ -158,3 +158,34 @@ def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collecti
     annotate(source, out)
     assert rows(out) == rows(clean)
     assert (out / "quarantine" / f"annotations-{parts[0].name}").exists()
+
+
+def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
+    from tests.test_inputs import ODD, encode, gradient
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    for name, make in ODD.items():
+        (folder / f"{name}.{'gif' if name == 'gif' else 'png'}").write_bytes(make())
+    good = encode(Image.fromarray(gradient(64, 48)), "JPEG")
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "random.jpg").write_bytes(os.urandom(4096))
+    (folder / "page.png").write_bytes(b"<!doctype html><html><body>not an image</body></html>")
+    (folder / "bomb.png").write_bytes(encode(Image.new("1", (30000, 30000)), "PNG"))
+    (folder / "dup_a.jpg").write_bytes(good)
+    (folder / "dup_b.jpg").write_bytes(good)
+    os.symlink(folder, folder / "loop")
+    out = tmp_path / "run"
+    annotate(folder, out)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["inputs"] == len(ODD) + 7
+    assert summary["annotated"] + summary["errors"] == summary["inputs"]
+    errors = {e["path"].rsplit("/", 1)[1]: e for e in
+              pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()}
+    assert set(errors) == {"zero.jpg", "random.jpg", "page.png", "bomb.png", "truncated.jpg"} or set(errors) == {
+        "zero.jpg", "random.jpg", "page.png", "bomb.png"}  # libjpeg may recover a truncated file's top half
+    assert "refused" in errors["bomb.png"]["reason"] and "empty" in errors["zero.jpg"]["reason"]
+    annotated = {r["path"].rsplit("/", 1)[1]: r for r in rows(out)}
+    assert annotated["dup_a.jpg"]["image_id"] == annotated["dup_b.jpg"]["image_id"]
+    assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30

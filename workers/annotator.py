@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.boxes import RULES, PseudoLabel, pseudo_labels
+from workers.boxes import RULES, WORK_STRIDE, PseudoLabel, pseudo_labels, working_maps
 from workers.heatmaps import compute_heatmaps
 from workers.models import LoadedModel
 from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
@@ -40,6 +40,8 @@ class BatchResult:
     labels: list[list[PseudoLabel]]
     top_classes: Tensor  # [B, top_k] predicted class indices
     top_scores: Tensor  # [B, top_k]
+    maps: list[Tensor]  # per image [K, h, w]: the refined maps behind the labels, over the image only
+    classes: Tensor  # [B, K] the class of each map (-1: none)
 
 
 class Annotator:
@@ -60,13 +62,17 @@ class Annotator:
         top_k = min(self.settings.top_k, len(self.loaded.class_names))
         top_classes = torch.empty(len(images), top_k, dtype=torch.long)
         top_scores = torch.empty(len(images), top_k)
+        maps: list[Tensor] = [torch.empty(0)] * len(images)
+        classes: list[Tensor] = [torch.empty(0)] * len(images)
         for group in shape_groups(images, self.settings.input_size):
             result = self._annotate([images[i] for i in group], None if labels is None else [labels[i] for i in group])
             for j, i in enumerate(group):
-                found[i] = result.labels[j]
+                found[i], maps[i], classes[i] = result.labels[j], result.maps[j], result.classes[j]
             top_classes[group] = result.top_classes.cpu()
             top_scores[group] = result.top_scores.float().cpu()
-        return BatchResult(found, top_classes, top_scores)
+        width = max(len(c) for c in classes)
+        padded = torch.stack([F.pad(c.cpu(), (0, width - len(c)), value=-1) for c in classes])
+        return BatchResult(found, top_classes, top_scores, maps, padded)
 
     def _annotate(self, images: list[Tensor], labels: list[list[int]] | None) -> BatchResult:
         s = self.settings
@@ -88,9 +94,11 @@ class Annotator:
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         present = scores if targets is None else torch.ones_like(scores)  # labelled classes are present
-        found = pseudo_labels(heat.maps, classes, present, valid, tuple(batch.shape[-2:]), sizes, self.rule,
-                              s.mask_threshold, guide=batch if s.refine else None)
-        return BatchResult(found, top.indices, top.values)
+        input_size = tuple(batch.shape[-2:])
+        work = working_maps(heat.maps, valid, input_size, guide=batch if s.refine else None)
+        found = pseudo_labels(work, classes, present, valid, input_size, sizes, self.rule, s.mask_threshold)
+        crops = [work[i, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)] for i, (h, w) in enumerate(valid.tolist())]
+        return BatchResult(found, top.indices, top.values, crops, classes)
 
     def _heatmaps_multiscale(self, images, batch, valid, targets):
         """Maps at every scale, resampled onto the first scale's grid and averaged."""

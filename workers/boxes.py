@@ -161,8 +161,33 @@ def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Ten
     return order[position < rule.max_instances]
 
 
+def working_maps(maps: Tensor, valid: Tensor, input_size: tuple[int, int], guide: Tensor | None = None) -> Tensor:
+    """Maps [B,K,h,w] of a padded batch -> [B,K,H/4,W/4] at the working resolution, 0 on padding.
+
+    valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
+    guide: the network input [B,3,H,W]; when given, maps are refined with the image's colours: a colour
+    model of object vs background (`colour_refine`), then a random walk along colour edges
+    (`affinity_refine`). This is what lifts CAM's blobs to object-shaped masks and tight boxes.
+    """
+    height, width = input_size
+    size = (height // WORK_STRIDE, width // WORK_STRIDE)
+    work = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    inside = _inside(valid, size)
+    work = work * inside[:, None]
+    if guide is not None:
+        colour = F.interpolate(guide, size=size, mode="area")
+        work = normalise(affinity_refine(colour_refine(work, colour, inside), colour, inside))
+    return work
+
+
+def _inside(valid: Tensor, size: tuple[int, int]) -> Tensor:
+    rows = torch.arange(size[0], device=valid.device)[None, :, None]
+    cols = torch.arange(size[1], device=valid.device)[None, None, :]
+    return (rows < valid[:, 0, None, None] / WORK_STRIDE) & (cols < valid[:, 1, None, None] / WORK_STRIDE)
+
+
 def pseudo_labels(
-    maps: Tensor,
+    work: Tensor,
     classes: Tensor,
     scores: Tensor,
     valid: Tensor,
@@ -170,29 +195,15 @@ def pseudo_labels(
     original_sizes: list[tuple[int, int]],
     rule: BoxRule = RULES["instances"],
     mask_threshold: float | None = None,
-    guide: Tensor | None = None,
 ) -> list[list[PseudoLabel]]:
-    """maps [B,K,h,w] in [0,1], classes/scores [B,K] -> per image, its pseudo labels.
+    """Working maps [B,K,H/4,W/4] (from `working_maps`), classes/scores [B,K] -> each image's labels.
 
     scores: the probability that each class is present (1 for classes a person labelled).
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
     original_sizes: each image's (height, width). mask_threshold defaults to the rule's threshold.
-    guide: the network input [B,3,H,W]; when given, maps are refined with the image's colours: a colour
-    model of object vs background (`colour_refine`), then a random walk along colour edges
-    (`affinity_refine`). This is what lifts CAM's blobs to object-shaped masks and tight boxes.
     """
     b, k = classes.shape
-    height, width = input_size
     mask_threshold = rule.threshold if mask_threshold is None else mask_threshold
-    size = (height // WORK_STRIDE, width // WORK_STRIDE)
-    work = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    rows = torch.arange(size[0], device=maps.device)[None, :, None]
-    cols = torch.arange(size[1], device=maps.device)[None, None, :]
-    inside = (rows < valid[:, 0, None, None] / WORK_STRIDE) & (cols < valid[:, 1, None, None] / WORK_STRIDE)
-    work = work * inside[:, None]
-    if guide is not None:
-        colour = F.interpolate(guide, size=size, mode="area")
-        work = normalise(affinity_refine(colour_refine(work, colour, inside), colour, inside))
     live = (classes >= 0)[..., None, None]
     labels = connected_components(((work >= rule.threshold) & live).flatten(0, 1))
     owner, ids, area, peak, mass = component_stats(labels, work.flatten(0, 1))

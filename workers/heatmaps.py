@@ -188,7 +188,6 @@ def _cam(model: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor
     activations (or of their ReLU, as in DenseNet).
     """
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    pooled = acts.mean((2, 3))
     for f in (acts, acts.clamp(min=0)):
         candidate = f.mean((2, 3))
         if head_in is not None and head_in.shape == candidate.shape and torch.allclose(
@@ -196,7 +195,7 @@ def _cam(model: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor
         ):
             weights = head.weight[classes]  # [B,K,C]
             return torch.einsum("bkc,bchw->bkhw", weights.to(f.dtype), f)
-    found = "none" if head_in is None else f"Linear input {tuple(head_in.shape)} != GAP {tuple(pooled.shape)}"
+    found = "no Linear input" if head_in is None else f"Linear input {tuple(head_in.shape)} is not the GAP of the layer"
     raise HeatmapError(
         f"CAM needs a global-average-pooling + linear head after the target layer; found {head} ({found}). "
         "Use method 'gradcam', which works with any head."
@@ -217,14 +216,16 @@ def _gradient_cam(logits: Tensor, acts: Tensor, classes: Tensor, weighting) -> T
 def eigen_projection(acts: Tensor) -> Tensor:
     """Muhammad & Yeasin 2020: activations [B,C,h,w] projected on their first principal component.
 
-    Each image's h*w activation vectors are centred and decomposed with a batched SVD; the sign is
-    chosen so the projection correlates positively with the channel-summed activations.
+    Each image's h*w activation vectors X [hw, C] are centred; the projection on the first right
+    singular vector is X v1 = s1 u1, taken from the batched eigendecomposition of the small Gram matrix
+    X X^T [hw, hw] (the same result as an SVD of X, without the C-sized factor). The sign is chosen so
+    the projection correlates positively with the channel-summed activations.
     """
     b, c, h, w = acts.shape
     x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]
     x = x - x.mean(1, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    proj = x @ vh[:, 0, :, None]  # [B, hw, 1]
+    eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # ascending
+    proj = eigenvectors[..., -1:] * eigenvalues[:, -1, None, None].clamp(min=0).sqrt()  # [B, hw, 1]
     total = acts.float().sum(1).flatten(1)
     total = total - total.mean(1, keepdim=True)
     sign = torch.sign((proj[..., 0] * total).sum(1))

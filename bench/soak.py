@@ -1,0 +1,86 @@
+"""Soak: annotate N images (a small real set repeated under different names) and report the driver's
+peak memory, side by side for two sizes, and that every image is accounted for.
+
+    python bench/soak.py [--sizes 1000,20000] [--input-size 64]
+
+The images are stamps-public photos shrunk to 96 px (or scikit-image's photos when that set is
+absent) with one distinguishing byte appended, so every file has its own content hash. The model runs
+at a small input size: this measures the driver's streaming, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public/images"
+
+
+def make_collection(folder: Path, count: int) -> None:
+    if SHARED.is_dir():
+        seeds = [Image.open(p).convert("RGB") for p in sorted(SHARED.glob("*.jpg"))[:50]]
+    else:
+        from skimage import data
+
+        seeds = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut, data.rocket)]
+    blobs = []
+    for seed in seeds:
+        seed = seed.copy()
+        seed.thumbnail((96, 96))
+        path = folder / "seed.jpg"
+        seed.save(path, quality=85)
+        blobs.append(path.read_bytes())
+    path.unlink()
+    for i in range(count):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"img{i:06d}.jpg").write_bytes(blobs[i % len(blobs)] + i.to_bytes(4, "big"))
+
+
+def run(count: int, input_size: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="camlabel-soak-") as tmp:
+        source, out = Path(tmp) / "src", Path(tmp) / "out"
+        source.mkdir()
+        make_collection(source, count)
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "annotate", str(source), "--out", str(out), "--input-size",
+             str(input_size), "--scales", "1.0", "--no-flip", "--batch-size", "64", "--rows-per-part", "2000"],
+            capture_output=True, text=True, check=True)
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # this process ran one driver only
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"images": count, **{k: summary[k] for k in ("annotated", "errors", "inputs")},
+                "accounted": summary["annotated"] + summary["errors"] == count,
+                "driver_peak_mib": round(peak_kib / 1024), "seconds": round(time.perf_counter() - start)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,20000")
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # a fresh process per size, so its children's peak is that driver's alone
+        print(json.dumps(run(args.one, args.input_size)))
+        return
+    print(f"{date.today()}: driver peak RSS (ru_maxrss of the `camlabel annotate` process)\n")
+    print("| images | annotated | errors | all accounted for | driver peak MiB | seconds |")
+    print("|---|---|---|---|---|---|")
+    for count in (int(s) for s in args.sizes.split(",")):
+        r = json.loads(subprocess.run([sys.executable, __file__, "--one", str(count), "--input-size",
+                                       str(args.input_size)], capture_output=True, text=True, check=True).stdout)
+        print(f"| {r['images']} | {r['annotated']} | {r['errors']} | {r['accounted']} | {r['driver_peak_mib']} | "
+              f"{r['seconds']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
