@@ -68,11 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("runs", nargs="+", type=Path)
     export.add_argument("--out", required=True, type=Path)
     export.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
+    masks = sub.add_parser("export-masks", help="one PNG label map per image, with an ignore band")
+    masks.add_argument("run", type=Path)
+    masks.add_argument("--out", required=True, type=Path)
+    masks.add_argument("--ignore-band", nargs=2, type=float, default=(0.3, 0.6), metavar=("LOW", "HIGH"),
+                       help="fractions of a map's max: below LOW background, from HIGH the class, between ignored")
+    masks.add_argument("--format", choices=("voc", "plain"), default="voc",
+                       help="voc: 8-bit palette PNG (<= 254 classes); plain: grey values (16-bit above 254)")
     runs = sub.add_parser("runs", help="list the runs under an incremental output root")
     runs.add_argument("root", type=Path)
     ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
     ev.add_argument("--gt", required=True, type=Path)
-    ev.add_argument("--pred", required=True, type=Path, help="COCO results list or COCO dataset")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pred", type=Path, help="COCO results list or COCO dataset")
+    what.add_argument("--label-maps", type=Path, help="folder of PNG label maps (camlabel export-masks)")
     return parser
 
 
@@ -142,12 +151,28 @@ def cmd_runs(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    print(json.dumps(evaluate(args.gt, args.pred), indent=2))
+    if args.label_maps:
+        from pipeline.masks import evaluate_label_maps
+
+        print(json.dumps(evaluate_label_maps(args.gt, args.label_maps), indent=2))
+    else:
+        print(json.dumps(evaluate(args.gt, args.pred), indent=2))
     return 0
 
 
-COMMANDS = {"annotate": cmd_annotate, "demo": cmd_demo, "export-coco": cmd_export, "runs": cmd_runs,
-            "eval": cmd_eval}
+def cmd_export_masks(args) -> int:
+    from pipeline.masks import export_masks
+
+    low, high = args.ignore_band
+    if not 0 <= low <= high <= 1:
+        raise ConfigError(f"ignore-band: {low} {high} is not allowed; 0 <= LOW <= HIGH <= 1")
+    summary = export_masks(args.run, args.out, low, high, palette=args.format == "voc")
+    print(json.dumps({k: summary[k] for k in ("images", "low", "high", "ignore")} | {"out": str(args.out)}))
+    return 0
+
+
+COMMANDS = {"annotate": cmd_annotate, "demo": cmd_demo, "export-coco": cmd_export, "export-masks": cmd_export_masks,
+            "runs": cmd_runs, "eval": cmd_eval}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ ANNOTATION = pa.struct([
     ("rle_counts", pa.string()),  # COCO compressed RLE of the mask, size = (height, width)
 ])
 
+HEATMAP = pa.struct([
+    ("category_id", pa.int32()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("values", pa.binary()),  # float16, row-major, the refined map over the image (max side 64), in [0,1]
+])
+
 IMAGES = pa.schema([
     ("image_id", pa.string()),  # sha256 of the file's bytes: stable across names and runs
     ("path", pa.string()),
@@ -20,6 +27,7 @@ IMAGES = pa.schema([
     ("top_classes", pa.list_(pa.int32())),
     ("top_scores", pa.list_(pa.float32())),
     ("annotations", pa.list_(ANNOTATION)),
+    ("heatmaps", pa.list_(HEATMAP)),  # what the masks were cut from; export-masks draws its ignore band here
     ("method", pa.string()),
 ])
 

@@ -77,6 +77,7 @@ class AnnotateActor:
                 {"category_id": p.class_index + 1, "class_name": names[p.class_index], "bbox": p.bbox,
                  "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
                 for p in result.labels[j]]
+            rows["heatmaps"][i] = stored_heatmaps(result.maps[j], result.classes[j])
 
     def _maybe_fail(self) -> None:
         fault = os.environ.get(FAULT_ENV, "")
@@ -87,6 +88,17 @@ class AnnotateActor:
                 os._exit(1)
         elif fault.startswith("raise:") and self.calls <= int(fault.split(":", 1)[1]):
             raise RuntimeError("injected model failure")
+
+
+def stored_heatmaps(maps: torch.Tensor, classes: torch.Tensor, max_side: int = 64) -> list[dict]:
+    """maps [K,h,w] -> float16 records, shrunk (area average) to at most max_side per side."""
+    h, w = maps.shape[-2:]
+    scale = min(1.0, max_side / max(h, w, 1))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = torch.nn.functional.interpolate(maps[None].float(), size=size, mode="area")[0]
+    return [{"category_id": int(c) + 1, "height": size[0], "width": size[1],
+             "values": small[k].to(torch.float16).cpu().numpy().tobytes()}
+            for k, c in enumerate(classes.tolist()) if c >= 0]
 
 
 def _plain(value):

@@ -64,8 +64,10 @@ class Annotator:
         top_scores = torch.empty(len(images), top_k)
         maps: list[Tensor] = [torch.empty(0)] * len(images)
         classes: list[Tensor] = [torch.empty(0)] * len(images)
-        for group in shape_groups(images, self.settings.input_size):
-            result = self._annotate([images[i] for i in group], None if labels is None else [labels[i] for i in group])
+        for (rows, cols), group in shape_groups(images, self.settings.input_size).items():
+            padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
+            result = self._annotate([images[i] for i in group], None if labels is None else [labels[i] for i in group],
+                                    padded_size)
             for j, i in enumerate(group):
                 found[i], maps[i], classes[i] = result.labels[j], result.maps[j], result.classes[j]
             top_classes[group] = result.top_classes.cpu()
@@ -74,10 +76,10 @@ class Annotator:
         padded = torch.stack([F.pad(c.cpu(), (0, width - len(c)), value=-1) for c in classes])
         return BatchResult(found, top_classes, top_scores, maps, padded)
 
-    def _annotate(self, images: list[Tensor], labels: list[list[int]] | None) -> BatchResult:
+    def _annotate(self, images: list[Tensor], labels: list[list[int]] | None, padded_size) -> BatchResult:
         s = self.settings
         device = self.loaded.device
-        batch, valid = prepare_batch(images, s.input_size, device)
+        batch, valid = prepare_batch(images, s.input_size, device, pad_to=padded_size)
         batch = batch.contiguous(memory_format=torch.channels_last)
         targets = None
         if labels is not None:
@@ -104,7 +106,8 @@ class Annotator:
         """Maps at every scale, resampled onto the first scale's grid and averaged."""
         heat = self._heatmaps(batch, valid, targets)
         for scale in self.settings.scales[1:]:
-            other_batch, other_valid = prepare_batch(images, round(self.settings.input_size * scale), batch.device)
+            size = round(self.settings.input_size * scale)
+            other_batch, other_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
             other = self._heatmaps(other_batch.contiguous(memory_format=torch.channels_last), other_valid,
                                    heat.classes)
             heat.maps = heat.maps + resample_maps(other.maps, other_valid, other_batch.shape[-2:],
@@ -153,10 +156,22 @@ def resample_maps(maps: Tensor, valid: Tensor, input_size, grid_size, to_valid: 
     return F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def shape_groups(images: list[Tensor], short_side: int, step: int = 2 * MULTIPLE) -> list[list[int]]:
-    """Indices of images whose network input has the same orientation and long side (to `step` px)."""
+GROUP_STEP = 2 * MULTIPLE
+
+
+def shape_groups(images: list[Tensor], short_side: int) -> dict[tuple[int, int], list[int]]:
+    """Images by the padded input they need, in GROUP_STEP cells: (rows, cols) -> indices.
+
+    Padding to the group's fixed size, not to the largest image present, makes every image's result
+    independent of the batch it happened to share (a resumed run gives what an uninterrupted one did).
+    """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         h, w = scaled_size(image.shape[-2], image.shape[-1], short_side, 2 * short_side)
-        groups.setdefault((-(-h // step), -(-w // step)), []).append(i)
-    return list(groups.values())
+        groups.setdefault((-(-h // GROUP_STEP), -(-w // GROUP_STEP)), []).append(i)
+    return groups
+
+
+def _grid(size, scale: float) -> tuple[int, int]:
+    """A padded size `scale` times `size`, on the 32-pixel grid (fixed per group, as above)."""
+    return tuple(-(-round(n * scale) // MULTIPLE) * MULTIPLE for n in size)

@@ -20,19 +20,23 @@ def scaled_size(height: int, width: int, short_side: int, max_side: int | None =
 
 
 def prepare_batch(
-    images: list[Tensor], short_side: int, device: torch.device | str, max_side: int | None = None
+    images: list[Tensor], short_side: int, device: torch.device | str, max_side: int | None = None,
+    pad_to: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """uint8 images [3,H_i,W_i] -> (batch [B,3,H,W] normalised, valid [B,2] (h_i, w_i) of each image).
 
     Each image is resized on `device` so its shorter side is `short_side` (antialiased bilinear), then
-    the batch is padded at the bottom/right with the dataset mean (0 after normalisation) to a common
-    size rounded up to a multiple of 32. Only the valid region of each map belongs to its image.
+    the batch is padded at the bottom/right with the dataset mean (0 after normalisation) to `pad_to`
+    (at least as large as every image), or else to the largest size rounded up to a multiple of 32.
+    Only the valid region of each map belongs to its image.
     """
     if max_side is None:
         max_side = 2 * short_side
     sizes = [scaled_size(img.shape[-2], img.shape[-1], short_side, max_side) for img in images]
     height = -(-max(h for h, _ in sizes) // MULTIPLE) * MULTIPLE
     width = -(-max(w for _, w in sizes) // MULTIPLE) * MULTIPLE
+    if pad_to is not None:
+        height, width = max(height, pad_to[0]), max(width, pad_to[1])
     batch = torch.zeros(len(images), 3, height, width, device=device)
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]

@@ -1,0 +1,179 @@
+"""Semantic label maps for segmentation trainers: one PNG per image, with an ignore band, and their mIoU.
+
+Value 0 is background, class index + 1 a class, and IGNORE the pixels nobody should train on: those
+whose map is neither confidently inside (>= high) nor confidently outside (< low), and those two
+classes claim with maps closer than `margin` (as IRN and PSA do). 8-bit PNGs (ignore 255) when the
+model has at most 254 classes, else 16-bit (ignore 65535).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.evaluate import EvaluationError
+from pipeline.writers import atomic_write_bytes, atomic_write_json
+from schemas.tables import IMAGES
+
+
+def ignore_value(num_classes: int) -> int:
+    return 255 if num_classes <= 254 else 65535
+
+
+def label_map(maps: torch.Tensor, categories: list[int], height: int, width: int, low: float = 0.3,
+              high: float = 0.6, margin: float = 0.1, ignore: int = 255) -> torch.Tensor:
+    """maps [K,h,w] in [0,1] of `categories` (class index + 1) -> label map [height, width] (int32).
+
+    With low == high there is no band: every pixel is a class or background.
+    """
+    if not categories:
+        return torch.zeros(height, width, dtype=torch.int32)
+    full = F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    values, order = full.topk(min(2, len(categories)), dim=0)
+    ids = torch.tensor(categories, dtype=torch.int32)[order[0]]
+    labels = torch.full((height, width), ignore, dtype=torch.int32)
+    labels = torch.where(values[0] >= high, ids, labels)
+    if len(categories) > 1:
+        close = (values[1] >= high) & (values[0] - values[1] < margin)
+        labels = torch.where(close, ignore, labels)
+    return torch.where(values[0] < low, 0, labels)
+
+
+def decode_heatmaps(records: list[dict]) -> tuple[torch.Tensor, list[int]]:
+    """Stored float16 heatmap records -> (maps [K,h,w], category ids). Maps share one size per image."""
+    if not records:
+        return torch.zeros(0, 1, 1), []
+    maps = [torch.from_numpy(np.frombuffer(r["values"], dtype=np.float16).reshape(r["height"], r["width"]).copy())
+            for r in records]
+    return torch.stack(maps), [r["category_id"] for r in records]
+
+
+def png_bytes(labels: torch.Tensor, ignore: int, palette: list[int] | None = None) -> bytes:
+    array = labels.numpy()
+    if ignore == 255:
+        image = Image.fromarray(array.astype(np.uint8), mode="P" if palette else "L")
+        if palette:
+            image.putpalette(palette)
+    else:
+        image = Image.fromarray(array.astype(np.uint16))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved), with white for ignore (255)."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    palette[-3:] = [255, 255, 255]
+    return palette
+
+
+def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, palette: bool = True) -> dict:
+    """Write one PNG per annotated image (source-relative path, .png), classes.txt and manifest.json.
+
+    Streams the run's parts batch by batch: memory does not grow with the run.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    names = _class_names(manifest)
+    ignore = ignore_value(len(names))
+    source = manifest["source"]
+    root = source if os.path.isdir(source) else None
+    colours = voc_palette() if palette and ignore == 255 else None
+    written = 0
+    if any((run_dir / "annotations").glob("part-*.parquet")):
+        dataset = pads.dataset([str(p) for p in sorted((run_dir / "annotations").glob("part-*.parquet"))],
+                               schema=IMAGES, format="parquet")
+        for batch in dataset.to_batches(columns=["path", "width", "height", "heatmaps"], batch_size=64):
+            for row in batch.to_pylist():
+                maps, categories = decode_heatmaps(row["heatmaps"])
+                labels = label_map(maps, categories, row["height"], row["width"], low, high, ignore=ignore)
+                relative = os.path.relpath(row["path"], root) if root else Path(row["path"]).name
+                atomic_write_bytes(out / Path(relative).with_suffix(".png"), png_bytes(labels, ignore, colours))
+                written += 1
+    (out / "classes.txt").write_text("background\n" + "\n".join(names) + "\n")
+    summary = {"run": str(run_dir), "run_manifest": manifest, "images": written, "low": low, "high": high,
+               "ignore": ignore, "values": "0 background, class index + 1, ignore"}
+    atomic_write_json(out / "manifest.json", summary)
+    return summary
+
+
+def _class_names(manifest: dict) -> list[str]:
+    from workers.models import imagenet_class_names
+
+    file = manifest["config"].get("class_names")
+    if file:
+        return Path(file).read_text().splitlines()
+    count = manifest["model"]["classes"]
+    return imagenet_class_names() if count == 1000 else [f"class_{i}" for i in range(count)]
+
+
+class SegmentationMeter:
+    """Streamed confusion counts of label maps against ground truth: per-class IoU, mIoU, pixel accuracy
+    (ignored pixels excluded) and the share of pixels ignored (report both: a wide band can fake mIoU)."""
+
+    def __init__(self, ignore: int) -> None:
+        self.ignore = ignore
+        self.intersection: dict[int, int] = {}
+        self.union: dict[int, int] = {}
+        self.correct = 0
+        self.scored = 0
+        self.pixels = 0
+
+    def accumulate(self, predicted: torch.Tensor, truth: torch.Tensor) -> None:
+        kept = predicted != self.ignore
+        self.pixels += predicted.numel()
+        self.scored += int(kept.sum())
+        p, t = predicted[kept].long(), truth[kept].long()
+        self.correct += int((p == t).sum())
+        for c in torch.unique(torch.cat([p, t])).tolist():
+            self.intersection[c] = self.intersection.get(c, 0) + int(((p == c) & (t == c)).sum())
+            self.union[c] = self.union.get(c, 0) + int(((p == c) | (t == c)).sum())
+
+    def compute(self) -> dict:
+        iou = {c: self.intersection[c] / self.union[c] for c in sorted(self.union) if self.union[c]}
+        return {"mIoU": float(np.mean(list(iou.values()))) if iou else 0.0,
+                "pixel_accuracy": self.correct / max(self.scored, 1),
+                "ignored_share": 1 - self.scored / max(self.pixels, 1),
+                "per_class_iou": {str(c): round(v, 4) for c, v in iou.items()}}
+
+
+def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
+    """Score a folder of label-map PNGs (matched to COCO ground-truth images by file stem)."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    gt = COCO(str(gt_path))
+    pngs = {p.stem: p for p in Path(folder).rglob("*.png")}
+    meter = None
+    for image in gt.dataset["images"]:
+        path = pngs.get(Path(image["file_name"]).stem)
+        if path is None:
+            continue
+        predicted = torch.from_numpy(np.array(Image.open(path)).astype(np.int32))
+        if meter is None:
+            meter = SegmentationMeter(255 if Image.open(path).mode in ("L", "P") else 65535)
+        truth = torch.zeros(image["height"], image["width"], dtype=torch.int32)
+        for a in sorted(gt.imgToAnns[image["id"]], key=lambda a: -a["area"]):  # small objects drawn last
+            truth[torch.from_numpy(mask_utils.decode(gt.annToRLE(a)).astype(bool))] = a["category_id"]
+        meter.accumulate(predicted, truth)
+    if meter is None:
+        raise EvaluationError(f"no PNG in {folder} matches an image of {gt_path}")
+    return meter.compute()

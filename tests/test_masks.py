@@ -1,0 +1,77 @@
+"""Label-map export: planted maps give the expected labels, ignore band and overlap rule; PNGs round-trip."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.masks import SegmentationMeter, export_masks, label_map, png_bytes, voc_palette
+from pipeline.writers import atomic_write_table
+from schemas.tables import IMAGES
+
+
+def planted_maps():
+    maps = torch.zeros(2, 20, 40)
+    maps[0, :, :15] = 1.0  # class A: left
+    maps[0, :, 15:20] = 0.45  # A's uncertain rim
+    maps[1, :, 25:] = 1.0  # class B: right
+    maps[0, :, 30:35] = 0.95  # A claims part of B's region too, nearly as strongly
+    return maps
+
+
+def test_labels_band_and_close_calls():
+    labels = label_map(planted_maps(), [4, 9], 20, 40, low=0.3, high=0.6, margin=0.1, ignore=255)
+    row = labels[10]
+    assert (row[:15] == 4).all()  # confidently A
+    assert (row[16:19] == 255).all()  # between LOW and HIGH: ignored
+    assert (row[21:24] == 0).all()  # below LOW everywhere: background
+    assert (row[26:29] == 9).all() and (row[36:] == 9).all()  # B alone
+    assert (row[31:34] == 255).all()  # A 0.95 vs B 1.0: too close to call
+    no_band = label_map(planted_maps(), [4, 9], 20, 40, low=0.5, high=0.5, margin=0.0, ignore=255)
+    assert (no_band[10, 16:19] == 0).all() and (no_band != 255).all()
+
+
+def test_label_map_at_original_size_and_png_round_trip():
+    labels = label_map(planted_maps(), [4, 999], 61, 123, ignore=65535)
+    assert labels.shape == (61, 123) and set(labels.unique().tolist()) <= {0, 4, 999, 65535}
+    wide = Image.open(__import__("io").BytesIO(png_bytes(labels, 65535)))
+    np.testing.assert_array_equal(np.array(wide).astype(np.int32), labels.numpy())
+    small = label_map(planted_maps(), [4, 9], 20, 40, ignore=255)
+    indexed = Image.open(__import__("io").BytesIO(png_bytes(small, 255, voc_palette())))
+    assert indexed.mode == "P"
+    np.testing.assert_array_equal(np.array(indexed), small.numpy())
+
+
+def test_export_masks_writes_one_png_per_image_at_its_original_size(tmp_path):
+    source = tmp_path / "images"
+    (source / "sub").mkdir(parents=True)
+    maps = planted_maps()
+    record = {"category_id": 5, "height": 20, "width": 40, "values": maps[0].to(torch.float16).numpy().tobytes()}
+    row = {"image_id": "x", "path": str(source / "sub" / "a.jpg"), "width": 80, "height": 40,
+           "label_source": "labels", "top_classes": [4], "top_scores": [0.9], "annotations": [],
+           "heatmaps": [record], "method": "cam"}
+    run = tmp_path / "run"
+    atomic_write_table(run / "annotations" / "part-1.parquet", pa.Table.from_pylist([row], schema=IMAGES))
+    (run / "manifest.json").write_text(json.dumps({"source": str(source), "config": {"class_names": None},
+                                                   "model": {"classes": 1000}}))
+    summary = export_masks(run, tmp_path / "masks", 0.3, 0.6)
+    assert summary["images"] == 1 and summary["ignore"] == 65535  # ImageNet: 16-bit
+    png = np.array(Image.open(tmp_path / "masks" / "sub" / "a.png"))
+    assert png.shape == (40, 80) and png.dtype == np.uint16
+    assert (png[:, :28] == 5).all() and (png[:, -10:] == 0).all()
+    assert (tmp_path / "masks" / "classes.txt").read_text().splitlines()[:2] == ["background", "tench"]
+
+
+def test_segmentation_meter_excludes_ignored_pixels():
+    truth = torch.tensor([[1, 1, 0, 0]])
+    predicted = torch.tensor([[1, 255, 1, 0]])
+    meter = SegmentationMeter(255)
+    meter.accumulate(predicted, truth)
+    r = meter.compute()
+    assert r["ignored_share"] == pytest.approx(0.25)
+    assert r["pixel_accuracy"] == pytest.approx(2 / 3)
+    assert r["per_class_iou"] == {"0": 0.5, "1": 0.5}  # class 1: 1 of {0, 2}; class 0: 1 of {2, 3}
+    assert r["mIoU"] == pytest.approx(0.5)
