@@ -1,7 +1,7 @@
 """Heatmap speed, side by side in one run: plain forward vs camlabel's methods vs pytorch-grad-cam.
 
     pip install -e ".[bench]"   # pytorch-grad-cam, the peer
-    python bench/heatmaps.py [--models mobilenet_v2,resnet50] [--batch 32] [--size 224] [--threads 1,2]
+    python -m bench.heatmaps [--models mobilenet_v2,resnet50] [--batch 32] [--size 224] [--threads 1,2]
 
 Random-init weights (speed does not depend on them); the same model, batch and layer for everyone.
 Prints a Markdown table: images/s and the ratio to the plain forward pass on the same batch.

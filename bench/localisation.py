@@ -1,6 +1,6 @@
 """Localisation quality on ../shared/benchmarks/stamps-public: methods x settings, one table.
 
-    python bench/localisation.py [--data DIR] [--methods cam,gradcam,eigencam] [--limit N]
+    python -m bench.localisation [--data DIR] [--methods cam,gradcam,eigencam] [--limit N]
 
 Settings: labels (image-level labels choose the classes), predicted (top classes above min score),
 agnostic (Eigen-CAM objectness, categories from the labels).

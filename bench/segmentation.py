@@ -1,6 +1,6 @@
 """Label maps on ../shared/benchmarks/stamps-public: mIoU with and without the ignore band.
 
-    python bench/segmentation.py [--limit N] [--bands 0.6:0.6,0.3:0.6,0.2:0.7]
+    python -m bench.segmentation [--limit N] [--bands 0.6:0.6,0.3:0.6,0.2:0.7]
 
 The same maps camlabel stores (refined, at most 64 px a side, float16), turned into label maps exactly
 as `camlabel export-masks` does, scored against the exact ground-truth masks (ignored pixels excluded;

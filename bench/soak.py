@@ -1,7 +1,7 @@
 """Soak: annotate N images (a small real set repeated under different names) and report the driver's
 peak memory, side by side for two sizes, and that every image is accounted for.
 
-    python bench/soak.py [--sizes 1000,20000] [--input-size 64]
+    python -m bench.soak [--sizes 1000,20000] [--input-size 64]
 
 The images are stamps-public photos shrunk to 96 px (or scikit-image's photos when that set is
 absent) with one distinguishing byte appended, so every file has its own content hash. The model runs

@@ -131,11 +131,18 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         manifest["resources"] = resources.__dict__
         log.info("annotating %d images (%d already done) with %s", len(items), len(done), resources)
         bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
+        first_at, after_first = None, 0
         for table in annotate_stream(items, model, settings, resources):
             writer.add(table)
             bar.update(table.num_rows)
+            if first_at is None:
+                first_at = time.perf_counter()
+            else:
+                after_first += table.num_rows
         writer.flush()
         bar.close()
+        if after_first:  # throughput once actors are up and the model loaded, the figure that scales
+            manifest["steady_images_per_second"] = round(after_first / (time.perf_counter() - first_at), 3)
     annotated = read_parts(run_dir / "annotations", IMAGES, ["path", "annotations"])
     errors = read_parts(run_dir / "errors", ERRORS, ["path"])
     manifest.update({
