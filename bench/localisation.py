@@ -97,8 +97,9 @@ def main() -> None:
     base = AnnotateSettings(input_size=args.input_size, rule=args.rule, threshold=args.threshold,
                             mask_threshold=args.mask_threshold, flip=not args.no_flip, refine=not args.no_refine,
                             scales=tuple(float(x) for x in args.scales.split(",")))
-    print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | img/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
+          "PxAP | img/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for setting in args.settings.split(","):
             if setting == "agnostic" and method != "eigencam":
