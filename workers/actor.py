@@ -23,9 +23,9 @@ FAULT_ENV = "CAMLABEL_FAULT"
 class AnnotateActor:
     """Loads the model once; each call annotates one batch (columns of the decode stage)."""
 
-    def __init__(self, model: dict, settings: AnnotateSettings, torch_threads: int | None = None) -> None:
+    def __init__(self, model: dict, settings: AnnotateSettings) -> None:
         if not torch.cuda.is_available():
-            torch.set_num_threads(torch_threads or 1)  # one thread per actor: no OpenMP oversubscription
+            torch.set_num_threads(1)  # one actor per core, one thread each: no OpenMP oversubscription
         self.loaded = load_model(**model)
         self.annotator = Annotator(self.loaded, settings)
         self.method = settings.method

@@ -28,7 +28,7 @@ class AnnotateSettings:
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
     scales: tuple[float, ...] = (1.0, 1.5)  # input sizes, as multiples of input_size, whose maps are averaged
-    refine: bool = True  # diffuse maps along the image's colour edges before thresholding
+    refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
