@@ -48,6 +48,10 @@ def cluster(tmp_path):
         ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", env=env)
         ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats", env=env)
+        deadline = time.time() + 120  # the dashboard's job server comes up after `ray start` returns
+        while ray_cli("job", "list", "--address", f"http://127.0.0.1:{dashboard}", env=env, check=False).returncode:
+            assert time.time() < deadline, "the Ray job server did not come up"
+            time.sleep(2)
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         ray_cli("stop", "--force", env=env, check=False)
