@@ -24,18 +24,21 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.evaluate import MapMeter, evaluate
 from workers.annotator import AnnotateSettings, Annotator
-from workers.models import load_model
+from workers.models import LoadedModel, load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public"
 
 
-def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | None, batch_size: int = 8):
+def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | None, batch_size: int = 8,
+        loaded: LoadedModel | None = None, names: list[str] | None = None):
+    """Scores and images/s of `loaded` (default: the default model) on the first `limit` images, or on
+    the images called `names`."""
     gt = json.loads((data / "gt.json").read_text())
     ids = {im["file_name"]: im["id"] for im in gt["images"]}
     with open(data / "labels.csv") as f:
         labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
-    names = sorted(ids)[:limit]
-    annotator = Annotator(load_model(), settings)
+    names = names or sorted(ids)[:limit]
+    annotator = Annotator(loaded or load_model(), settings)
     gt_by_image: dict[int, list[dict]] = {}
     for a in gt["annotations"]:
         gt_by_image.setdefault(a["image_id"], []).append(a)
@@ -51,7 +54,7 @@ def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | N
             preds += [{"image_id": ids[n], "category_id": p.class_index + 1, "bbox": p.bbox, "score": p.score,
                        "segmentation": p.rle, "area": p.area} for p in found]
     seconds = time.perf_counter() - start
-    if limit:
+    if len(names) < len(ids):
         gt = {**gt, "images": [im for im in gt["images"] if im["file_name"] in set(names)]}
         keep = {im["id"] for im in gt["images"]}
         gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]

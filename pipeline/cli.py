@@ -1,4 +1,4 @@
-"""camlabel's command line: annotate, export-coco, eval, demo."""
+"""camlabel's command line: annotate, export-coco, export-masks, eval, train, report, runs, demo."""
 
 from __future__ import annotations
 
@@ -29,11 +29,13 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     """Every JobConfig field as a flag; defaults stay None so a YAML config is only overridden on purpose."""
     parser.add_argument("source", nargs="?", help="folder (recursive), glob, .csv/.parquet manifest, or URI")
     parser.add_argument("--config", help="YAML file with any of the fields below")
-    parser.add_argument("--out", help="run directory")
+    parser.add_argument("--out", help="run directory (calibrate: the YAML file to write)")
     parser.add_argument("--labels", help="CSV: file_name, labels (class indices or names, space-separated)")
     parser.add_argument("--model", help="torchvision classifier name (default mobilenet_v2)")
     parser.add_argument("--weights", help="'bundled', 'DEFAULT' (torchvision download) or a local file")
     parser.add_argument("--class-names", help="text file, one class name a line")
+    parser.add_argument("--model-dir", help="a localizer folder written by `camlabel train` (replaces --model, "
+                        "--weights, --class-names)")
     parser.add_argument("--target-layer", help="layer whose maps are used (default: found automatically)")
     parser.add_argument("--method", help=f"one of {', '.join(METHODS)} (default cam)")
     parser.add_argument("--input-size", type=int, help="shorter side in pixels at the image's own aspect")
@@ -75,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fractions of a map's max: below LOW background, from HIGH the class, between ignored")
     masks.add_argument("--format", choices=("voc", "plain"), default="voc",
                        help="voc: 8-bit palette PNG (<= 254 classes); plain: grey values (16-bit above 254)")
+    cal = sub.add_parser("calibrate", help="choose box and mask thresholds on images with ground truth")
+    _annotate_flags(cal)
+    cal.add_argument("--gt", required=True, type=Path, help="COCO ground truth for (some of) the SOURCE images")
+    cal.add_argument("--predicted", action="store_true", help="calibrate for predicted classes, not labels")
+    tr = sub.add_parser("train", help="fine-tune a classifier into a GAP localizer on image-level labels")
+    tr.add_argument("images", help="folder of images (one sub-folder per class when there is no --labels)")
+    tr.add_argument("--labels", help="CSV: file_name, labels (as for annotate)")
+    tr.add_argument("--out", required=True, help="MODEL_DIR to write")
+    for name, kind, text in (("backbone", str, "torchvision classifier (default mobilenet_v2)"),
+                             ("weights", str, "'bundled', a local file, or 'none' for random init"),
+                             ("epochs", int, "passes over the training images (default 6)"),
+                             ("ggam", float, "lambda of the Grad-CAM guided attention loss (default 0: off)"),
+                             ("batch-size", int, "images a step (default 16)"),
+                             ("input-size", int, "training crop in pixels (default 224)"),
+                             ("lr", float, "learning rate of the new head (default 3e-4; the trunk's is a tenth)"),
+                             ("val-fraction", float, "share of images held out to validate (default 0.1)"),
+                             ("seed", int, "random seed (default 0)")):
+        tr.add_argument(f"--{name}", type=kind, help=text)
+    rep = sub.add_parser("report", help="an HTML page to audit a run: counts, histograms, overlays")
+    rep.add_argument("run", type=Path)
+    rep.add_argument("--out", type=Path, help="folder for report.html and overlays/ (default RUN/report)")
+    rep.add_argument("--gallery", type=int, default=48, help="images shown, lowest confidence first")
+    rep.add_argument("--images", nargs="*", default=[], help="file names always drawn (PNG overlays)")
     runs = sub.add_parser("runs", help="list the runs under an incremental output root")
     runs.add_argument("root", type=Path)
     ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
@@ -114,6 +139,7 @@ def cmd_demo(args) -> int:
 
     from pipeline.export import export_coco
     from pipeline.job import annotate
+    from pipeline.report import write_report
 
     data = Path(skimage.data.data_dir)
     photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
@@ -125,8 +151,45 @@ def cmd_demo(args) -> int:
     config = load_config(None, {"source": str(manifest_path), "out": str(out / "run")})
     manifest = annotate(config)
     export_coco([out / "run"], out / "coco.json")
-    print(json.dumps({"run": str(out / "run"), "coco": str(out / "coco.json"), **manifest["counts"],
-                      "seconds": manifest["seconds"]}))
+    page = write_report(out / "run", out / "report")
+    print(json.dumps({"run": str(out / "run"), "coco": str(out / "coco.json"), "report": str(page),
+                      **manifest["counts"], "seconds": manifest["seconds"]}))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Thresholds for this model and these settings, written as a YAML file for `annotate --config`."""
+    from pipeline.calibrate import calibrate, calibrated_config
+    from pipeline.job import settings_of
+    from pipeline.writers import atomic_write_bytes
+    from workers.models import load_model
+
+    names = {f.name for f in fields(JobConfig)}
+    config = load_config(args.config, {k: v for k, v in vars(args).items() if k in names})
+    loaded = load_model(config.model, config.weights, config.class_names, config.target_layer,
+                        model_dir=config.model_dir)
+    result = calibrate(config.source, args.gt, loaded, settings_of(config), use_labels=not args.predicted)
+    atomic_write_bytes(Path(config.out), calibrated_config(config, result).encode())
+    print(json.dumps({"out": config.out, **result}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.train import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
+    if str(given.get("weights", "")).lower() == "none":
+        given["weights"] = None
+    spec = train(TrainConfig(**given))
+    print(json.dumps({"out": args.out, "classes": len(spec["classes"]), **spec["history"][-1]}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    page = write_report(args.run, args.out or args.run / "report", args.gallery, args.images)
+    print(json.dumps({"report": str(page)}))
     return 0
 
 
@@ -172,7 +235,8 @@ def cmd_export_masks(args) -> int:
 
 
 COMMANDS = {"annotate": cmd_annotate, "demo": cmd_demo, "export-coco": cmd_export, "export-masks": cmd_export_masks,
-            "runs": cmd_runs, "eval": cmd_eval}
+            "runs": cmd_runs, "eval": cmd_eval, "train": cmd_train, "report": cmd_report,
+            "calibrate": cmd_calibrate}
 
 
 if __name__ == "__main__":

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from pipeline.writers import atomic_write_json, read_parts
 from schemas.tables import IMAGES
-from workers.models import imagenet_class_names
+
+
+def run_class_names(run_dir: Path) -> list[str]:
+    """The class names of the model a run used, as its manifest records them."""
+    return json.loads((Path(run_dir) / "manifest.json").read_text())["model"]["class_names"]
 
 
 def coco_from_runs(run_dirs: list[Path], class_names: list[str] | None = None, results: bool = False):
@@ -35,7 +40,7 @@ def coco_from_runs(run_dirs: list[Path], class_names: list[str] | None = None, r
                 })
     if results:
         return [{k: a[k] for k in ("image_id", "category_id", "bbox", "score", "segmentation")} for a in annotations]
-    names = class_names or imagenet_class_names()
+    names = class_names or (run_class_names(run_dirs[0]) if run_dirs else [])
     return {
         "info": {"description": "camlabel pseudo labels", "runs": [str(r) for r in run_dirs]},
         "images": images,

@@ -89,7 +89,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     """
     started = datetime.now(UTC).isoformat()
     model = {"name": config.model, "weights": config.weights, "class_names": config.class_names,
-             "target_layer": config.target_layer}
+             "target_layer": config.target_layer, "model_dir": config.model_dir}
     loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
     model["target_layer"] = loaded.target_layer
     settings = settings_of(config)
@@ -113,7 +113,8 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     manifest = {
         "config": config.as_dict(),
         "model": {"name": loaded.name, "weights": loaded.weights_source, "weights_sha256": loaded.weights_sha256,
-                  "target_layer": loaded.target_layer, "classes": len(loaded.class_names)},
+                  "target_layer": loaded.target_layer, "classes": len(loaded.class_names),
+                  "class_names": loaded.class_names},
         "settings": settings.__dict__,
         "versions": versions(),
         "source": config.source,

@@ -92,7 +92,7 @@ def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, 
     """
     run_dir, out = Path(run_dir), Path(out)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    names = _class_names(manifest)
+    names = manifest["model"]["class_names"]
     ignore = ignore_value(len(names))
     source = manifest["source"]
     root = source if os.path.isdir(source) else None
@@ -113,16 +113,6 @@ def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, 
                "ignore": ignore, "values": "0 background, class index + 1, ignore"}
     atomic_write_json(out / "manifest.json", summary)
     return summary
-
-
-def _class_names(manifest: dict) -> list[str]:
-    from workers.models import imagenet_class_names
-
-    file = manifest["config"].get("class_names")
-    if file:
-        return Path(file).read_text().splitlines()
-    count = manifest["model"]["classes"]
-    return imagenet_class_names() if count == 1000 else [f"class_{i}" for i in range(count)]
 
 
 class SegmentationMeter:

@@ -24,6 +24,7 @@ class JobConfig:
     model: str = "mobilenet_v2"
     weights: str | None = "bundled"
     class_names: str | None = None
+    model_dir: str | None = None  # a folder written by `camlabel train`; replaces model, weights, class_names
     target_layer: str | None = None
     method: str = "cam"
     input_size: int = 448
@@ -72,6 +73,8 @@ class JobConfig:
             fail("gpus_per_actor", "a number from 0 to 8")
         if self.labels is not None and not Path(self.labels).is_file():
             fail("labels", "a CSV file with columns file_name, labels")
+        if self.model_dir is not None and not (Path(self.model_dir) / "localizer.json").is_file():
+            fail("model_dir", "a folder written by `camlabel train` (with localizer.json)")
         if self.weights not in (None, "bundled", "DEFAULT") and not Path(self.weights).is_file():
             fail("weights", "'bundled', 'DEFAULT' or an existing .pt/.pth/.safetensors file")
         return self

@@ -11,6 +11,7 @@ from PIL import Image
 from pipeline.masks import SegmentationMeter, export_masks, label_map, png_bytes, voc_palette
 from pipeline.writers import atomic_write_table
 from schemas.tables import IMAGES
+from workers.models import imagenet_class_names
 
 
 def planted_maps():
@@ -56,7 +57,7 @@ def test_export_masks_writes_one_png_per_image_at_its_original_size(tmp_path):
     run = tmp_path / "run"
     atomic_write_table(run / "annotations" / "part-1.parquet", pa.Table.from_pylist([row], schema=IMAGES))
     (run / "manifest.json").write_text(json.dumps({"source": str(source), "config": {"class_names": None},
-                                                   "model": {"classes": 1000}}))
+                                                   "model": {"classes": 1000, "class_names": imagenet_class_names()}}))
     summary = export_masks(run, tmp_path / "masks", 0.3, 0.6)
     assert summary["images"] == 1 and summary["ignore"] == 65535  # ImageNet: 16-bit
     png = np.array(Image.open(tmp_path / "masks" / "sub" / "a.png"))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.boxes import RULES, WORK_STRIDE, PseudoLabel, pseudo_labels, working_maps
+from workers.boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
 from workers.heatmaps import compute_heatmaps
 from workers.models import LoadedModel
 from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
@@ -44,6 +44,30 @@ class BatchResult:
     classes: Tensor  # [B, K] the class of each map (-1: none)
 
 
+@dataclass
+class WorkingMaps:
+    """One shape group's refined maps [B,K,H/4,W/4] and what turns them into labels at any threshold."""
+
+    members: list[int]  # positions of the group's images in the caller's list
+    work: Tensor
+    classes: Tensor  # [B,K], -1: none
+    present: Tensor  # [B,K] probability that each class is present (1 when labelled)
+    valid: Tensor  # [B,2] each image's (h, w) in the padded input
+    input_size: tuple[int, int]
+    sizes: list[tuple[int, int]]  # original (height, width)
+    top_classes: Tensor
+    top_scores: Tensor
+
+    def labels(self, rule: BoxRule, mask_threshold: float | None = None) -> list[list[PseudoLabel]]:
+        return pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes,
+                             rule, mask_threshold)
+
+    def crop(self, j: int) -> Tensor:
+        """Image j's maps over the image only (the padding cut off)."""
+        h, w = self.valid[j].tolist()
+        return self.work[j, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)]
+
+
 class Annotator:
     """Holds one model on one device; call it with a list of uint8 [3,H,W] images."""
 
@@ -64,19 +88,27 @@ class Annotator:
         top_scores = torch.empty(len(images), top_k)
         maps: list[Tensor] = [torch.empty(0)] * len(images)
         classes: list[Tensor] = [torch.empty(0)] * len(images)
-        for (rows, cols), group in shape_groups(images, self.settings.input_size).items():
-            padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
-            result = self._annotate([images[i] for i in group], None if labels is None else [labels[i] for i in group],
-                                    padded_size)
-            for j, i in enumerate(group):
-                found[i], maps[i], classes[i] = result.labels[j], result.maps[j], result.classes[j]
-            top_classes[group] = result.top_classes.cpu()
-            top_scores[group] = result.top_scores.float().cpu()
+        for group in self.work(images, labels):
+            found_here = group.labels(self.rule, self.settings.mask_threshold)
+            for j, i in enumerate(group.members):
+                found[i], maps[i], classes[i] = found_here[j], group.crop(j), group.classes[j]
+            top_classes[group.members] = group.top_classes.cpu()
+            top_scores[group.members] = group.top_scores.float().cpu()
         width = max(len(c) for c in classes)
         padded = torch.stack([F.pad(c.cpu(), (0, width - len(c)), value=-1) for c in classes])
         return BatchResult(found, top_classes, top_scores, maps, padded)
 
-    def _annotate(self, images: list[Tensor], labels: list[list[int]] | None, padded_size) -> BatchResult:
+    @torch.no_grad()
+    def work(self, images: list[Tensor], labels: list[list[int]] | None = None) -> list[WorkingMaps]:
+        """The refined maps of each shape group, before any threshold (what `camlabel calibrate` sweeps)."""
+        groups = []
+        for (rows, cols), members in shape_groups(images, self.settings.input_size).items():
+            padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
+            groups.append(self._work([images[i] for i in members],
+                                     None if labels is None else [labels[i] for i in members], padded_size, members))
+        return groups
+
+    def _work(self, images: list[Tensor], labels: list[list[int]] | None, padded_size, members) -> WorkingMaps:
         s = self.settings
         device = self.loaded.device
         batch, valid = prepare_batch(images, s.input_size, device, pad_to=padded_size)
@@ -94,13 +126,11 @@ class Annotator:
             confident[:, 0] = True
             classes = torch.where(confident, classes, -1)
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
-        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         present = scores if targets is None else torch.ones_like(scores)  # labelled classes are present
         input_size = tuple(batch.shape[-2:])
         work = working_maps(heat.maps, valid, input_size, guide=batch if s.refine else None)
-        found = pseudo_labels(work, classes, present, valid, input_size, sizes, self.rule, s.mask_threshold)
-        crops = [work[i, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)] for i, (h, w) in enumerate(valid.tolist())]
-        return BatchResult(found, top.indices, top.values, crops, classes)
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        return WorkingMaps(members, work, classes, present, valid, input_size, sizes, top.indices, top.values)
 
     def _heatmaps_multiscale(self, images, batch, valid, targets):
         """Maps at every scale, resampled onto the first scale's grid and averaged."""

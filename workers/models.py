@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+from workers.localizer import TARGET_LAYER, GapLocalizer
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +105,17 @@ def load_model(
     class_names: list[str] | str | Path | None = None,
     target_layer: str | None = None,
     device: str | torch.device | None = None,
+    model_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Build torchvision model `name` and load its weights.
+    """Build torchvision model `name` and load its weights, or the localizer `camlabel train` wrote.
 
     weights: "bundled" (the default model's shipped file), "DEFAULT" (torchvision's download and cache,
     needs a hub), a local state dict / safetensors path, or None (random init, for tests and training).
     class_names: a list, a text file (one name a line), or None (ImageNet's when the head has 1000 rows).
+    model_dir: a folder written by `camlabel train`; it says its own backbone, weights and classes.
     """
+    if model_dir is not None:
+        return load_localizer(model_dir, device)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(f"unknown model {name!r}; torchvision classification models include "
                          "mobilenet_v2, resnet50, vgg16, densenet121, efficientnet_b0, convnext_tiny")
@@ -144,6 +151,34 @@ def load_model(
     if layer not in dict(model.named_modules()):
         raise ModelError(f"no layer {layer!r} in {name}; candidates: {', '.join(spatial_layers(model)[-12:])}")
     return LoadedModel(model, name, layer, names, sha, source)
+
+
+LOCALIZER_FILE = "localizer.json"
+LOCALIZER_WEIGHTS = "model.safetensors"
+
+
+def load_localizer(model_dir: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+    """A GapLocalizer from MODEL_DIR: localizer.json (backbone, classes, head) and model.safetensors."""
+    model_dir = Path(model_dir)
+    try:
+        spec = json.loads((model_dir / LOCALIZER_FILE).read_text())
+        backbone, classes = spec["backbone"], list(spec["classes"])
+        width, attention = int(spec["width"]), bool(spec["attention"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{model_dir} is not a model folder written by `camlabel train` ({exc})") from exc
+    base = torchvision.models.get_model(backbone, weights=None).eval()
+    fold_batch_norms(base)  # training started from folded weights: same module layout
+    model = GapLocalizer.from_classifier(base, spec.get("trunk_layer") or find_target_layer(base), len(classes),
+                                         width=width, attention=attention)
+    weights = model_dir / LOCALIZER_WEIGHTS
+    state = read_state_dict(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{weights} does not fit its {LOCALIZER_FILE}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.eval()
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), memory_format=torch.channels_last)
+    return LoadedModel(model, f"localizer:{backbone}", TARGET_LAYER, classes, sha256_file(weights), str(weights))
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:

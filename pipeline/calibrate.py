@@ -1,0 +1,114 @@
+"""`camlabel calibrate`: choose the box and mask thresholds on a small set with ground truth.
+
+Maps are computed and refined once per image; only the cheap last step (threshold, components, masks)
+is repeated for each candidate, and each candidate is scored with the same evaluator as `camlabel
+eval`. The box threshold maximises (CorLoc + box AP50) / 2; then, at that threshold, the mask threshold
+maximises (mean mask IoU + segm AP50) / 2. The result is a YAML file `annotate --config` takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from pipeline.evaluate import EvaluationError, evaluate
+from pipeline.sources import list_images, read_bytes
+from schemas.config import JobConfig
+from workers.annotator import AnnotateSettings, Annotator
+from workers.decode import DecodeError, decode
+from workers.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8 of the map's max
+
+
+def ground_truth_classes(gt: COCO, class_names: list[str]) -> dict[int, int]:
+    """GT category id -> model class index: by name, else id - 1 (camlabel's own numbering)."""
+    lookup = {n.lower().replace(" ", "_"): i for i, n in enumerate(class_names)}
+    mapping = {}
+    for c in gt.dataset["categories"]:
+        index = lookup.get(c["name"].lower().replace(" ", "_"), c["id"] - 1)
+        if not 0 <= index < len(class_names):
+            raise EvaluationError(f"ground-truth category {c['name']!r} is not one of the model's classes")
+        mapping[c["id"]] = index
+    return mapping
+
+
+def calibrate(images: str, gt_path: Path, loaded: LoadedModel, settings: AnnotateSettings, use_labels: bool = True,
+              thresholds: tuple[float, ...] = THRESHOLDS, batch_size: int = 8, progress: bool = True) -> dict:
+    """Score every candidate threshold on the images under `images` that the ground truth has.
+
+    use_labels: map the classes the ground truth says are present (the weakly supervised setting);
+    otherwise the top predicted classes, as `annotate` does without --labels.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+    to_class = ground_truth_classes(gt, loaded.class_names)
+    to_category = {i: c for c, i in to_class.items()}
+    by_name = {os.path.basename(p): p for p in list_images(images)}
+    wanted = [im for im in gt.dataset["images"] if os.path.basename(im["file_name"]) in by_name]
+    if not wanted:
+        raise EvaluationError(f"none of the ground truth's images is under {images}")
+    annotator = Annotator(loaded, settings)
+    groups = []  # (image ids of the group, its WorkingMaps)
+    for start in tqdm(range(0, len(wanted), batch_size), desc="maps", unit="batch", disable=not progress):
+        chunk, pictures = [], []
+        for im in wanted[start : start + batch_size]:
+            try:
+                pictures.append(decode(read_bytes(by_name[os.path.basename(im["file_name"])])))
+                chunk.append(im)
+            except (OSError, DecodeError) as exc:
+                log.warning("skipping %s: %s", im["file_name"], exc)
+        if not chunk:
+            continue
+        labels = [sorted({to_class[a["category_id"]] for a in gt.imgToAnns[im["id"]]}) for im in chunk]
+        for group in annotator.work(pictures, labels if use_labels else None):
+            groups.append(([chunk[i]["id"] for i in group.members], group))
+    scored = {im_id for ids, _ in groups for im_id in ids}
+    subset = {**gt.dataset, "images": [im for im in gt.dataset["images"] if im["id"] in scored],
+              "annotations": [a for a in gt.dataset["annotations"] if a["image_id"] in scored]}
+    with tempfile.TemporaryDirectory() as tmp:
+        subset_path = Path(tmp) / "gt.json"
+        subset_path.write_text(json.dumps(subset))
+        def score(threshold: float, mask_threshold: float) -> dict:
+            rule = replace(annotator.rule, threshold=threshold)
+            preds = []
+            for ids, group in groups:  # classes the ground truth does not have cannot be scored
+                for image_id, found in zip(ids, group.labels(rule, mask_threshold), strict=True):
+                    preds += [{"image_id": image_id, "category_id": to_category[p.class_index], "bbox": p.bbox,
+                               "score": p.score, "segmentation": p.rle} for p in found if p.class_index in to_category]
+            return evaluate(subset_path, preds)
+
+        boxes = {t: score(t, t) for t in tqdm(thresholds, desc="box thresholds", disable=not progress)}
+        best = max(thresholds, key=lambda t: (boxes[t]["corloc"] + boxes[t]["bbox_AP50"]) / 2)
+        masks = {m: (boxes[m] if m == best else score(best, m))
+                 for m in tqdm(thresholds, desc="mask thresholds", disable=not progress)}
+        best_mask = max(thresholds, key=lambda m: (masks[m]["mean_mask_iou"] + masks[m].get("segm_AP50", 0)) / 2)
+    keys = ("corloc", "bbox_AP50", "bbox_AP", "mean_mask_iou", "segm_AP50")
+    return {
+        "images": len(scored),
+        "threshold": best,
+        "mask_threshold": best_mask,
+        "box_thresholds": {t: {k: round(boxes[t].get(k, 0.0), 4) for k in keys} for t in thresholds},
+        "mask_thresholds": {m: {k: round(masks[m].get(k, 0.0), 4) for k in keys} for m in thresholds},
+    }
+
+
+def calibrated_config(config: JobConfig, result: dict) -> str:
+    """The YAML `annotate --config` takes: the model and settings used here, with the chosen thresholds."""
+    keep = ("model", "weights", "class_names", "model_dir", "target_layer", "method", "input_size", "rule",
+            "top_k", "min_score", "scales", "flip", "refine")
+    values = {k: getattr(config, k) for k in keep if getattr(config, k) is not None}
+    values |= {"threshold": result["threshold"], "mask_threshold": result["mask_threshold"]}
+    return yaml.safe_dump(values, sort_keys=False)

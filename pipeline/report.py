@@ -1,0 +1,200 @@
+"""`camlabel report`: one HTML page to audit a run before anything trains on it.
+
+Per-class counts, box-size and score histograms, the errors, and a gallery of overlays (heatmap, masks,
+boxes), lowest confidence first. Reads the run's parts in batches (memory does not grow with the run);
+only the gallery's images are decoded again. Everything the page shows is in report.html and the PNGs
+beside it in overlays/: no network, no script from elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import html
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from torchvision.io import encode_png
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from pipeline.masks import decode_heatmaps
+from pipeline.sources import read_bytes
+from pipeline.writers import atomic_write_bytes, read_parts
+from schemas.tables import ERRORS, IMAGES
+from workers.decode import DecodeError, decode
+from workers.preprocess import scaled_size
+
+log = logging.getLogger(__name__)
+
+PAGE_SIDE = 480  # longest side of a gallery picture
+BINS = 10
+# The page may load its own pictures and inline style and script, nothing from anywhere else.
+POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+def write_report(run_dir: Path, out: Path, gallery: int = 48, chosen: list[str] | None = None) -> Path:
+    """Write out/report.html and out/overlays/*.png; returns the page's path."""
+    run_dir, out = Path(run_dir), Path(out)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    chosen = set(chosen or [])
+    classes: Counter[str] = Counter()
+    sizes, scores = torch.zeros(BINS, dtype=torch.long), torch.zeros(BINS, dtype=torch.long)
+    lowest: list[tuple[float, str]] = []  # max-heap by negated confidence: the `gallery` least confident
+    named: list[str] = []
+    images = 0
+    for batch in _batches(run_dir, ["path", "width", "height", "annotations"]):
+        for row in batch.to_pylist():
+            images += 1
+            anns = row["annotations"]
+            classes.update(a["class_name"] for a in anns)
+            if anns:
+                box = torch.tensor([a["bbox"] for a in anns])
+                relative = (box[:, 2] * box[:, 3] / (row["width"] * row["height"])).sqrt()
+                sizes += torch.bincount((relative * BINS).long().clamp(max=BINS - 1), minlength=BINS)
+                score = torch.tensor([a["score"] for a in anns])
+                scores += torch.bincount((score * BINS).long().clamp(0, BINS - 1), minlength=BINS)
+            confidence = min((a["score"] for a in anns), default=0.0)
+            if Path(row["path"]).name in chosen:
+                named.append(row["path"])
+            elif gallery > 0:
+                item = (-confidence, row["path"])
+                heapq.heappush(lowest, item) if len(lowest) < gallery else heapq.heappushpop(lowest, item)
+    picked = [p for _, p in sorted(lowest, key=lambda t: (-t[0], t[1]))] + sorted(named)
+    figures = _draw_gallery(run_dir, picked, out / "overlays") if picked else []
+    errors = read_parts(run_dir / "errors", ERRORS)
+    page = _page(manifest, images, classes, sizes, scores, figures, errors.slice(0, 100).to_pylist(), errors.num_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "report.html", page.encode())
+    return out / "report.html"
+
+
+def _batches(run_dir: Path, columns: list[str], where=None):
+    parts = sorted((run_dir / "annotations").glob("part-*.parquet"))
+    if not parts:
+        return
+    dataset = pads.dataset([str(p) for p in parts], schema=IMAGES, format="parquet")
+    yield from dataset.to_batches(columns=columns, filter=where, batch_size=256)
+
+
+def _draw_gallery(run_dir: Path, paths: list[str], folder: Path) -> list[dict]:
+    """One PNG per image, in the order given: the strongest class map blended in, masks, boxes, labels."""
+    rows = {}
+    where = pc.field("path").isin(paths)
+    for batch in _batches(run_dir, ["path", "width", "height", "annotations", "heatmaps"], where):
+        rows.update({r["path"]: r for r in batch.to_pylist()})
+    figures = []
+    for path in paths:
+        row = rows[path]
+        name = f"{Path(path).stem[:40]}-{hashlib.sha256(path.encode()).hexdigest()[:10]}.png"
+        try:
+            picture = overlay(decode(read_bytes(path)), row)
+        except (OSError, DecodeError) as exc:
+            log.warning("cannot draw %s: %s", path, exc)
+            figures.append({"row": row, "file": None, "why": str(exc)})
+            continue
+        atomic_write_bytes(folder / name, encode_png(picture).numpy().tobytes())
+        figures.append({"row": row, "file": f"overlays/{name}"})
+    return figures
+
+
+def overlay(image: torch.Tensor, row: dict) -> torch.Tensor:
+    """uint8 [3,H,W] image and its run row -> uint8 [3,h,w] picture at most PAGE_SIDE on a side."""
+    height, width = image.shape[-2:]
+    h, w = scaled_size(height, width, min(height, width), max_side=min(PAGE_SIDE, max(height, width)))
+    picture = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+    maps, _ = decode_heatmaps(row["heatmaps"])
+    if len(maps):
+        heat = F.interpolate(maps.float().amax(0)[None, None], size=(h, w), mode="bilinear")[0, 0].clamp(0, 1)
+        warm = torch.tensor([255.0, 80.0, 0.0])[:, None, None]
+        picture = picture * (1 - 0.5 * heat) + warm * 0.5 * heat
+    picture = picture.round().clamp(0, 255).to(torch.uint8)
+    anns = row["annotations"]
+    if not anns:
+        return picture
+    rles = [{"size": [row["height"], row["width"]], "counts": a["rle_counts"]} for a in anns]
+    masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)[None].float()
+    masks = F.interpolate(masks, size=(h, w), mode="nearest")[0] > 0
+    picture = draw_segmentation_masks(picture, masks, alpha=0.35, colors="cyan")
+    scale = torch.tensor([w / row["width"], h / row["height"]] * 2)
+    boxes = torch.tensor([a["bbox"] for a in anns]) * scale
+    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+    labels = [f"{a['class_name']} {a['score']:.2f}" for a in anns]
+    return draw_bounding_boxes(picture, boxes, labels, colors="yellow", width=2)
+
+
+STYLE = """
+body{font:14px system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}
+.bar{background:#4a90d9;height:10px;display:inline-block}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:480px}
+figcaption{font-size:12px;word-break:break-all}svg{background:#fafafa}
+"""
+
+# Each picture must load: a broken one is reported on the console, and the page records how many loaded.
+CHECK = """
+window.addEventListener('load', () => {
+  const pictures = Array.from(document.querySelectorAll('img'));
+  const broken = pictures.filter((img) => !img.complete || img.naturalWidth === 0);
+  broken.forEach((img) => console.error('picture did not load: ' + img.getAttribute('src')));
+  document.body.dataset.picturesLoaded = String(pictures.length - broken.length);
+});
+"""
+
+
+def _histogram(counts: torch.Tensor, label: str) -> str:
+    top = max(int(counts.max()), 1)
+    bars = "".join(
+        f'<rect x="{i * 30 + 5}" y="{100 - 90 * int(c) / top:.1f}" width="24" height="{90 * int(c) / top:.1f}" '
+        f'fill="#4a90d9"><title>{i / BINS:.1f}-{(i + 1) / BINS:.1f}: {int(c)}</title></rect>'
+        f'<text x="{i * 30 + 5}" y="115" font-size="9">{i / BINS:.1f}</text>'
+        for i, c in enumerate(counts))
+    return (f'<figure><svg width="{BINS * 30 + 10}" height="120" role="img" aria-label="{label}">{bars}</svg>'
+            f"<figcaption>{label}</figcaption></figure>")
+
+
+def _page(manifest: dict, images: int, classes: Counter, sizes, scores, figures: list[dict], errors: list[dict],
+          error_count: int) -> str:
+    e = html.escape
+    config, model = manifest.get("config", {}), manifest.get("model", {})
+    summary = {
+        "run": manifest.get("run_dir", ""), "source": manifest.get("source", ""), "images annotated": images,
+        "annotations": sum(classes.values()), "errors": error_count, "model": model.get("name", ""),
+        "weights sha256": model.get("weights_sha256") or "", "method": config.get("method", ""),
+        "input size": config.get("input_size", ""), "finished": manifest.get("finished", ""),
+    }
+    top = max(classes.values(), default=1)
+    class_rows = "".join(f'<tr><td>{e(name)}</td><td>{n}</td><td><span class="bar" style="width:{200 * n / top:.0f}px">'
+                         f"</span></td></tr>" for name, n in classes.most_common())
+    cards = []
+    for fig in figures:
+        row = fig["row"]
+        caption = ", ".join(f"{a['class_name']} {a['score']:.2f}" for a in row["annotations"]) or "no annotation"
+        picture = (f'<img src="{e(fig["file"])}" alt="{e(Path(row["path"]).name)}" loading="eager">' if fig["file"]
+                   else f"<p>cannot draw: {e(fig['why'])}</p>")
+        cards.append(f"<figure>{picture}<figcaption><b>{e(row['path'])}</b><br>{e(caption)}</figcaption></figure>")
+    error_rows = "".join(f"<tr><td>{e(r['path'])}</td><td>{e(r['stage'])}</td><td>{e(r['reason'])}</td></tr>"
+                         for r in errors)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>camlabel report</title>
+<meta http-equiv="Content-Security-Policy" content="{POLICY}">
+<style>{STYLE}</style></head><body>
+<h1>camlabel report</h1>
+<table>{"".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in summary.items())}</table>
+<h2>Annotations per class</h2><table>{class_rows or "<tr><td>none</td></tr>"}</table>
+<h2>Histograms</h2><div class="gallery">
+{_histogram(sizes, "box size: sqrt(box area / image area)")}{_histogram(scores, "annotation score")}</div>
+<h2>Gallery, lowest confidence first ({len(figures)} images)</h2>
+<p>Confidence of an image: its lowest annotation score (0 when nothing was found). Overlays: the strongest
+class map (orange), masks (cyan), boxes (yellow) with class and score.</p>
+<div class="gallery">{"".join(cards)}</div>
+<h2>Errors ({error_count})</h2><table><tr><th>path</th><th>stage</th><th>reason</th></tr>{error_rows}</table>
+<script>{CHECK}</script>
+</body></html>
+"""

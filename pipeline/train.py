@@ -1,0 +1,246 @@
+"""`camlabel train`: fine-tune a classifier into a GAP localizer on image-level labels.
+
+The result is a MODEL_DIR (localizer.json, model.safetensors, classes.txt) that `camlabel annotate
+--model-dir` uses as it is. One process, on the GPU when there is one; the loop is a plain function of
+its config so Ray Train's TorchTrainer can run it on many GPUs where a cluster is available.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from pipeline.sources import SourceError, labels_for, list_images, read_bytes, read_labels
+from pipeline.writers import atomic_write_json
+from schemas.config import ConfigError
+from workers.decode import DecodeError, decode
+from workers.localizer import GapLocalizer, localizer_loss
+from workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
+from workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    images: str
+    out: str
+    labels: str | None = None  # None: one folder per class under images
+    backbone: str = "mobilenet_v2"
+    weights: str | None = "bundled"  # None: random init
+    epochs: int = 6
+    ggam: float = 0.0  # lambda of the Grad-CAM guided attention loss; > 0 adds the attention module
+    batch_size: int = 16
+    input_size: int = 224
+    lr: float = 3e-4  # the new head's (AdamW); the trunk learns at a tenth of it
+    val_fraction: float = 0.1
+    width: int = 1024
+    seed: int = 0
+
+    def validate(self) -> TrainConfig:
+        def fail(field: str, allowed: str) -> None:
+            raise ConfigError(f"{field}: {getattr(self, field)!r} is not allowed; {allowed}")
+
+        for name in ("epochs", "batch_size", "width"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "an integer >= 1")
+        if not 32 <= self.input_size <= 1024:
+            fail("input_size", "an integer from 32 to 1024")
+        if not 0 <= self.ggam <= 100:
+            fail("ggam", "a weight from 0 (off) to 100")
+        if not 0 < self.lr < 1:
+            fail("lr", "a learning rate between 0 and 1")
+        if not 0 <= self.val_fraction < 1:
+            fail("val_fraction", "a fraction from 0 to below 1")
+        if self.labels is not None and not Path(self.labels).is_file():
+            fail("labels", "a CSV file with columns file_name, labels")
+        return self
+
+
+def labelled_images(images: str, labels: str | None, class_names: list[str]
+                    ) -> tuple[list[str], list[list[int]], list[str]]:
+    """(paths, each path's label indices into classes, classes) for the images that have labels.
+
+    A CSV whose labels the backbone knows (its class names or indices) keeps the backbone's classes, so
+    the localizer's category ids and names are the base model's; a CSV of other names is its own
+    vocabulary. Without a CSV, each image's top folder under `images` is its class.
+    """
+    paths = list_images(images)
+    if labels is not None:
+        try:
+            table = read_labels(labels, class_names)
+        except SourceError:
+            class_names = sorted({t for names in _label_tokens(labels) for t in names})
+            table = read_labels(labels, class_names)
+        found = [labels_for(p, images, table) for p in paths]
+    else:
+        folders = [PurePosixPath(os.path.relpath(p, images)).parts for p in paths]
+        class_names = sorted({parts[0] for parts in folders if len(parts) > 1})
+        index = {name: i for i, name in enumerate(class_names)}
+        found = [[index[parts[0]]] if len(parts) > 1 else None for parts in folders]
+    kept = [(p, f) for p, f in zip(paths, found, strict=True) if f]
+    if not kept:
+        raise SourceError(f"no labelled images under {images}: give --labels CSV or one folder per class")
+    return [p for p, _ in kept], [f for _, f in kept], list(class_names)
+
+
+def _label_tokens(path: str) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return [(row.get("labels") or "").split() for row in csv.DictReader(f)]
+
+
+class LabelledImages(Dataset):
+    """Decoded, augmented images and their target distributions; an unreadable image yields None."""
+
+    def __init__(self, paths: list[str], labels: list[list[int]], num_classes: int, transform) -> None:
+        self.paths, self.labels, self.num_classes, self.transform = paths, labels, num_classes, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = decode(read_bytes(self.paths[i]))
+        except (OSError, DecodeError) as exc:
+            log.warning("skipping %s: %s", self.paths[i], exc)
+            return None
+        target = torch.zeros(self.num_classes)
+        target[self.labels[i]] = 1.0 / len(self.labels[i])
+        return self.transform(image), target
+
+
+def _collate(items):
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    return torch.stack([x[0] for x in items]), torch.stack([x[1] for x in items])
+
+
+def _transforms(size: int) -> tuple[v2.Compose, v2.Compose]:
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                        *tail])
+    val = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *tail])
+    return train, val
+
+
+def _relative(path: str, root: str) -> str:
+    return path if "://" in path else os.path.relpath(path, root)
+
+
+def _in_validation(path: str, fraction: float) -> bool:
+    """A split fixed by the hash of the path under the images root: the same images validate on every
+    run, machine and copy of the data."""
+    return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Fine-tune and write config.out; returns what localizer.json records."""
+    config.validate()
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_model(config.backbone, weights=config.weights, device=device)
+    paths, labels, classes = labelled_images(config.images, config.labels, base.class_names)
+    try:
+        model = GapLocalizer.from_classifier(base.model, base.target_layer, len(classes), width=config.width,
+                                             attention=config.ggam > 0).to(device)
+    except ValueError as exc:
+        raise ModelError(f"backbone {config.backbone}: {exc}") from exc
+    train_tf, val_tf = _transforms(config.input_size)
+    held_out = [_in_validation(_relative(p, config.images), config.val_fraction) for p in paths]
+    subset = [[i for i, h in enumerate(held_out) if h == want] for want in (False, True)]
+    train_set, val_set = (LabelledImages([paths[i] for i in idx], [labels[i] for i in idx], len(classes), tf)
+                          for idx, tf in zip(subset, (train_tf, val_tf), strict=True))
+    workers = min(4, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+    loader = DataLoader(train_set, config.batch_size, shuffle=True, collate_fn=_collate, num_workers=workers,
+                        drop_last=len(train_set) > config.batch_size)
+    val_loader = DataLoader(val_set, config.batch_size, collate_fn=_collate, num_workers=workers)
+    trunk = list(model.trunk.parameters())
+    head = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
+    optimizer = torch.optim.AdamW([{"params": trunk, "lr": config.lr / 10}, {"params": head, "lr": config.lr}],
+                                  weight_decay=1e-4)
+    steps = config.epochs * max(1, len(loader))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    log.info("training on %d images (%d validate), %d classes, %s", len(train_set), len(val_set), len(classes), device)
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        totals = torch.zeros(3)  # loss sum, correct, images
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not progress)
+        for batch in bar:
+            if batch is None:
+                continue
+            images, targets = batch[0].to(device), batch[1].to(device)
+            loss, logits = localizer_loss(model, images, targets, config.ggam)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            totals += torch.tensor([loss.item() * len(images), _correct(logits, targets), len(images)])
+            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+        seen = totals[2].clamp(min=1)
+        record = {"epoch": epoch, "train_loss": round(float(totals[0] / seen), 4),
+                  "train_accuracy": round(float(totals[1] / seen), 4), **_validate(model, val_loader, device)}
+        log.info("epoch %d: %s", epoch, record)
+        history.append(record)
+    return save_localizer(model, config, base, classes, history)
+
+
+def _correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """Images whose top prediction is one of their labels."""
+    return int(targets.gather(1, logits.argmax(1, keepdim=True)).gt(0).sum())
+
+
+@torch.no_grad()
+def _validate(model: GapLocalizer, loader: DataLoader, device: torch.device) -> dict:
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch[0].to(device), batch[1].to(device)
+        logits = model(images)
+        loss += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += _correct(logits, targets)
+        count += len(images)
+    if not count:
+        return {}
+    return {"val_loss": round(loss / count, 4), "val_accuracy": round(correct / count, 4)}
+
+
+def save_localizer(model: GapLocalizer, config: TrainConfig, base, classes: list[str], history: list[dict]) -> dict:
+    """Write MODEL_DIR: weights (safetensors, atomically), classes.txt, and localizer.json last, so a
+    folder with a localizer.json is always complete."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+    os.close(fd)
+    save_file(state, tmp)
+    os.replace(tmp, out / LOCALIZER_WEIGHTS)
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    spec = {
+        "backbone": config.backbone,
+        "trunk_layer": base.target_layer,
+        "base_weights": base.weights_source,
+        "base_weights_sha256": base.weights_sha256,
+        "classes": classes,
+        "width": config.width,
+        "attention": config.ggam > 0,
+        "config": asdict(config),
+        "history": history,
+    }
+    atomic_write_json(out / LOCALIZER_FILE, spec)
+    return spec

@@ -1,0 +1,45 @@
+"""Planted-object data shared by the training and calibration tests."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.train import TrainConfig, train
+
+CLASSES = ("disc", "square")
+SIZE = 160
+
+
+def planted(root, count: int, seed: int) -> list[tuple[str, str, tuple[int, int, int, int], torch.Tensor]]:
+    """Images of a red disc or a blue square on a smooth random background; (path, class, box xyxy, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    made = []
+    for i in range(count):
+        name = CLASSES[i % 2]
+        background = F.interpolate(torch.rand(1, 3, 5, 5, generator=g) * 0.5 + 0.25, size=(SIZE, SIZE),
+                                   mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        side = int(torch.randint(40, 57, (1,), generator=g))
+        x0, y0 = (int(v) for v in torch.randint(0, SIZE - side, (2,), generator=g))
+        cx, cy, r = x0 + side / 2, y0 + side / 2, side / 2
+        inside = ((xs - cx) ** 2 + (ys - cy) ** 2 <= r * r) if name == "disc" else (
+            (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side))
+        colour = torch.tensor([0.9, 0.1, 0.1] if name == "disc" else [0.1, 0.2, 0.9])[:, None, None]
+        image = torch.where(inside, colour, background)
+        path = root / name / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()).save(path)
+        made.append((str(path), name, (x0, y0, x0 + side, y0 + side), inside))
+    return made
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    planted(root / "train", 48, seed=1)
+    spec = train(TrainConfig(images=str(root / "train"), out=str(root / "model"), epochs=5, input_size=SIZE,
+                             val_fraction=0.2), progress=False)
+    return root, spec
+
+

@@ -1,0 +1,68 @@
+"""`camlabel calibrate` on planted objects with exact ground truth: the table it prints is what annotate
+with that threshold scores, the choice follows its rule, and the YAML it writes is a valid config."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from pycocotools import mask as mask_utils
+from torchvision.io import decode_image
+
+from pipeline.calibrate import THRESHOLDS
+from pipeline.cli import main
+from pipeline.evaluate import evaluate
+from schemas.config import load_config
+from tests.conftest import CLASSES, planted
+from workers.annotator import AnnotateSettings, Annotator
+from workers.models import load_model
+
+
+@pytest.fixture(scope="module")
+def labelled_set(trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    made = planted(root / "images", 8, seed=3)
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
+    images, annotations = [], []
+    for n, (path, name, (x0, y0, x1, y1), mask) in enumerate(made, start=1):
+        images.append({"id": n, "file_name": os.path.basename(path), "width": mask.shape[1], "height": mask.shape[0]})
+        rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        annotations.append({"id": n, "image_id": n, "category_id": CLASSES.index(name) + 1, "iscrowd": 0,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()), "segmentation": rle})
+    gt = root / "gt.json"
+    gt.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return trained[0] / "model", root, gt, made
+
+
+def test_calibrate_chooses_by_its_rule_and_its_figures_are_what_annotate_scores(labelled_set, capsys):
+    model_dir, root, gt, made = labelled_set
+    out = root / "calibrated.yaml"
+    capsys.readouterr()
+    assert main(["calibrate", str(root / "images"), "--gt", str(gt), "--out", str(out), "--model-dir",
+                 str(model_dir), "--input-size", "320", "--scales", "1.0", "--no-flip"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    table = {float(t): v for t, v in result["box_thresholds"].items()}
+    assert sorted(table) == list(THRESHOLDS) and result["images"] == len(made)
+    assert result["threshold"] == max(THRESHOLDS, key=lambda t: table[t]["corloc"] + table[t]["bbox_AP50"])
+    masks = {float(t): v for t, v in result["mask_thresholds"].items()}
+    assert result["mask_threshold"] == max(THRESHOLDS, key=lambda t: masks[t]["mean_mask_iou"] + masks[t]["segm_AP50"])
+    assert table[result["threshold"]]["corloc"] >= 0.75
+    assert len({v["mean_mask_iou"] for v in table.values()}) > 3  # the thresholds really differ
+
+    config = load_config(out, {"source": str(root / "images"), "out": str(root / "run")})
+    assert (config.threshold, config.mask_threshold) == (result["threshold"], result["mask_threshold"])
+    assert config.model_dir == str(model_dir) and yaml.safe_load(out.read_text())["input_size"] == 320
+
+    # The same threshold through the Annotator, scored by `eval`, gives the calibration's figures.
+    settings = AnnotateSettings(input_size=320, scales=(1.0,), flip=False, threshold=result["threshold"],
+                                mask_threshold=result["threshold"])
+    annotator = Annotator(load_model(model_dir=model_dir, device="cpu"), settings)
+    pictures = [decode_image(path) for path, _, _, _ in made]
+    found = annotator(pictures, [[CLASSES.index(name)] for _, name, _, _ in made]).labels
+    preds = [{"image_id": n, "category_id": p.class_index + 1, "bbox": p.bbox, "score": p.score,
+              "segmentation": p.rle} for n, labels in enumerate(found, start=1) for p in labels]
+    direct = evaluate(gt, preds)
+    for key, value in table[result["threshold"]].items():
+        assert direct[key] == pytest.approx(value, abs=1e-4), key

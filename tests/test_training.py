@@ -1,0 +1,175 @@
+"""The GAP localizer and its GGAM loss against the math; training on planted objects; the trained model
+used by the annotate job; the HTML report rendered in headless Chromium."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pipeline.cli import main
+from pipeline.train import TrainConfig
+from schemas.config import ConfigError, load_config
+from tests.conftest import CLASSES, SIZE, planted
+from workers.heatmaps import compute_heatmaps
+from workers.localizer import GapLocalizer, localizer_loss, symmetric_kl
+from workers.models import ModelError, load_model
+
+
+def tiny_localizer(attention: bool) -> GapLocalizer:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+    return GapLocalizer(trunk, 8, num_classes=5, width=32, attention=attention)
+
+
+def test_symmetric_kl_on_a_hand_computed_pair():
+    # p = (1/4, 3/4), q = (1/2, 1/2): KL(p||q) = 1/4 ln(1/2) + 3/4 ln(3/2); KL(q||p) = 1/2 ln 2 + 1/2 ln(2/3)
+    by_hand = (0.25 * math.log(0.5) + 0.75 * math.log(1.5) + 0.5 * math.log(2) + 0.5 * math.log(2 / 3)) / 2
+    assert symmetric_kl(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(by_hand)
+    assert symmetric_kl(torch.tensor([[2.0, 5.0]]), torch.tensor([[4.0, 10.0]])).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_ggam_loss_is_cross_entropy_plus_lambda_times_symmetric_kl_to_the_gradcam_weights():
+    model = tiny_localizer(attention=True)
+    images = torch.randn(3, 3, 64, 48)
+    targets = torch.zeros(3, 5)
+    targets[0, 1], targets[1, 2], targets[2, [0, 4]] = 1.0, 1.0, 0.5
+    loss, logits = localizer_loss(model, images, targets, ggam=0.7)
+
+    attended, s = model.attention.weighted(model.conv(model.trunk(images)))
+    h, w = attended.shape[-2:]
+    # For GAP + linear, d(sum of labelled logits)/d(attended features) is sum_c w_c / (h w) at every position.
+    beta = (targets > 0).float() @ model.classifier.weight / (h * w)
+    p = s / s.sum(1, keepdim=True)
+    q = torch.sigmoid(beta) / torch.sigmoid(beta).sum(1, keepdim=True)
+    kl = ((p * (p / q).log()).sum(1) + (q * (q / p).log()).sum(1)) / 2
+    expected = F.cross_entropy(model.classifier(attended.mean((2, 3))), targets) + 0.7 * kl.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert localizer_loss(model, images, targets, ggam=0.0)[0].item() == pytest.approx(
+        F.cross_entropy(logits, targets).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="attention"):
+        localizer_loss(tiny_localizer(attention=False), images, targets, ggam=1.0)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_the_engine_cam_of_a_localizer_is_the_papers_sum(attention):
+    model = tiny_localizer(attention).eval()
+    images = torch.randn(2, 3, 64, 64)
+    maps = compute_heatmaps(model, images, target_layer="attention", method="cam", targets=torch.tensor([[3], [1]]))
+    with torch.no_grad():
+        features = model.attention(model.conv(model.trunk(images)))
+        by_hand = torch.einsum("bc,bchw->bhw", model.classifier.weight[[3, 1]], features).clamp(min=0)
+    by_hand = by_hand / by_hand.flatten(1).amax(1)[:, None, None].clamp(min=1e-7)
+    assert torch.allclose(maps.maps[:, 0], by_hand, atol=1e-5)
+
+
+def test_training_on_planted_objects_learns_and_its_cam_lands_on_them(trained):
+    root, spec = trained
+    history = spec["history"]
+    assert spec["classes"] == list(CLASSES)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_loss"] < 0.5 * math.log(2)  # well below chance for two classes
+    loaded = load_model(model_dir=root / "model", device="cpu")
+    assert (loaded.name, loaded.target_layer) == ("localizer:mobilenet_v2", "attention")
+    assert loaded.class_names == ["disc", "square"]
+
+    test = planted(root / "test", 24, seed=2)  # images the model never saw
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p, _, _, _ in test])
+    x = F.interpolate(images.float() / 255, size=(2 * SIZE, 2 * SIZE), mode="bilinear")
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    targets = torch.tensor([[CLASSES.index(c)] for _, c, _, _ in test])
+    heat = compute_heatmaps(loaded.model, x.contiguous(memory_format=torch.channels_last),
+                            target_layer=loaded.target_layer, method="cam", targets=targets)
+    maps = F.interpolate(heat.maps, size=(SIZE, SIZE), mode="bilinear")[:, 0]
+    peaks = maps.flatten(1).argmax(1)
+    hits = [x0 <= int(p) % SIZE < x1 and y0 <= int(p) // SIZE < y1
+            for p, (_, _, (x0, y0, x1, y1), _) in zip(peaks, test, strict=True)]
+    chance = sum((x1 - x0) * (y1 - y0) for _, _, (x0, y0, x1, y1), _ in test) / (len(test) * SIZE * SIZE)
+    assert chance < 0.13
+    assert sum(hits) / len(test) >= 0.75, (sum(hits), len(test))
+    with torch.no_grad():  # classified at the size it was trained at
+        native = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+        predicted = loaded.model(native.contiguous(memory_format=torch.channels_last)).argmax(1)
+    assert (predicted == targets[:, 0]).float().mean() >= 0.9
+
+
+def test_annotate_uses_the_model_dir_and_the_report_renders(trained, tmp_path, capsys):
+    root, _ = trained
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, path in enumerate(sorted((root / "train" / "disc").glob("*.png"))[:3]):
+        shutil.copy(path, source / f"{i}.png")
+    hostile = '"><img src=x onerror=alert(1)>.png'
+    shutil.copy(root / "train" / "square" / "001.png", source / hostile)
+    (source / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert main(["annotate", str(source), "--out", str(tmp_path / "run"), "--model-dir", str(root / "model"),
+                     "--input-size", str(SIZE), "--no-flip", "--scales", "1.0", "--top-k", "1"]) == 0
+    finally:
+        ray.shutdown()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["model"]["name"] == "localizer:mobilenet_v2"
+    assert manifest["counts"] == {**manifest["counts"], "inputs": 5, "annotated": 4, "errors": 1}
+    assert main(["export-coco", str(tmp_path / "run"), "--out", str(tmp_path / "coco.json")]) == 0
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["disc", "square"]
+    named = {i["id"]: os.path.basename(i["file_name"]) for i in coco["images"]}
+    found = {(named[a["image_id"]], a["category_id"]) for a in coco["annotations"]}
+    assert {("0.png", 1), ("1.png", 1), ("2.png", 1), (hostile, 2)} <= found
+
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run"), "--gallery", "1", "--images", "2.png", hostile]) == 0
+    page_path = tmp_path / "run" / "report" / "report.html"
+    assert json.loads(capsys.readouterr().out)["report"] == str(page_path)
+    page = page_path.read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("<img ") == 3  # the lowest-confidence image of the others, and the two asked for
+    confidence = {n: min(a["score"] for a in coco["annotations"] if named[a["image_id"]] == n)
+                  for n in ("0.png", "1.png")}
+    lowest, other = sorted(confidence, key=confidence.get)
+    assert f"/{lowest}</b>" in page and f"/{other}</b>" not in page
+    assert "broken.png" in page  # the errors table
+    assert len(list((tmp_path / "run" / "report" / "overlays").glob("*.png"))) == 3
+    dom, console = render(page_path)
+    assert 'data-pictures-loaded="3"' in dom
+    assert console == []
+
+
+def render(page) -> tuple[str, list[str]]:
+    """The page's DOM after load in headless Chromium (the Debian package), and its console messages."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CAMLABEL_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (scripts/setup.sh installs Debian's package as root)")
+        pytest.skip("chromium is not installed")
+    profile = page.parent / "chromium-profile"
+    done = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="^epochs:"):
+        TrainConfig(images=str(tmp_path), out=str(tmp_path / "m"), epochs=0).validate()
+    with pytest.raises(ConfigError, match="^ggam:"):
+        TrainConfig(images=str(tmp_path), out=str(tmp_path / "m"), ggam=-1).validate()
+    with pytest.raises(ConfigError, match="^model_dir:"):
+        load_config(None, {"source": str(tmp_path), "out": str(tmp_path / "o"), "model_dir": str(tmp_path)})
+    (tmp_path / "localizer.json").write_text("{}")
+    with pytest.raises(ModelError, match="camlabel train"):
+        load_model(model_dir=tmp_path)
