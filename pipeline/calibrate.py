@@ -8,12 +8,8 @@ maximises (mean mask IoU + segm AP50) / 2. The result is a YAML file `annotate -
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import yaml
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from pipeline.evaluate import EvaluationError, evaluate
+from pipeline.evaluate import EvaluationError, evaluate, load_ground_truth
 from pipeline.sources import list_images, read_bytes
 from schemas.config import JobConfig
 from workers.annotator import AnnotateSettings, Annotator
@@ -45,59 +41,66 @@ def ground_truth_classes(gt: COCO, class_names: list[str]) -> dict[int, int]:
     return mapping
 
 
-def calibrate(images: str, gt_path: Path, loaded: LoadedModel, settings: AnnotateSettings, use_labels: bool = True,
-              thresholds: tuple[float, ...] = THRESHOLDS, batch_size: int = 8, progress: bool = True) -> dict:
-    """Score every candidate threshold on the images under `images` that the ground truth has.
+class CalibrationSet:
+    """The images under `images` that the ground truth has, with their refined maps computed once;
+    `score` turns them into labels at any thresholds and scores those like `camlabel eval`.
 
     use_labels: map the classes the ground truth says are present (the weakly supervised setting);
     otherwise the top predicted classes, as `annotate` does without --labels.
     """
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
-    to_class = ground_truth_classes(gt, loaded.class_names)
-    to_category = {i: c for c, i in to_class.items()}
-    by_name = {os.path.basename(p): p for p in list_images(images)}
-    wanted = [im for im in gt.dataset["images"] if os.path.basename(im["file_name"]) in by_name]
-    if not wanted:
-        raise EvaluationError(f"none of the ground truth's images is under {images}")
-    annotator = Annotator(loaded, settings)
-    groups = []  # (image ids of the group, its WorkingMaps)
-    for start in tqdm(range(0, len(wanted), batch_size), desc="maps", unit="batch", disable=not progress):
-        chunk, pictures = [], []
-        for im in wanted[start : start + batch_size]:
-            try:
-                pictures.append(decode(read_bytes(by_name[os.path.basename(im["file_name"])])))
-                chunk.append(im)
-            except (OSError, DecodeError) as exc:
-                log.warning("skipping %s: %s", im["file_name"], exc)
-        if not chunk:
-            continue
-        labels = [sorted({to_class[a["category_id"]] for a in gt.imgToAnns[im["id"]]}) for im in chunk]
-        for group in annotator.work(pictures, labels if use_labels else None):
-            groups.append(([chunk[i]["id"] for i in group.members], group))
-    scored = {im_id for ids, _ in groups for im_id in ids}
-    subset = {**gt.dataset, "images": [im for im in gt.dataset["images"] if im["id"] in scored],
-              "annotations": [a for a in gt.dataset["annotations"] if a["image_id"] in scored]}
-    with tempfile.TemporaryDirectory() as tmp:
-        subset_path = Path(tmp) / "gt.json"
-        subset_path.write_text(json.dumps(subset))
-        def score(threshold: float, mask_threshold: float) -> dict:
-            rule = replace(annotator.rule, threshold=threshold)
-            preds = []
-            for ids, group in groups:  # classes the ground truth does not have cannot be scored
-                for image_id, found in zip(ids, group.labels(rule, mask_threshold), strict=True):
-                    preds += [{"image_id": image_id, "category_id": to_category[p.class_index], "bbox": p.bbox,
-                               "score": p.score, "segmentation": p.rle} for p in found if p.class_index in to_category]
-            return evaluate(subset_path, preds)
 
-        boxes = {t: score(t, t) for t in tqdm(thresholds, desc="box thresholds", disable=not progress)}
-        best = max(thresholds, key=lambda t: (boxes[t]["corloc"] + boxes[t]["bbox_AP50"]) / 2)
-        masks = {m: (boxes[m] if m == best else score(best, m))
-                 for m in tqdm(thresholds, desc="mask thresholds", disable=not progress)}
-        best_mask = max(thresholds, key=lambda m: (masks[m]["mean_mask_iou"] + masks[m].get("segm_AP50", 0)) / 2)
+    def __init__(self, images: str | list[str], gt_path: Path, loaded: LoadedModel, settings: AnnotateSettings,
+                 use_labels: bool = True, batch_size: int = 8, progress: bool = True) -> None:
+        full = load_ground_truth(gt_path)
+        to_class = ground_truth_classes(full, loaded.class_names)
+        self.to_category = {i: c for c, i in to_class.items()}
+        paths = images if isinstance(images, list) else list_images(images)
+        by_name = {os.path.basename(p): p for p in paths}
+        wanted = [im for im in full.dataset["images"] if os.path.basename(im["file_name"]) in by_name]
+        if not wanted:
+            raise EvaluationError("none of the ground truth's images is among the images given")
+        self.annotator = Annotator(loaded, settings)
+        self.groups = []  # (image ids of the group, its WorkingMaps)
+        for start in tqdm(range(0, len(wanted), batch_size), desc="maps", unit="batch", disable=not progress):
+            chunk, pictures = [], []
+            for im in wanted[start : start + batch_size]:
+                try:
+                    pictures.append(decode(read_bytes(by_name[os.path.basename(im["file_name"])])))
+                    chunk.append(im)
+                except (OSError, DecodeError) as exc:
+                    log.warning("skipping %s: %s", im["file_name"], exc)
+            if not chunk:
+                continue
+            labels = [sorted({to_class[a["category_id"]] for a in full.imgToAnns[im["id"]]}) for im in chunk]
+            for group in self.annotator.work(pictures, labels if use_labels else None):
+                self.groups.append(([chunk[i]["id"] for i in group.members], group))
+        self.gt = load_ground_truth(gt_path, {i for ids, _ in self.groups for i in ids})
+
+    def __len__(self) -> int:
+        return len(self.gt.getImgIds())
+
+    def score(self, threshold: float, mask_threshold: float) -> dict:
+        rule = replace(self.annotator.rule, threshold=threshold, mask_threshold=mask_threshold)
+        preds = []
+        for ids, group in self.groups:  # classes the ground truth does not have cannot be scored
+            for image_id, found in zip(ids, group.labels(rule), strict=True):
+                preds += [{"image_id": image_id, "category_id": self.to_category[p.class_index], "bbox": p.bbox,
+                           "score": p.score, "segmentation": p.rle} for p in found if p.class_index in self.to_category]
+        return evaluate(self.gt, preds)
+
+
+def calibrate(images: str | list[str], gt_path: Path, loaded: LoadedModel, settings: AnnotateSettings,
+              use_labels: bool = True, thresholds: tuple[float, ...] = THRESHOLDS, progress: bool = True) -> dict:
+    """Score every candidate threshold; choose the box threshold, then the mask threshold (see above)."""
+    found = CalibrationSet(images, gt_path, loaded, settings, use_labels, progress=progress)
+    boxes = {t: found.score(t, t) for t in tqdm(thresholds, desc="box thresholds", disable=not progress)}
+    best = max(thresholds, key=lambda t: (boxes[t]["corloc"] + boxes[t]["bbox_AP50"]) / 2)
+    masks = {m: (boxes[m] if m == best else found.score(best, m))
+             for m in tqdm(thresholds, desc="mask thresholds", disable=not progress)}
+    best_mask = max(thresholds, key=lambda m: (masks[m]["mean_mask_iou"] + masks[m].get("segm_AP50", 0)) / 2)
     keys = ("corloc", "bbox_AP50", "bbox_AP", "mean_mask_iou", "segm_AP50")
     return {
-        "images": len(scored),
+        "images": len(found),
         "threshold": best,
         "mask_threshold": best_mask,
         "box_thresholds": {t: {k: round(boxes[t].get(k, 0.0), 4) for k in keys} for t in thresholds},

@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("input-size", int, "training crop in pixels (default 224)"),
                              ("lr", float, "learning rate of the new head (default 3e-4; the trunk's is a tenth)"),
                              ("val-fraction", float, "share of images held out to validate (default 0.1)"),
-                             ("seed", int, "random seed (default 0)")):
+                             ("seed", int, "random seed (default 0)"),
+                             ("workers", int, "more than 1: Ray Train data-parallel workers (one GPU each)"),
+                             ("address", str, "Ray cluster address for --workers (default: RAY_ADDRESS, else local)")):
         tr.add_argument(f"--{name}", type=kind, help=text)
     rep = sub.add_parser("report", help="an HTML page to audit a run: counts, histograms, overlays")
     rep.add_argument("run", type=Path)

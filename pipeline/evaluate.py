@@ -161,10 +161,9 @@ def _match_images(gt: COCO, images: list[dict], anns: list[dict]) -> list[dict]:
     return [{**a, "image_id": mapping[a["image_id"]]} for a in anns]
 
 
-def evaluate(gt_path: str | Path, pred: str | Path | list | dict) -> dict:
-    """All figures for predictions against the COCO ground truth in gt_path."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
+def evaluate(gt_path: str | Path | COCO, pred: str | Path | list | dict) -> dict:
+    """All figures for predictions against the COCO ground truth in gt_path (or already loaded)."""
+    gt = gt_path if isinstance(gt_path, COCO) else load_ground_truth(gt_path)
     if isinstance(pred, (str, Path)):
         try:
             pred = json.loads(Path(pred).read_text())
@@ -188,6 +187,19 @@ def evaluate(gt_path: str | Path, pred: str | Path | list | dict) -> dict:
     if anns and all("segmentation" in a for a in anns):
         result.update(_coco_ap(gt, anns, "segm"))
     return result
+
+
+def load_ground_truth(path: str | Path, image_ids: set[int] | None = None) -> COCO:
+    """COCO ground truth from a file, optionally only the images in image_ids (and their objects)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        if image_ids is not None:
+            subset = COCO()
+            subset.dataset = {**gt.dataset, "images": [i for i in gt.dataset["images"] if i["id"] in image_ids],
+                              "annotations": [a for a in gt.dataset["annotations"] if a["image_id"] in image_ids]}
+            subset.createIndex()
+            gt = subset
+    return gt
 
 
 def _coco_ap(gt: COCO, anns: list[dict], iou_type: str) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pipeline.sources import SourceError, labels_for, list_images, read_bytes, read_labels
-from pipeline.writers import atomic_write_json
+from pipeline.writers import atomic_write_bytes, atomic_write_json
 from schemas.config import ConfigError
 from workers.decode import DecodeError, decode
 from workers.localizer import GapLocalizer, localizer_loss
@@ -48,12 +49,14 @@ class TrainConfig:
     val_fraction: float = 0.1
     width: int = 1024
     seed: int = 0
+    workers: int = 1  # > 1: Ray Train's TorchTrainer, data-parallel, one GPU (else one CPU process) each
+    address: str | None = None  # Ray cluster for workers > 1 (default: RAY_ADDRESS, else a local Ray)
 
     def validate(self) -> TrainConfig:
         def fail(field: str, allowed: str) -> None:
             raise ConfigError(f"{field}: {getattr(self, field)!r} is not allowed; {allowed}")
 
-        for name in ("epochs", "batch_size", "width"):
+        for name in ("epochs", "batch_size", "width", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
         if not 32 <= self.input_size <= 1024:
@@ -149,8 +152,56 @@ def _in_validation(path: str, fraction: float) -> bool:
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Fine-tune and write config.out; returns what localizer.json records."""
     config.validate()
+    if config.workers > 1:
+        return _train_on_ray(config)
+    return save_localizer(Path(config.out), *_train_loop(config, progress))
+
+
+def _train_on_ray(config: TrainConfig) -> dict:
+    """The same loop under Ray Train: DDP across workers, the model comes back as a checkpoint. On a
+    cluster of several nodes, --out's parent must be storage every node sees (it holds Ray's run folder)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.job import connect
+
+    connect(config.address)
+    out = Path(config.out).resolve()
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config=asdict(config),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(ray.cluster_resources().get("GPU"))),
+        run_config=RunConfig(name=f"{out.name}-train", storage_path=str(out.parent / ".camlabel-train")))
+    result = trainer.fit()
+    out.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as folder:
+        for name in (LOCALIZER_WEIGHTS, "classes.txt", LOCALIZER_FILE):  # the spec last: a folder with it is whole
+            atomic_write_bytes(out / name, (Path(folder) / name).read_bytes())
+    return json.loads((out / LOCALIZER_FILE).read_text())
+
+
+def _ray_worker(values: dict) -> None:
+    import ray.train
+
+    config = TrainConfig(**values)
+    model, config, base, classes, history = _train_loop(config, progress=False, distributed=True)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_localizer(Path(folder), model.module, config, base, classes, history)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(history[-1], checkpoint=checkpoint)
+
+
+def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
+    """The training itself: (model, config, base model, classes, per-epoch history)."""
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_model(config.backbone, weights=config.weights, device=device)
     paths, labels, classes = labelled_images(config.images, config.labels, base.class_names)
     try:
@@ -171,6 +222,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     head = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
     optimizer = torch.optim.AdamW([{"params": trunk, "lr": config.lr / 10}, {"params": head, "lr": config.lr}],
                                   weight_decay=1e-4)
+    if distributed:  # DistributedDataParallel, and each worker reads its own share of the images
+        model = ray.train.torch.prepare_model(model)
+        loader, val_loader = (ray.train.torch.prepare_data_loader(x) for x in (loader, val_loader))
     steps = config.epochs * max(1, len(loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     log.info("training on %d images (%d validate), %d classes, %s", len(train_set), len(val_set), len(classes), device)
@@ -191,11 +245,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             totals += torch.tensor([loss.item() * len(images), _correct(logits, targets), len(images)])
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
         seen = totals[2].clamp(min=1)
-        record = {"epoch": epoch, "train_loss": round(float(totals[0] / seen), 4),
+        record = {"epoch": epoch, "train_images": int(totals[2]), "train_loss": round(float(totals[0] / seen), 4),
                   "train_accuracy": round(float(totals[1] / seen), 4), **_validate(model, val_loader, device)}
         log.info("epoch %d: %s", epoch, record)
         history.append(record)
-    return save_localizer(model, config, base, classes, history)
+        if distributed and epoch < config.epochs:
+            ray.train.report(record)
+    return model, config, base, classes, history
 
 
 def _correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
@@ -220,10 +276,10 @@ def _validate(model: GapLocalizer, loader: DataLoader, device: torch.device) -> 
     return {"val_loss": round(loss / count, 4), "val_accuracy": round(correct / count, 4)}
 
 
-def save_localizer(model: GapLocalizer, config: TrainConfig, base, classes: list[str], history: list[dict]) -> dict:
+def save_localizer(out: Path, model: GapLocalizer, config: TrainConfig, base, classes: list[str],
+                   history: list[dict]) -> dict:
     """Write MODEL_DIR: weights (safetensors, atomically), classes.txt, and localizer.json last, so a
     folder with a localizer.json is always complete."""
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.cli import main
-from pipeline.train import TrainConfig
+from pipeline.train import TrainConfig, train
 from schemas.config import ConfigError, load_config
 from tests.conftest import CLASSES, SIZE, planted
 from workers.heatmaps import compute_heatmaps
@@ -163,9 +163,27 @@ def render(page) -> tuple[str, list[str]]:
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
 
 
+def test_ray_train_workers_share_the_images_and_return_a_usable_model(tmp_path):
+    made = planted(tmp_path / "train", 20, seed=4)
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        spec = train(TrainConfig(images=str(tmp_path / "train"), out=str(tmp_path / "model"), epochs=2,
+                                 input_size=96, batch_size=5, val_fraction=0, workers=2), progress=False)
+    finally:
+        ray.shutdown()
+    assert [h["epoch"] for h in spec["history"]] == [1, 2] and spec["config"]["workers"] == 2
+    assert spec["history"][-1]["train_images"] == len(made) // 2  # each of the two workers reads half
+    loaded = load_model(model_dir=tmp_path / "model", device="cpu")
+    assert loaded.class_names == list(CLASSES)
+    assert json.loads((tmp_path / "model" / "localizer.json").read_text()) == spec
+
+
 def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match="^epochs:"):
         TrainConfig(images=str(tmp_path), out=str(tmp_path / "m"), epochs=0).validate()
+    with pytest.raises(ConfigError, match="^workers:"):
+        TrainConfig(images=str(tmp_path), out=str(tmp_path / "m"), workers=0).validate()
     with pytest.raises(ConfigError, match="^ggam:"):
         TrainConfig(images=str(tmp_path), out=str(tmp_path / "m"), ggam=-1).validate()
     with pytest.raises(ConfigError, match="^model_dir:"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ class AnnotateSettings:
     input_size: int = 448
     rule: str = "instances"
     threshold: float | None = None  # default: the rule's
-    mask_threshold: float | None = None
+    mask_threshold: float | None = None  # default: threshold when that is given, else the rule's
     top_k: int = 3
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
@@ -58,9 +58,8 @@ class WorkingMaps:
     top_classes: Tensor
     top_scores: Tensor
 
-    def labels(self, rule: BoxRule, mask_threshold: float | None = None) -> list[list[PseudoLabel]]:
-        return pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes,
-                             rule, mask_threshold)
+    def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
+        return pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule)
 
     def crop(self, j: int) -> Tensor:
         """Image j's maps over the image only (the padding cut off)."""
@@ -75,8 +74,10 @@ class Annotator:
         self.loaded = loaded
         self.settings = settings
         rule = RULES[settings.rule]
-        if settings.threshold is not None:
-            rule = type(rule)(**{**rule.__dict__, "threshold": settings.threshold})
+        if settings.threshold is not None:  # masks follow a threshold given alone
+            rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
+        if settings.mask_threshold is not None:
+            rule = replace(rule, mask_threshold=settings.mask_threshold)
         self.rule = rule
 
     @torch.no_grad()
@@ -89,7 +90,7 @@ class Annotator:
         maps: list[Tensor] = [torch.empty(0)] * len(images)
         classes: list[Tensor] = [torch.empty(0)] * len(images)
         for group in self.work(images, labels):
-            found_here = group.labels(self.rule, self.settings.mask_threshold)
+            found_here = group.labels(self.rule)
             for j, i in enumerate(group.members):
                 found[i], maps[i], classes[i] = found_here[j], group.crop(j), group.classes[j]
             top_classes[group.members] = group.top_classes.cpu()

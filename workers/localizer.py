@@ -64,17 +64,16 @@ class GapLocalizer(nn.Module):
             channels = trunk(torch.zeros(1, 3, 64, 64, device=probe.device, dtype=probe.dtype)).shape[1]
         return cls(trunk, channels, num_classes, **kwargs)
 
-    def classify(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(logits [B,N], pooled features [B,width,h,w], attention channel weights [B,width] or None)."""
+    def forward(self, x: Tensor, details: bool = False):
+        """logits [B,N]; with details, (logits, pooled features [B,width,h,w], attention channel weights
+        [B,width] or None), which the GGAM loss needs (through forward, so DDP sees the call)."""
         f = self.conv(self.trunk(x))
+        if not details:
+            return self.classifier(self.attention(f).mean((2, 3)))  # hooks on `attention` fire
         s = None
         if isinstance(self.attention, ChannelSpatialAttention):
             f, s = self.attention.weighted(f)
         return self.classifier(f.mean((2, 3))), f, s
-
-    def forward(self, x: Tensor) -> Tensor:
-        f = self.attention(self.conv(self.trunk(x)))  # through the module, so hooks on `attention` fire
-        return self.classifier(f.mean((2, 3)))
 
 
 def symmetric_kl(s: Tensor, t: Tensor) -> Tensor:
@@ -86,7 +85,7 @@ def symmetric_kl(s: Tensor, t: Tensor) -> Tensor:
     return (0.5 * ((p - q) * log_ratio).sum(1)).mean()
 
 
-def localizer_loss(model: GapLocalizer, images: Tensor, targets: Tensor, ggam: float = 0.0
+def localizer_loss(model: nn.Module, images: Tensor, targets: Tensor, ggam: float = 0.0
                    ) -> tuple[Tensor, Tensor]:
     """(loss, logits) for images [B,3,H,W] and target distributions [B,N] (the labelled classes, each
     row summing to one: cross-entropy with soft targets covers several labels per image).
@@ -95,7 +94,7 @@ def localizer_loss(model: GapLocalizer, images: Tensor, targets: Tensor, ggam: f
     are the attention's channel weights and beta the Grad-CAM channel weights of the labelled classes'
     score (its gradient at the attended features, averaged over space), taken as a fixed target.
     """
-    logits, features, s = model.classify(images)
+    logits, features, s = model(images, details=True)  # a GapLocalizer, or DDP around one
     loss = F.cross_entropy(logits, targets)
     if ggam > 0:
         if s is None:
