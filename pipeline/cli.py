@@ -41,7 +41,8 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, help="shorter side in pixels at the image's own aspect")
     parser.add_argument("--rule", help="instances (default) or paper (Zhou et al.'s 20%% largest component)")
     parser.add_argument("--threshold", type=float, help="fraction of the map's max kept as object")
-    parser.add_argument("--mask-threshold", type=float, help="threshold for masks (default: --threshold)")
+    parser.add_argument("--mask-threshold", type=float,
+                        help="threshold for masks (default: --threshold if given, else the rule's: 0.65)")
     parser.add_argument("--top-k", type=int, help="predicted classes considered when there are no labels")
     parser.add_argument("--min-score", type=float, help="minimum probability of a predicted class")
     parser.add_argument("--scales", type=_floats, help="input sizes averaged, as multiples of --input-size "
