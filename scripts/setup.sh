@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 # Headless Chromium (Debian's package) renders the HTML report in the tests; installed when we can.
 if ! command -v chromium >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
     >/dev/null 2>&1 || echo "setup: could not install chromium; the report's browser test will be skipped" >&2
 fi
 stamp=".venv/.camlabel-$(sha256sum pyproject.toml | cut -c1-16)"

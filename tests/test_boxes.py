@@ -30,6 +30,17 @@ def test_components_match_scipy_8_connectivity():
         assert (ours[~m] == 0).all()
 
 
+def test_a_long_winding_component_is_one_label_the_largest_index_plus_one():
+    snake = torch.zeros(31, 31, dtype=torch.bool)
+    snake[::2] = True  # rows joined alternately at the right and the left end: one 511-pixel path
+    snake[1::4, -1] = True
+    snake[3::4, 0] = True
+    labels = connected_components(snake[None])[0]
+    flat = torch.arange(31 * 31).view(31, 31)
+    assert labels[snake].unique().tolist() == [int(flat[snake].max()) + 1]
+    assert (labels[~snake] == 0).all()
+
+
 def test_component_stats_area_and_peak():
     mask = torch.zeros(1, 10, 10, dtype=torch.bool)
     mask[0, 1:3, 1:4] = True  # 6 pixels
