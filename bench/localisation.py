@@ -29,15 +29,15 @@ from workers.models import LoadedModel, load_model
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public"
 
 
-def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | None, batch_size: int = 8,
+def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | slice | None, batch_size: int = 8,
         loaded: LoadedModel | None = None, names: list[str] | None = None):
-    """Scores and images/s of `loaded` (default: the default model) on the first `limit` images, or on
-    the images called `names`."""
+    """Scores and images/s of `loaded` (default: the default model) on the first `limit` images (or a
+    slice of them, by sorted file name), or on the images called `names`."""
     gt = json.loads((data / "gt.json").read_text())
     ids = {im["file_name"]: im["id"] for im in gt["images"]}
     with open(data / "labels.csv") as f:
         labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
-    names = names or sorted(ids)[:limit]
+    names = names or sorted(ids)[limit if isinstance(limit, slice) else slice(limit)]
     annotator = Annotator(loaded or load_model(), settings)
     gt_by_image: dict[int, list[dict]] = {}
     for a in gt["annotations"]:
@@ -91,8 +91,9 @@ def main() -> None:
     parser.add_argument("--mask-threshold", type=float)
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--no-refine", action="store_true")
-    parser.add_argument("--scales", default="1.0,1.5", help="multiples of --input-size whose maps are averaged")
+    parser.add_argument("--scales", default="1.5,2.0", help="multiples of --input-size whose maps are averaged")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--images", help="A:B, the images from A to B (sorted by name), e.g. 200:400")
     logging.basicConfig(level=logging.WARNING)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -103,15 +104,20 @@ def main() -> None:
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
           "PxAP | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    sizes = []
     for method in args.methods.split(","):
         for setting in args.settings.split(","):
             if setting == "agnostic" and method != "eigencam":
                 continue
-            scores, speed = run(args.data, replace(base, method=method), setting != "predicted", args.limit)
+            chosen = slice(*(int(x) for x in args.images.split(":"))) if args.images else args.limit
+            scores, speed = run(args.data, replace(base, method=method), setting != "predicted", chosen)
+            sizes.append(f"{method} {setting}: " + ", ".join(
+                f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
             print(f"| {method} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
                   f"{scores['bbox_AP50']:.3f} | {scores['bbox_AP']:.3f} | {scores['mean_mask_iou']:.3f} | "
                   f"{scores.get('segm_AP50', 0):.3f} | {scores.get('segm_AP', 0):.3f} | {scores['MaxBoxAccV2']:.3f} | "
                   f"{scores['PxAP']:.3f} | {speed:.2f} |", flush=True)
+    print("\nCorLoc by object size (its box's share of the image):\n\n" + "\n".join(f"- {s}" for s in sizes))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,16 @@ class LocalisationMeter:
 
     For every ground-truth object, the top-scoring prediction of its class on its image is compared with
     it: CorLoc is the share with box IoU >= 0.5; box and mask IoU are averaged (0 when no prediction).
+    CorLoc is also given by object size (its box's share of the image), where CAM's failures differ:
+    large objects tend to be boxed by their most telling part, small ones together with their surroundings.
     """
+
+    SIZES = ((0.0, "<3%"), (0.03, "3-8%"), (0.08, "8-20%"), (0.2, ">=20%"))
 
     def __init__(self) -> None:
         self.objects = 0
         self.hits = 0
+        self.by_size = {name: [0, 0] for _, name in self.SIZES}  # [hits, objects]
         self.box_iou = 0.0
         self.mask_iou = 0.0
 
@@ -46,12 +51,16 @@ class LocalisationMeter:
                 best[p["category_id"]] = p
         for g in gt:
             self.objects += 1
+            share = g["bbox"][2] * g["bbox"][3] / max(height * width, 1)
+            size = self.by_size[[name for low, name in self.SIZES if share >= low][-1]]
+            size[1] += 1
             p = best.get(g["category_id"])
             if p is None:
                 continue
             biou = float(mask_utils.iou([p["bbox"]], [g["bbox"]], [0])[0, 0])
             self.box_iou += biou
             self.hits += biou >= 0.5
+            size[0] += biou >= 0.5
             if "segmentation" in p and "segmentation" in g:
                 gseg = _rle(g["segmentation"], height, width)
                 self.mask_iou += float(mask_utils.iou([_rle(p["segmentation"], height, width)], [gseg], [0])[0, 0])
@@ -59,7 +68,9 @@ class LocalisationMeter:
     def compute(self) -> dict[str, float]:
         n = max(self.objects, 1)
         return {"objects": self.objects, "corloc": self.hits / n, "mean_box_iou": self.box_iou / n,
-                "mean_mask_iou": self.mask_iou / n}
+                "mean_mask_iou": self.mask_iou / n,
+                "corloc_by_size": {name: {"objects": k, "corloc": hits / max(k, 1)}
+                                   for name, (hits, k) in self.by_size.items()}}
 
 
 class MapMeter:

@@ -33,7 +33,7 @@ class JobConfig:
     mask_threshold: float | None = None
     top_k: int = 3
     min_score: float = 0.1
-    scales: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    scales: list[float] = field(default_factory=lambda: [1.5, 2.0])
     flip: bool = True
     refine: bool = True
     actors: int | None = None

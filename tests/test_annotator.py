@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from workers.annotator import AnnotateSettings, Annotator, shape_groups
+from workers.annotator import AnnotateSettings, Annotator, resample_maps, shape_groups
 from workers.models import load_model
 
 
@@ -36,3 +36,32 @@ def test_labels_choose_the_classes_and_predictions_fill_in_without_them():
     assert predicted.labels[0], "the top predicted class of a clear cat photo gets a box"
     box = predicted.labels[0][0].bbox
     assert box[2] * box[3] > 0.05 * 240 * 320  # the cat fills much of the photo
+
+
+def test_maps_of_another_scale_are_sampled_at_the_same_image_points():
+    # maps of a padded batch whose value is the image's own x coordinate (0..1) at each cell centre;
+    # bilinear sampling of a linear ramp is exact, so every interior target cell must read its own x
+    valid = torch.tensor([[96, 160], [96, 128]])
+    input_size, cells = (96, 192), (12, 24)  # stride 8
+    xs = (torch.arange(cells[1]) + 0.5) * (input_size[1] / cells[1])
+    ramp = torch.stack([(xs / w).expand(cells[0], -1) for w in valid[:, 1].tolist()])[:, None]
+    to_valid = torch.tensor([[48, 80], [48, 64]])  # the same images at half the size, other padding
+    to_input, grid = (64, 96), (16, 24)  # stride 4
+    out = resample_maps(ramp, valid, input_size, grid, to_valid, to_input)
+    centres = (torch.arange(grid[1]) + 0.5) * (to_input[1] / grid[1])
+    for i, w in enumerate(to_valid[:, 1].tolist()):
+        inside = (centres > 8) & (centres < w - 8)  # away from the image's edges, where border clamps
+        torch.testing.assert_close(out[i, 0, 5][inside], centres[inside] / w, atol=1e-5, rtol=0)
+
+
+def test_every_scale_sees_the_cat_in_the_same_place():
+    loaded = load_model(device="cpu")
+    cat = photo(180, 240)
+    maps = []
+    for scales in ((1.0,), (2.0,), (1.5, 2.0)):
+        settings = AnnotateSettings(input_size=96, scales=scales, flip=False, refine=False)
+        result = Annotator(loaded, settings)([cat], [[281]])
+        assert result.maps[0].shape == (1, 24, 32)  # always the working grid of --input-size
+        maps.append(result.maps[0][0].flatten())
+    for other in maps[1:]:  # the same cat at twice the size: the maps agree where it is
+        assert torch.corrcoef(torch.stack([maps[0], other]))[0, 1] > 0.6

@@ -92,3 +92,19 @@ def test_map_meter_on_planted_maps():
     noisy = MapMeter()
     noisy.accumulate(torch.full((40, 40), 0.5), torch.tensor([[10, 10, 20, 10]]), mask)
     assert noisy.compute()["PxAP"] == pytest.approx(200 / 1600)  # a flat map: precision = mask share
+
+
+def test_corloc_by_object_size_counts_each_object_in_its_bin():
+    from pipeline.evaluate import LocalisationMeter
+
+    meter = LocalisationMeter()  # a 100 x 100 image: objects of 1%, 16% and 36% of it
+    gt = [{"category_id": 1, "bbox": [0, 0, 10, 10]}, {"category_id": 2, "bbox": [20, 20, 40, 40]},
+          {"category_id": 3, "bbox": [0, 40, 60, 60]}]
+    preds = [{"category_id": 1, "bbox": [0, 0, 10, 10], "score": 1.0},  # exact
+             {"category_id": 2, "bbox": [20, 20, 20, 40], "score": 1.0},  # half of it: IoU 0.5, a hit
+             {"category_id": 3, "bbox": [0, 40, 30, 30], "score": 1.0}]  # a quarter: IoU 0.25, a miss
+    meter.accumulate(gt, preds, 100, 100)
+    r = meter.compute()
+    assert r["corloc"] == pytest.approx(2 / 3)
+    assert r["corloc_by_size"] == {"<3%": {"objects": 1, "corloc": 1.0}, "3-8%": {"objects": 0, "corloc": 0.0},
+                                   "8-20%": {"objects": 1, "corloc": 1.0}, ">=20%": {"objects": 1, "corloc": 0.0}}

@@ -27,7 +27,7 @@ class AnnotateSettings:
     top_k: int = 3
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
-    scales: tuple[float, ...] = (1.0, 1.5)  # input sizes, as multiples of input_size, whose maps are averaged
+    scales: tuple[float, ...] = (1.5, 2.0)  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
 
     def __post_init__(self) -> None:
@@ -134,16 +134,22 @@ class Annotator:
         return WorkingMaps(members, work, classes, present, valid, input_size, sizes, top.indices, top.values)
 
     def _heatmaps_multiscale(self, images, batch, valid, targets):
-        """Maps at every scale, resampled onto the first scale's grid and averaged."""
-        heat = self._heatmaps(batch, valid, targets)
-        for scale in self.settings.scales[1:]:
-            size = round(self.settings.input_size * scale)
-            other_batch, other_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
-            other = self._heatmaps(other_batch.contiguous(memory_format=torch.channels_last), other_valid,
-                                   heat.classes)
-            heat.maps = heat.maps + resample_maps(other.maps, other_valid, other_batch.shape[-2:],
-                                                  heat.maps.shape[-2:], valid, batch.shape[-2:])
-        heat.maps = heat.maps / heat.maps.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+        """Maps at every scale, each sampled straight onto the working grid (WORK_STRIDE cells of the
+        input_size batch, the same image point per cell) and averaged. Scales above 1 resolve small
+        objects that one coarse map blurs together with their surroundings."""
+        grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
+        heat, total = None, 0
+        for scale in self.settings.scales:
+            if scale == 1.0:
+                scaled, scaled_valid = batch, valid
+            else:
+                size = round(self.settings.input_size * scale)
+                scaled, scaled_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
+                scaled = scaled.contiguous(memory_format=torch.channels_last)
+            here = self._heatmaps(scaled, scaled_valid, targets if heat is None else heat.classes)
+            total = total + resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
+            heat = here if heat is None else heat  # the first scale's forward pass gives the classes and probabilities
+        heat.maps = total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
         return heat
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):

@@ -31,8 +31,8 @@ class BoxRule:
     """
 
     name: str = "instances"
-    threshold: float = 0.6
-    mask_threshold: float = 0.65  # chosen by `camlabel calibrate` on 100 images, checked on 300 others
+    threshold: float = 0.45
+    mask_threshold: float = 0.5
     min_area: float = 0.002  # of the image, to drop specks
     max_instances: int = 3
 
