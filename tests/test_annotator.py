@@ -65,3 +65,13 @@ def test_every_scale_sees_the_cat_in_the_same_place():
         maps.append(result.maps[0][0].flatten())
     for other in maps[1:]:  # the same cat at twice the size: the maps agree where it is
         assert torch.corrcoef(torch.stack([maps[0], other]))[0, 1] > 0.6
+
+
+def test_predicted_classes_come_from_the_input_size_whatever_the_scales():
+    loaded = load_model(device="cpu")
+    cat = photo(240, 320)
+    at_input = Annotator(loaded, AnnotateSettings(input_size=128, scales=(1.0,), flip=False, refine=False))([cat])
+    larger = Annotator(loaded, AnnotateSettings(input_size=128, scales=(2.0, 3.0), flip=False, refine=False))([cat])
+    assert torch.equal(at_input.top_classes, larger.top_classes)
+    torch.testing.assert_close(at_input.top_scores, larger.top_scores)
+    assert torch.equal(at_input.classes[:, :1], larger.classes[:, :1])  # the top class is always mapped

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
-from workers.heatmaps import compute_heatmaps
+from workers.heatmaps import classify, compute_heatmaps
 from workers.models import LoadedModel
 from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
 
@@ -136,21 +136,24 @@ class Annotator:
     def _heatmaps_multiscale(self, images, batch, valid, targets):
         """Maps at every scale, each sampled straight onto the working grid (WORK_STRIDE cells of the
         input_size batch, the same image point per cell) and averaged. Scales above 1 resolve small
-        objects that one coarse map blurs together with their surroundings."""
+        objects that one coarse map blurs together with their surroundings. Classes and probabilities
+        always come from input_size, nearer the resolution the classifier was trained at."""
+        scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
+        kept = None if scales[0] == 1.0 else classify(self.loaded.model, batch, targets, self.settings.top_k)
         grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
-        heat, total = None, 0
-        for scale in self.settings.scales:
+        total = 0
+        for scale in scales:
             if scale == 1.0:
                 scaled, scaled_valid = batch, valid
             else:
                 size = round(self.settings.input_size * scale)
                 scaled, scaled_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
                 scaled = scaled.contiguous(memory_format=torch.channels_last)
-            here = self._heatmaps(scaled, scaled_valid, targets if heat is None else heat.classes)
+            here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes)
+            kept = here if kept is None else kept
             total = total + resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
-            heat = here if heat is None else heat  # the first scale's forward pass gives the classes and probabilities
-        heat.maps = total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
-        return heat
+        kept.maps = total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+        return kept
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
         s = self.settings

@@ -134,6 +134,16 @@ def _resolve_targets(probs: Tensor, targets: Tensor | None, top_k: int) -> Tenso
     return targets
 
 
+def classify(model: nn.Module, images: Tensor, targets: Tensor | None = None, top_k: int = 1) -> Heatmaps:
+    """Classes, scores and probabilities exactly as `compute_heatmaps` resolves them, from a plain
+    forward pass (maps left empty)."""
+    with restored(model), torch.no_grad():
+        model.eval()
+        probs = model(images).float().softmax(1)
+    classes = _resolve_targets(probs, targets, top_k)
+    return Heatmaps(images.new_zeros(0), classes, probs.gather(1, classes.clamp(min=0)) * (classes >= 0), probs)
+
+
 def compute_heatmaps(
     model: nn.Module,
     images: Tensor,
