@@ -40,13 +40,15 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help=f"one of {', '.join(METHODS)} (default cam)")
     parser.add_argument("--input-size", type=int, help="shorter side in pixels at the image's own aspect")
     parser.add_argument("--rule", help="instances (default) or paper (Zhou et al.'s 20%% largest component)")
-    parser.add_argument("--threshold", type=float, help="fraction of the map's max kept as object")
+    parser.add_argument("--threshold", type=float, help="fraction of the map's max kept as object (default 0.45; "
+                        "eigencam 0.6)")
     parser.add_argument("--mask-threshold", type=float,
-                        help="threshold for masks (default: --threshold if given, else the rule's: 0.5)")
+                        help="threshold for masks (default: --threshold if given, else the rule's: 0.5; "
+                        "eigencam 0.65)")
     parser.add_argument("--top-k", type=int, help="predicted classes considered when there are no labels")
     parser.add_argument("--min-score", type=float, help="minimum probability of a predicted class")
     parser.add_argument("--scales", type=_floats, help="input sizes averaged, as multiples of --input-size "
-                        "(default 1.5,2.0; maps are refined and cut on the grid of --input-size)")
+                        "(default 1.5,2.0, for eigencam 1.0,1.5; maps are refined and cut on the grid of --input-size)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                         help="colour refinement of the maps")

@@ -3,7 +3,7 @@ before anything starts, with errors that name the field and what is allowed."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -33,7 +33,7 @@ class JobConfig:
     mask_threshold: float | None = None
     top_k: int = 3
     min_score: float = 0.1
-    scales: list[float] = field(default_factory=lambda: [1.5, 2.0])
+    scales: list[float] | None = None  # None: the method's (workers.annotator)
     flip: bool = True
     refine: bool = True
     actors: int | None = None
@@ -61,7 +61,8 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 fail(name, "a fraction of the map's max, between 0 and 1")
-        if not self.scales or not all(isinstance(x, (int, float)) and 0.25 <= x <= 4 for x in self.scales):
+        if self.scales is not None and not (self.scales and all(
+                isinstance(x, (int, float)) and 0.25 <= x <= 4 for x in self.scales)):
             fail("scales", "a non-empty list of multiples of input_size between 0.25 and 4")
         if not 0 <= self.min_score <= 1:
             fail("min_score", "a probability between 0 and 1")

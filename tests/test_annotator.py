@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from workers.annotator import AnnotateSettings, Annotator, resample_maps, shape_groups
+from workers.annotator import METHOD_DEFAULTS, SCALES, AnnotateSettings, Annotator, resample_maps, shape_groups
 from workers.models import load_model
 
 
@@ -75,3 +75,17 @@ def test_predicted_classes_come_from_the_input_size_whatever_the_scales():
     assert torch.equal(at_input.top_classes, larger.top_classes)
     torch.testing.assert_close(at_input.top_scores, larger.top_scores)
     assert torch.equal(at_input.classes[:, :1], larger.classes[:, :1])  # the top class is always mapped
+
+
+def test_settings_left_unset_take_the_methods_defaults():
+    loaded = load_model(device="cpu")
+    cam = Annotator(loaded, AnnotateSettings())
+    assert cam.settings.scales == SCALES and (cam.rule.threshold, cam.rule.mask_threshold) == (0.45, 0.5)
+    eigen = Annotator(loaded, AnnotateSettings(method="eigencam"))
+    expected = METHOD_DEFAULTS["eigencam"]
+    assert eigen.settings.scales == expected["scales"]
+    assert (eigen.rule.threshold, eigen.rule.mask_threshold) == (expected["threshold"], expected["mask_threshold"])
+    given = Annotator(loaded, AnnotateSettings(method="eigencam", threshold=0.3, scales=(1.0,)))
+    assert given.settings.scales == (1.0,) and (given.rule.threshold, given.rule.mask_threshold) == (0.3, 0.3)
+    paper = Annotator(loaded, AnnotateSettings(method="eigencam", rule="paper"))
+    assert (paper.rule.threshold, paper.rule.mask_threshold) == (0.2, 0.2)  # the paper's rule is the paper's

@@ -149,6 +149,8 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     ({"batch_size": "big"}, "batch_size"),
     ({"colour": "red"}, "colour"),
     ({"source": ""}, "source"),
+    ({"scales": []}, "scales"),
+    ({"scales": [1.0, 9.0]}, "scales"),
 ])
 def test_bad_config_values_fail_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"^{field}: "):

@@ -13,11 +13,19 @@ from workers.heatmaps import classify, compute_heatmaps
 from workers.models import LoadedModel
 from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
 
+SCALES = (1.5, 2.0)
+# Eigen-CAM's map is the layer's first principal component, class-agnostic: at larger sizes the object
+# dominates the layer's variance less, so Eigen-CAM keeps smaller scales and higher thresholds
+# (bench/README.md measures both defaults for it).
+METHOD_DEFAULTS = {"eigencam": {"scales": (1.0, 1.5), "threshold": 0.6, "mask_threshold": 0.65}}
+
 
 @dataclass(frozen=True)
 class AnnotateSettings:
     """What to compute for each image. Image-level labels, when given, choose the classes mapped;
-    otherwise the top_k predicted classes with probability >= min_score (at least the top one)."""
+    otherwise the top_k predicted classes with probability >= min_score (at least the top one).
+    Scales and thresholds left None take the method's defaults (METHOD_DEFAULTS, else SCALES and
+    the rule's thresholds)."""
 
     method: str = "cam"
     input_size: int = 448
@@ -27,12 +35,18 @@ class AnnotateSettings:
     top_k: int = 3
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
-    scales: tuple[float, ...] = (1.5, 2.0)  # input sizes, as multiples of input_size, whose maps are averaged
+    scales: tuple[float, ...] | None = None  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
+        defaults = METHOD_DEFAULTS.get(self.method, {})
+        if self.scales is None:
+            object.__setattr__(self, "scales", tuple(defaults.get("scales", SCALES)))
+        if self.rule == "instances" and self.threshold is None and self.mask_threshold is None:
+            object.__setattr__(self, "threshold", defaults.get("threshold"))
+            object.__setattr__(self, "mask_threshold", defaults.get("mask_threshold"))
 
 
 @dataclass
