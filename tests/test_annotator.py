@@ -1,5 +1,7 @@
 """The annotator on real photos: shape groups, batch independence, labels vs predicted classes."""
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from skimage import data
@@ -87,5 +89,7 @@ def test_settings_left_unset_take_the_methods_defaults():
     assert (eigen.rule.threshold, eigen.rule.mask_threshold) == (expected["threshold"], expected["mask_threshold"])
     given = Annotator(loaded, AnnotateSettings(method="eigencam", threshold=0.3, scales=(1.0,)))
     assert given.settings.scales == (1.0,) and (given.rule.threshold, given.rule.mask_threshold) == (0.3, 0.3)
+    switched = Annotator(loaded, replace(AnnotateSettings(), method="eigencam"))  # the new method's defaults
+    assert switched.settings.scales == expected["scales"] and switched.rule.threshold == expected["threshold"]
     paper = Annotator(loaded, AnnotateSettings(method="eigencam", rule="paper"))
     assert (paper.rule.threshold, paper.rule.mask_threshold) == (0.2, 0.2)  # the paper's rule is the paper's

@@ -41,12 +41,17 @@ class AnnotateSettings:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
+
+    def resolved(self) -> AnnotateSettings:
+        """These settings with what was left unset taken from the method's defaults (done late, so that
+        `replace(settings, method=...)` gets the new method's defaults)."""
         defaults = METHOD_DEFAULTS.get(self.method, {})
+        changes: dict = {}
         if self.scales is None:
-            object.__setattr__(self, "scales", tuple(defaults.get("scales", SCALES)))
-        if self.rule == "instances" and self.threshold is None and self.mask_threshold is None:
-            object.__setattr__(self, "threshold", defaults.get("threshold"))
-            object.__setattr__(self, "mask_threshold", defaults.get("mask_threshold"))
+            changes["scales"] = tuple(defaults.get("scales", SCALES))
+        if self.rule == "instances" and self.threshold is None and self.mask_threshold is None and defaults:
+            changes |= {"threshold": defaults["threshold"], "mask_threshold": defaults["mask_threshold"]}
+        return replace(self, **changes)
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Annotator:
 
     def __init__(self, loaded: LoadedModel, settings: AnnotateSettings) -> None:
         self.loaded = loaded
-        self.settings = settings
+        self.settings = settings = settings.resolved()
         rule = RULES[settings.rule]
         if settings.threshold is not None:  # masks follow a threshold given alone
             rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
