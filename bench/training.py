@@ -1,7 +1,7 @@
 """Does fine-tuning a GAP localizer improve the pseudo-labels? The base classifier's CAM against a
 trained localizer's, with and without the Grad-CAM guided attention loss, side by side.
 
-    python -m bench.training [--data DIR] [--train 300] [--epochs 8] [--ggam 1.0]
+    python -m bench.training [--data DIR] [--train 300] [--epochs 8] [--ggam 1.0] [--threshold T --mask-threshold M]
 
 Trains on the first --train images of stamps-public with their image-level labels only (no boxes, no
 masks), then scores every model on the remaining images against their exact ground truth, with the raw
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--ggam", type=float, default=1.0, help="lambda of the GGAM run")
     parser.add_argument("--input-size", type=int, default=448, help="annotation input size")
+    parser.add_argument("--threshold", type=float, help="box threshold (default: the rule's)")
+    parser.add_argument("--mask-threshold", type=float, help="mask threshold (default: the rule's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -56,7 +58,8 @@ def main() -> None:
     print("| model | maps | CorLoc | box AP50 | box AP | mask IoU | segm AP50 | MaxBoxAccV2 | PxAP | "
           "train min | val acc |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    raw = AnnotateSettings(input_size=args.input_size, scales=(1.0,), flip=False, refine=False)
+    raw = AnnotateSettings(input_size=args.input_size, scales=(1.0,), flip=False, refine=False,
+                           threshold=args.threshold, mask_threshold=args.mask_threshold)
     for name, (loaded, trained_info) in models.items():
         minutes = f"{trained_info[0] / 60:.1f}" if trained_info else "-"
         accuracy = f"{trained_info[1].get('val_accuracy', float('nan')):.2f}" if trained_info else "-"
