@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--scales", help="multiples of --input-size whose maps are averaged (default: the method's)")
+    parser.add_argument("--precision", default="float32", help="float32 or bfloat16 (autocast of the model's passes)")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--images", help="A:B, the images from A to B (sorted by name), e.g. 200:400")
     logging.basicConfig(level=logging.WARNING)
@@ -100,6 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = AnnotateSettings(input_size=args.input_size, rule=args.rule, threshold=args.threshold,
                             mask_threshold=args.mask_threshold, flip=not args.no_flip, refine=not args.no_refine,
+                            precision=args.precision,
                             scales=tuple(float(x) for x in args.scales.split(",")) if args.scales else None)
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
           "PxAP | img/s |")

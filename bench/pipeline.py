@@ -1,12 +1,13 @@
 """End-to-end speed of `camlabel annotate`, side by side in one run, on ../shared/benchmarks/stamps-public.
 
-    python -m bench.pipeline [--images 64] [--input-size 448]
+    python -m bench.pipeline [--images 320] [--quality-images 64] [--input-size 448]
 
 Rows: the model's plain forward pass on already decoded tensors (the ceiling); the glue a user writes
 today (pytorch-grad-cam per image + the CAM paper's 20% rule with scipy + pycocotools RLE); camlabel's
 whole job (JPEG bytes to Parquet) with 1 and 2 actors, in its fast setting (one scale, no flip, no
-refinement) and its default quality setting. "whole job" includes starting the actors and loading the
-model; "steady" counts from the first result on. Ratios are to the plain forward pass.
+refinement) and its default quality setting, in float32 and under bfloat16 autocast. "whole job" includes
+starting the actors and loading the model; "steady" counts from the first result on. Ratios are to the
+plain float32 forward pass and to the glue (which runs in float32, as users write it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from workers.preprocess import prepare_batch
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public/images"
 
 
-def plain_forward(paths, input_size: int, batch_size: int) -> float:
+def plain_forward(paths, input_size: int, batch_size: int, precision: str = "float32") -> float:
     torch.set_num_threads(2)
     loaded = load_model()
     images = [decode_image(str(p), mode=ImageReadMode.RGB) for p in paths]
@@ -45,7 +46,7 @@ def plain_forward(paths, input_size: int, batch_size: int) -> float:
             batch, _ = prepare_batch([chunk[j] for j in group], input_size, "cpu")
             batches.append(batch.contiguous(memory_format=torch.channels_last))
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         for b in batches:
             loaded.model(b)
     return len(images) / (time.perf_counter() - start)
@@ -75,49 +76,60 @@ def glue(paths, input_size: int) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def job(source: Path, actors: int, input_size: int, fast: bool, method: str = "cam") -> float:
+def job(source: Path, actors: int, input_size: int, fast: bool, method: str = "cam",
+        precision: str = "float32") -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(prefix="camlabel-bench-"))
     try:
         options = {"flip": False, "refine": False, "scales": [1.0]} if fast else {}
         config = JobConfig(source=str(source), out=str(out / "run"), actors=actors, input_size=input_size,
-                           method=method, **options).validate()
+                           method=method, precision=precision, **options).validate()
         manifest = annotate(config, progress=False)
         return manifest["counts"]["this_run"] / manifest["seconds"], manifest.get("steady_images_per_second", 0)
     finally:
         shutil.rmtree(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--images", type=int, default=96)
-    parser.add_argument("--input-size", type=int, default=448)
-    args = parser.parse_args()
-    paths = sorted(args.data.glob("*.jpg"))[: args.images]
+def linked(paths) -> Path:
+    """A folder of links to `paths`: the job's source."""
     source = Path(tempfile.mkdtemp(prefix="camlabel-src-"))
     for p in paths:
         (source / p.name).symlink_to(p.resolve())
-    print(f"{date.today()}, {len(paths)} images of stamps-public, shorter side {args.input_size}, "
-          f"{torch.get_num_threads()} CPU threads available, torch {torch.__version__}\n")
-    print("| what | images/s (whole job / steady) | x plain forward (whole job / steady) |")
-    print("|---|---|---|")
+    return source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--quality-images", type=int, default=64, help="images for the default quality setting")
+    parser.add_argument("--input-size", type=int, default=448)
+    args = parser.parse_args()
+    paths = sorted(args.data.glob("*.jpg"))[: args.images]
+    sources = {"fast": linked(paths), "default": linked(paths[: args.quality_images])}
+    print(f"{date.today()}, stamps-public, shorter side {args.input_size}, {torch.get_num_threads()} CPU threads "
+          f"available, torch {torch.__version__}; {len(paths)} images, the default setting on the first "
+          f"{min(len(paths), args.quality_images)}\n")
+    print("| what | images/s (whole job / steady) | x plain forward (whole job / steady) | x glue (steady) |")
+    print("|---|---|---|---|")
     base = plain_forward(paths, args.input_size, 8)
-    print(f"| plain forward, decoded tensors, batches of 8 in shape groups, 2 threads | {base:.2f} | 1.00 |",
-          flush=True)
-    speed = glue(paths, args.input_size)
-    print(f"| pytorch-grad-cam Grad-CAM per image + 20% rule + RLE, 2 threads | {speed:.2f} | {speed / base:.2f} |",
-          flush=True)
+    glue_speed = glue(paths, args.input_size)
+    half = plain_forward(paths, args.input_size, 8, "bfloat16")
+    for name, speed in (("plain forward, decoded tensors, batches of 8 in shape groups, 2 threads", base),
+                        ("plain forward as above, bfloat16 autocast", half),
+                        ("pytorch-grad-cam Grad-CAM per image + 20% rule + RLE, 2 threads", glue_speed)):
+        print(f"| {name} | {speed:.2f} | {speed / base:.2f} | {speed / glue_speed:.2f} |", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    job(source, 1, args.input_size, True)  # warm Ray's worker pool once, for every row alike
-    for fast in (True, False):
-        for actors in (1, 2):
-            for method in ("cam", "gradcam") if fast else ("cam",):
-                whole, steady = job(source, actors, args.input_size, fast, method)
-                setting = "fast (1 scale, no flip, no refinement)" if fast else "default (2 scales, flip, refined)"
-                print(f"| camlabel annotate {method}, {setting}, {actors} actor(s) | {whole:.2f} / {steady:.2f} | "
-                      f"{whole / base:.2f} / {steady / base:.2f} |", flush=True)
+    job(sources["default"], 1, args.input_size, True)  # warm Ray's worker pool once, for every row alike
+    rows = [(True, actors, method, "float32") for actors in (1, 2) for method in ("cam", "gradcam")]
+    rows += [(True, 2, "cam", "bfloat16"), (False, 2, "cam", "float32"), (False, 2, "cam", "bfloat16")]
+    for fast, actors, method, precision in rows:
+        whole, steady = job(sources["fast" if fast else "default"], actors, args.input_size, fast, method, precision)
+        setting = "fast (1 scale, no flip, no refinement)" if fast else "default (2 scales, flip, refined)"
+        print(f"| camlabel annotate {method}, {setting}, {precision}, {actors} actor(s) | {whole:.2f} / {steady:.2f} "
+              f"| {whole / base:.2f} / {steady / base:.2f} | {steady / glue_speed:.2f} |", flush=True)
     ray.shutdown()
-    shutil.rmtree(source)
+    for source in sources.values():
+        shutil.rmtree(source)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def settings_of(config: JobConfig) -> AnnotateSettings:
     return AnnotateSettings(method=config.method, input_size=config.input_size, rule=config.rule,
                             threshold=config.threshold, mask_threshold=config.mask_threshold, top_k=config.top_k,
                             min_score=config.min_score, flip=config.flip, refine=config.refine,
+                            precision=config.precision,
                             scales=None if config.scales is None else tuple(config.scales)).resolved()
 
 

@@ -32,6 +32,7 @@ class Resources:
     gpus_per_actor: float
     cpus_per_actor: float
     batch_size: int
+    decoders: int  # decode tasks at once: one per core (their 0.1 CPU reservation alone would allow ten)
 
 
 def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None) -> Resources:
@@ -44,9 +45,9 @@ def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: f
         gpus_per_actor = 1.0 if gpus else 0.0
     if gpus_per_actor:
         count = actors or max(1, int(gpus / gpus_per_actor))
-        return Resources(count, gpus_per_actor, 1.0, batch_size or 32)
+        return Resources(count, gpus_per_actor, 1.0, batch_size or 32, cpus)
     count = actors or cpus
-    return Resources(count, 0.0, min(1.0 - DECODE_CPUS, (cpus - DECODE_CPUS) / count), batch_size or 8)
+    return Resources(count, 0.0, min(1.0 - DECODE_CPUS, (cpus - DECODE_CPUS) / count), batch_size or 8, cpus)
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -83,7 +84,8 @@ def annotate_stream(
     """items: [{"path": str, "labels": "i j" or "-"}] -> a stream of Arrow tables of schemas.RESULTS."""
     blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
+                        concurrency=resources.decoders)
     ds = ds.map_batches(
         AnnotateActor,
         fn_constructor_kwargs={"model": model, "settings": settings},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from workers.annotator import PRECISIONS
 from workers.boxes import RULES
 from workers.heatmaps import METHODS
 
@@ -36,6 +37,7 @@ class JobConfig:
     scales: list[float] | None = None  # None: the method's (workers.annotator)
     flip: bool = True
     refine: bool = True
+    precision: str = "float32"
     actors: int | None = None
     gpus_per_actor: float | None = None
     batch_size: int | None = None
@@ -55,6 +57,8 @@ class JobConfig:
             fail("method", f"one of {', '.join(METHODS)}")
         if self.rule not in RULES:
             fail("rule", f"one of {', '.join(RULES)}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"one of {', '.join(PRECISIONS)}")
         if not 32 <= self.input_size <= 2048:
             fail("input_size", "an integer from 32 to 2048 (shorter side in pixels)")
         for name in ("threshold", "mask_threshold"):

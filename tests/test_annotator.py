@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data
@@ -93,3 +94,30 @@ def test_settings_left_unset_take_the_methods_defaults():
     assert switched.settings.scales == expected["scales"] and switched.rule.threshold == expected["threshold"]
     paper = Annotator(loaded, AnnotateSettings(method="eigencam", rule="paper"))
     assert (paper.rule.threshold, paper.rule.mask_threshold) == (0.2, 0.2)  # the paper's rule is the paper's
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_bfloat16_runs_the_model_in_bfloat16_and_finds_the_same_cat(method):
+    loaded = load_model(device="cpu")
+    seen = []
+    layer = dict(loaded.model.named_modules())[loaded.target_layer]
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    cat = photo(240, 320)
+    try:
+        results = {precision: Annotator(loaded, AnnotateSettings(method=method, input_size=160, precision=precision))(
+            [cat], [[281]]) for precision in ("float32", "bfloat16")}
+    finally:
+        handle.remove()
+    assert set(seen) == {torch.float32, torch.bfloat16}  # autocast was on for bfloat16 only
+    full, half = (results[p].maps[0][0] for p in ("float32", "bfloat16"))
+    assert half.dtype == torch.float32  # maps and what follows stay float32
+    assert torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1] > 0.95
+    a, b = (results[p].labels[0][0].bbox for p in ("float32", "bfloat16"))
+    overlap = [max(a[0], b[0]), max(a[1], b[1]), min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])]
+    inter = max(0, overlap[2] - overlap[0]) * max(0, overlap[3] - overlap[1])
+    assert inter / (a[2] * a[3] + b[2] * b[3] - inter) > 0.8
+
+
+def test_an_unknown_precision_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="^precision: "):
+        AnnotateSettings(precision="float16")

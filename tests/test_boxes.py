@@ -12,15 +12,19 @@ from workers.boxes import (
     affinity_refine,
     component_stats,
     connected_components,
+    propagate_components,
     working_maps,
 )
 from workers.boxes import pseudo_labels as labels_from_work
 
+BOTH_WAYS = pytest.mark.parametrize("components", [connected_components, propagate_components])
 
-def test_components_match_scipy_8_connectivity():
+
+@BOTH_WAYS
+def test_components_match_scipy_8_connectivity(components):
     rng = np.random.default_rng(0)
     masks = rng.random((6, 40, 50)) > 0.55
-    labels = connected_components(torch.from_numpy(masks)).numpy()
+    labels = components(torch.from_numpy(masks)).numpy()
     for m, ours in zip(masks, labels, strict=True):
         expected, count = ndimage.label(m, structure=np.ones((3, 3)))
         assert len(np.unique(ours[m])) == count
@@ -30,15 +34,24 @@ def test_components_match_scipy_8_connectivity():
         assert (ours[~m] == 0).all()
 
 
-def test_a_long_winding_component_is_one_label_the_largest_index_plus_one():
+@BOTH_WAYS
+def test_a_long_winding_component_is_one_label_the_largest_index_plus_one(components):
     snake = torch.zeros(31, 31, dtype=torch.bool)
     snake[::2] = True  # rows joined alternately at the right and the left end: one 511-pixel path
     snake[1::4, -1] = True
     snake[3::4, 0] = True
-    labels = connected_components(snake[None])[0]
+    labels = components(snake[None])[0]
     flat = torch.arange(31 * 31).view(31, 31)
     assert labels[snake].unique().tolist() == [int(flat[snake].max()) + 1]
     assert (labels[~snake] == 0).all()
+
+
+def test_scipy_and_propagation_give_the_same_ids():
+    """The CPU and GPU paths must label identically, so a run's output does not depend on the device."""
+    rng = np.random.default_rng(1)
+    masks = torch.from_numpy(rng.random((5, 33, 47)) > 0.5)
+    masks[2] = False  # an empty map among others
+    assert torch.equal(connected_components(masks), propagate_components(masks))
 
 
 def test_component_stats_area_and_peak():
@@ -119,3 +132,22 @@ def test_affinity_refinement_stops_at_colour_edges():
     assert refined[0, 0, :, :16].sum() > 0.99 * maps.sum()
     assert refined[0, 0, :, 16:].max() < 1e-6
     assert refined[0, 0, :, 10:14].mean() > 0.3 * refined[0, 0, :, :4].mean() + 1e-3  # it spread
+
+
+def test_each_refinement_step_is_the_colour_weighted_mean_of_the_window():
+    torch.manual_seed(0)
+    image, maps = torch.rand(2, 3, 9, 11), torch.rand(2, 2, 9, 11)
+    valid = torch.ones(2, 9, 11, dtype=torch.bool)
+    valid[1, 6:] = False  # padding takes no part in the walk
+    expected = maps.clone()
+    for _ in range(3):  # the definition, pixel by pixel
+        step = torch.zeros_like(expected)
+        for b in range(2):
+            for y in range(9):
+                for x in range(11):
+                    ys, xs = slice(max(0, y - 2), y + 3), slice(max(0, x - 2), x + 3)
+                    w = torch.exp(-(image[b, :, ys, xs] - image[b, :, y, x, None, None]).pow(2).sum(0) / (2 * 0.15**2))
+                    w = w * valid[b, ys, xs]
+                    step[b, :, y, x] = (expected[b, :, ys, xs] * w).sum((1, 2)) / w.sum().clamp(min=1e-7)
+        expected = step
+    torch.testing.assert_close(affinity_refine(maps, image, valid, steps=3), expected, atol=1e-5, rtol=1e-5)

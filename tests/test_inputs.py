@@ -151,6 +151,7 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     ({"source": ""}, "source"),
     ({"scales": []}, "scales"),
     ({"scales": [1.0, 9.0]}, "scales"),
+    ({"precision": "float16"}, "precision"),
 ])
 def test_bad_config_values_fail_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"^{field}: "):

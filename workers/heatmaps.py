@@ -70,9 +70,10 @@ def normalise(maps: Tensor) -> Tensor:
 @contextmanager
 def restored(model: nn.Module) -> Iterator[None]:
     """Put the model back as found: train/eval flags, requires_grad flags and in-place ReLU settings."""
-    modes = {m: m.training for m in model.modules()}
+    modules = list(model.modules())
+    modes = {m: m.training for m in modules}
     grads = {p: p.requires_grad for p in model.parameters()}
-    inplace = {m: m.inplace for m in model.modules() if hasattr(m, "inplace")}
+    inplace = {m: m.inplace for m in modules if hasattr(m, "inplace")}
     try:
         yield
     finally:
@@ -94,10 +95,11 @@ def hooked(module: nn.Module, hook: Callable, pre: bool = False) -> Iterator[Non
 
 
 def _layer(model: nn.Module, name: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise HeatmapError(f"no layer {name!r}; spatial layers end with: {', '.join(list(modules)[-8:])}")
-    return modules[name]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules()]
+        raise HeatmapError(f"no layer {name!r}; spatial layers end with: {', '.join(names[-8:])}") from None
 
 
 def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_grad: bool):
@@ -198,10 +200,11 @@ def _cam(model: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor
     activations (or of their ReLU, as in DenseNet).
     """
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    rtol = max(1e-3, 4 * torch.finfo(acts.dtype).eps)  # under bfloat16 autocast both means round coarsely
     for f in (acts, acts.clamp(min=0)):
         candidate = f.mean((2, 3))
         if head_in is not None and head_in.shape == candidate.shape and torch.allclose(
-            head_in.float(), candidate.float(), atol=1e-4, rtol=1e-3
+            head_in.float(), candidate.float(), atol=1e-4, rtol=rtol
         ):
             weights = head.weight[classes]  # [B,K,C]
             return torch.einsum("bkc,bchw->bkhw", weights.to(f.dtype), f)
