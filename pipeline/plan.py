@@ -1,5 +1,9 @@
 """The Ray Data plan, top to bottom: read the paths, read and decode the bytes, annotate on actors.
 
+With GPUs, CPU tasks decode while the GPU actors annotate. Without, each actor decodes its own batch:
+handing decoded pixels from one process to another through the object store costs more than decoding
+them on the core that then annotates them (bench/README.md measures both).
+
 The driver (pipeline.job) consumes the stream and writes Parquet parts itself, so every part is
 written atomically under a deterministic name and a rerun knows exactly what is done.
 """
@@ -33,21 +37,21 @@ class Resources:
     cpus_per_actor: float
     batch_size: int
     decoders: int  # decode tasks at once: one per core (their 0.1 CPU reservation alone would allow ten)
+    decode_stage: bool  # decode in tasks of their own (GPU actors), else in the annotate actors
 
 
 def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None) -> Resources:
-    """One actor per GPU when the cluster has GPUs; otherwise one per CPU core, each with one torch
-    thread and 0.9 of the core's reservation, so a decode task (0.1) always fits beside it on every
-    node, even a one-core node (else the plan could not be scheduled)."""
+    """One actor per GPU when the cluster has GPUs, fed by decode tasks; otherwise one per CPU core,
+    each with one torch thread, decoding its own batches."""
     cluster = ray.cluster_resources()
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus else 0.0
     if gpus_per_actor:
         count = actors or max(1, int(gpus / gpus_per_actor))
-        return Resources(count, gpus_per_actor, 1.0, batch_size or 32, cpus)
+        return Resources(count, gpus_per_actor, 1.0, batch_size or 32, cpus, decode_stage=True)
     count = actors or cpus
-    return Resources(count, 0.0, min(1.0 - DECODE_CPUS, (cpus - DECODE_CPUS) / count), batch_size or 8, cpus)
+    return Resources(count, 0.0, min(1.0, cpus / count), batch_size or 8, cpus, decode_stage=False)
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -75,6 +79,13 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
     return out
 
 
+class DecodingAnnotateActor(AnnotateActor):
+    """An annotate actor that first reads and decodes its batch of paths itself."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return super().__call__(decode_batch(batch))
+
+
 def annotate_stream(
     items: list[dict],
     model: dict,
@@ -84,10 +95,11 @@ def annotate_stream(
     """items: [{"path": str, "labels": "i j" or "-"}] -> a stream of Arrow tables of schemas.RESULTS."""
     blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
-                        concurrency=resources.decoders)
+    if resources.decode_stage:
+        ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
+                            concurrency=resources.decoders)
     ds = ds.map_batches(
-        AnnotateActor,
+        AnnotateActor if resources.decode_stage else DecodingAnnotateActor,
         fn_constructor_kwargs={"model": model, "settings": settings},
         batch_size=resources.batch_size,
         batch_format="numpy",

@@ -189,3 +189,21 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     annotated = {r["path"].rsplit("/", 1)[1]: r for r in rows(out)}
     assert annotated["dup_a.jpg"]["image_id"] == annotated["dup_b.jpg"]["image_id"]
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
+
+
+def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(local_ray, collection):
+    from pipeline.plan import Resources, annotate_stream
+    from pipeline.sources import list_images
+    from workers.annotator import AnnotateSettings
+
+    items = [{"path": p, "labels": "-"} for p in list_images(str(collection))]
+    settings = AnnotateSettings(input_size=96, scales=(1.0,), flip=False)
+    rows = {}
+    for stage in (True, False):  # the GPU plan's decode tasks, on CPU here; the CPU plan's own decoding
+        tables = list(annotate_stream(items, {}, settings, Resources(2, 0.0, 0.9, 2, 2, decode_stage=stage)))
+        columns = ["path", "image_id", "width", "error", "annotations"]
+        got = [row for t in tables for row in t.select(columns).to_pylist()]
+        rows[stage] = sorted(got, key=lambda r: r["path"])
+    assert len(rows[True]) == len(items) == 6
+    assert sum(r["error"] is not None for r in rows[True]) == 1  # broken.jpg
+    assert rows[True] == rows[False]
