@@ -38,8 +38,8 @@ class AnnotateSettings:
     flip: bool = True  # average with the horizontally flipped image's maps
     scales: tuple[float, ...] | None = None  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
-    # the model's passes under bfloat16 autocast: about 2.4x faster on CPUs with AVX512-BF16 and on GPUs;
-    # maps and everything after them stay float32 (bench/README.md measures both)
+    # the model's passes under bfloat16 autocast: 1.7-1.9x faster end to end on a CPU with AVX512-BF16
+    # (slower on CPUs without); maps and everything after them stay float32 (bench/README.md measures both)
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -199,6 +199,7 @@ class Annotator:
         return heat
 
     def _precision(self):
+        """Autocast for the model's passes only (a no-op in float32)."""
         return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16,
                               enabled=self.settings.precision == "bfloat16")
 
