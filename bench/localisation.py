@@ -1,9 +1,11 @@
-"""Localisation quality on ../shared/benchmarks/stamps-public: methods x settings, one table.
+"""Localisation quality on ../shared/benchmarks/stamps-public (or --data DIR): methods x settings, one table.
 
     python -m bench.localisation [--data DIR] [--methods cam,gradcam,eigencam] [--limit N]
 
-Settings: labels (image-level labels choose the classes), predicted (top classes above min score),
-agnostic (Eigen-CAM objectness, categories from the labels).
+Settings: labels (image-level labels choose the classes), predicted (no labels: the top classes propose
+regions, each region's crop names it), agnostic (Eigen-CAM objectness, categories from the labels),
+paper (the CAM paper's rule at the same input size: one scale, no flip, no refinement, 20% of the max,
+the largest component; with labels).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--methods", default="cam,gradcam,eigencam")
-    parser.add_argument("--settings", default="labels,predicted,agnostic")
+    parser.add_argument("--settings", default="labels,predicted,agnostic,paper")
     parser.add_argument("--input-size", type=int, default=AnnotateSettings.input_size)
     parser.add_argument("--rule", default="instances")
     parser.add_argument("--threshold", type=float)
@@ -92,7 +94,7 @@ def main() -> None:
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--scales", help="multiples of --input-size whose maps are averaged (default: the method's)")
-    parser.add_argument("--precision", default="float32", help="float32 or bfloat16 (autocast of the model's passes)")
+    parser.add_argument("--precision", default="auto", help="auto, float32 or bfloat16 (model passes)")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--images", help="A:B, the images from A to B (sorted by name), e.g. 200:400")
     logging.basicConfig(level=logging.WARNING)
@@ -104,21 +106,25 @@ def main() -> None:
                             precision=args.precision,
                             scales=tuple(float(x) for x in args.scales.split(",")) if args.scales else None)
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
-          "PxAP | img/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "PxAP | boxes/object | img/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     sizes = []
     for method in args.methods.split(","):
         for setting in args.settings.split(","):
             if setting == "agnostic" and method != "eigencam":
                 continue
             chosen = slice(*(int(x) for x in args.images.split(":"))) if args.images else args.limit
-            scores, speed = run(args.data, replace(base, method=method), setting != "predicted", chosen)
+            settings = replace(base, method=method)
+            if setting == "paper":
+                settings = replace(settings, rule="paper", scales=(1.0,), flip=False, refine=False, threshold=None,
+                                   mask_threshold=None)
+            scores, speed = run(args.data, settings, setting != "predicted", chosen)
             sizes.append(f"{method} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
             print(f"| {method} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
                   f"{scores['bbox_AP50']:.3f} | {scores['bbox_AP']:.3f} | {scores['mean_mask_iou']:.3f} | "
                   f"{scores.get('segm_AP50', 0):.3f} | {scores.get('segm_AP', 0):.3f} | {scores['MaxBoxAccV2']:.3f} | "
-                  f"{scores['PxAP']:.3f} | {speed:.2f} |", flush=True)
+                  f"{scores['PxAP']:.3f} | {scores['boxes_per_object']:.2f} | {speed:.2f} |", flush=True)
     print("\nCorLoc by object size (its box's share of the image):\n\n" + "\n".join(f"- {s}" for s in sizes))
 
 

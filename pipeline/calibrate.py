@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import yaml
@@ -110,8 +110,7 @@ def calibrate(images: str | list[str], gt_path: Path, loaded: LoadedModel, setti
 
 def calibrated_config(config: JobConfig, result: dict) -> str:
     """The YAML `annotate --config` takes: the model and settings used here, with the chosen thresholds."""
-    keep = ("model", "weights", "class_names", "model_dir", "target_layer", "method", "input_size", "rule",
-            "top_k", "min_score", "scales", "flip", "refine")
+    keep = ("model", "weights", "class_names", "model_dir", "target_layer", *(f.name for f in fields(AnnotateSettings)))
     values = {k: getattr(config, k) for k in keep if getattr(config, k) is not None}
     values |= {"threshold": result["threshold"], "mask_threshold": result["mask_threshold"]}
     return yaml.safe_dump(values, sort_keys=False)

@@ -52,9 +52,9 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                         help="colour refinement of the maps")
-    parser.add_argument("--precision", help="float32 (default) or bfloat16: the model's passes under bfloat16 "
-                        "autocast: the same labels' quality, faster on GPUs and CPUs with AVX512-BF16, "
-                        "slower on CPUs without")
+    parser.add_argument("--precision", help="auto (default: bfloat16 on GPUs and CPUs that compute it natively, "
+                        "else float32), float32 or bfloat16: the model's passes under bfloat16 autocast give the "
+                        "same labels' quality, faster where bfloat16 is native, slower elsewhere")
     parser.add_argument("--actors", type=int, help="annotate actors (default: one per GPU, else per core)")
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--batch-size", type=int)
@@ -148,6 +148,8 @@ def cmd_demo(args) -> int:
     from pipeline.export import export_coco
     from pipeline.job import annotate
     from pipeline.report import write_report
+    from pipeline.writers import read_parts
+    from schemas.tables import IMAGES
 
     data = Path(skimage.data.data_dir)
     photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
@@ -160,6 +162,12 @@ def cmd_demo(args) -> int:
     manifest = annotate(config)
     export_coco([out / "run"], out / "coco.json")
     page = write_report(out / "run", out / "report")
+    print("camlabel found, with no labels given (each box: the class its crop looks like, and its score):")
+    rows = read_parts(out / "run" / "annotations", IMAGES, ["path", "annotations"]).to_pylist()
+    for row in sorted(rows, key=lambda r: r["path"]):
+        found = ", ".join(f"{a['class_name']} {a['score']:.2f}" for a in row["annotations"]) or "nothing"
+        print(f"  {Path(row['path']).name:24} {found}")
+    print(f"Pictures: {page} (open it in a browser; boxes, masks and heatmaps for every photo)")
     print(json.dumps({"run": str(out / "run"), "coco": str(out / "coco.json"), "report": str(page),
                       **manifest["counts"], "seconds": manifest["seconds"]}))
     return 0

@@ -33,6 +33,9 @@ class LocalisationMeter:
     it: CorLoc is the share with box IoU >= 0.5; box and mask IoU are averaged (0 when no prediction).
     CorLoc is also given by object size (its box's share of the image), where CAM's failures differ:
     large objects tend to be boxed by their most telling part, small ones together with their surroundings.
+    Crowd regions (`iscrowd: 1`) are not objects and are skipped. Boxes per object counts, for each
+    object, the predicted boxes of its class that overlap it (IoU >= 0.1) or lie inside it: 1 is one box
+    per object; more means its parts were boxed as objects of their own.
     """
 
     SIZES = ((0.0, "<3%"), (0.03, "3-8%"), (0.08, "8-20%"), (0.2, ">=20%"))
@@ -43,6 +46,7 @@ class LocalisationMeter:
         self.by_size = {name: [0, 0] for _, name in self.SIZES}  # [hits, objects]
         self.box_iou = 0.0
         self.mask_iou = 0.0
+        self.boxes_on_objects = 0
 
     def accumulate(self, gt: list[dict], preds: list[dict], height: int, width: int) -> None:
         best: dict[int, dict] = {}
@@ -50,7 +54,11 @@ class LocalisationMeter:
             if p["category_id"] not in best or p["score"] > best[p["category_id"]]["score"]:
                 best[p["category_id"]] = p
         for g in gt:
+            if g.get("iscrowd", 0):
+                continue
             self.objects += 1
+            mine = [p["bbox"] for p in preds if p["category_id"] == g["category_id"]]
+            self.boxes_on_objects += _boxes_on(g["bbox"], mine)
             share = g["bbox"][2] * g["bbox"][3] / max(height * width, 1)
             size = self.by_size[[name for low, name in self.SIZES if share >= low][-1]]
             size[1] += 1
@@ -68,7 +76,7 @@ class LocalisationMeter:
     def compute(self) -> dict[str, float]:
         n = max(self.objects, 1)
         return {"objects": self.objects, "corloc": self.hits / n, "mean_box_iou": self.box_iou / n,
-                "mean_mask_iou": self.mask_iou / n,
+                "mean_mask_iou": self.mask_iou / n, "boxes_per_object": self.boxes_on_objects / n,
                 "corloc_by_size": {name: {"objects": k, "corloc": hits / max(k, 1)}
                                    for name, (hits, k) in self.by_size.items()}}
 
@@ -135,6 +143,16 @@ def component_boxes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = empty.scatter_reduce(0, inverse, xs, "amax", include_self=False) + 1
     y2 = empty.scatter_reduce(0, inverse, ys, "amax", include_self=False) + 1
     return keys // (h * w + 1), torch.stack([x1, y1, x2, y2], 1)
+
+
+def _boxes_on(obj: list[float], boxes: list[list[float]]) -> int:
+    """How many of `boxes` (COCO x, y, w, h) overlap the object's box with IoU >= 0.1 or lie inside it."""
+    if not boxes:
+        return 0
+    iou = mask_utils.iou(boxes, [obj], [0])[:, 0]
+    x, y, w, h = obj
+    inside = [bx >= x - 1 and by >= y - 1 and bx + bw <= x + w + 1 and by + bh <= y + h + 1 for bx, by, bw, bh in boxes]
+    return int(sum(i >= 0.1 or c for i, c in zip(iou, inside, strict=True)))
 
 
 def _rle(segmentation, height: int, width: int) -> dict:

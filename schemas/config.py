@@ -32,12 +32,12 @@ class JobConfig:
     rule: str = "instances"
     threshold: float | None = None
     mask_threshold: float | None = None
-    top_k: int = 3
+    top_k: int = 5
     min_score: float = 0.1
     scales: list[float] | None = None  # None: the method's (workers.annotator)
     flip: bool = True
     refine: bool = True
-    precision: str = "float32"
+    precision: str = "auto"
     actors: int | None = None
     gpus_per_actor: float | None = None
     batch_size: int | None = None

@@ -29,6 +29,8 @@ IMAGES = pa.schema([
     ("annotations", pa.list_(ANNOTATION)),
     ("heatmaps", pa.list_(HEATMAP)),  # what the masks were cut from; export-masks draws its ignore band here
     ("method", pa.string()),
+    ("precision", pa.string()),  # the model's passes as run: "float32" or "bfloat16" ("auto" resolved)
+    ("device", pa.string()),  # the actor's device: "cpu", or "cuda:<GPU name> (CUDA <version>)"
 ])
 
 ERRORS = pa.schema([

@@ -1,5 +1,7 @@
 """Maps to boxes and masks on planted shapes whose boxes and masks are known exactly."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from scipy import ndimage
 from workers.boxes import (
     PAPER_RULE,
     RULES,
+    BoxRule,
     affinity_refine,
     component_stats,
     connected_components,
@@ -58,14 +61,17 @@ def test_component_stats_area_and_peak():
     mask = torch.zeros(1, 10, 10, dtype=torch.bool)
     mask[0, 1:3, 1:4] = True  # 6 pixels
     mask[0, 6:9, 6:9] = True  # 9 pixels
+    mask[0, 0, 9] = mask[0, 1, 8] = True  # a diagonal pair: 2 pixels, a 2x2 box
     values = torch.rand(1, 10, 10)
-    labels = connected_components(mask)
-    owner, ids, area, peak, mass = component_stats(labels, values)
-    assert owner.tolist() == [0, 0]
-    assert sorted(area.tolist()) == [6.0, 9.0]
-    assert sorted(peak.tolist()) == sorted([float(values[0, 1:3, 1:4].max()), float(values[0, 6:9, 6:9].max())])
+    owner, ids, area, peak, mass, box = component_stats(connected_components(mask), values)
+    assert owner.tolist() == [0, 0, 0]
+    assert sorted(area.tolist()) == [2.0, 6.0, 9.0]
+    assert sorted(box.tolist()) == [[1, 1, 4, 3], [6, 6, 9, 9], [8, 0, 10, 2]]  # x1, y1, x2, y2
+    assert sorted(peak.tolist()) == sorted([float(values[0, 1:3, 1:4].max()), float(values[0, 6:9, 6:9].max()),
+                                            float(max(values[0, 0, 9], values[0, 1, 8]))])
     assert sorted(mass.tolist()) == pytest.approx(sorted([float(values[0, 1:3, 1:4].sum()),
-                                                          float(values[0, 6:9, 6:9].sum())]))
+                                                          float(values[0, 6:9, 6:9].sum()),
+                                                          float(values[0, 0, 9] + values[0, 1, 8])]))
 
 
 def pseudo_labels(maps, classes, scores, valid, input_size, sizes, rule=RULES["instances"]):
@@ -151,3 +157,58 @@ def test_each_refinement_step_is_the_colour_weighted_mean_of_the_window():
                     step[b, :, y, x] = (expected[b, :, ys, xs] * w).sum((1, 2)) / w.sum().clamp(min=1e-7)
         expected = step
     torch.testing.assert_close(affinity_refine(maps, image, valid, steps=3), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_instance_grows_from_its_seed_down_to_the_extent_threshold():
+    work = torch.zeros(1, 1, 16, 32)
+    work[0, 0, 4:8, 4:8] = 1.0  # seed
+    work[0, 0, 4:8, 8:14] = 0.35  # the object's weaker part, joined to the seed
+    work[0, 0, 4:8, 20:28] = 0.35  # as weak, but holds no seed: not an object
+    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[64, 128]]), (64, 128), [(64, 128)])
+    rule = BoxRule(threshold=0.45, mask_threshold=0.3, grow=0.3)
+    (grown,) = labels_from_work(work, *args, rule=rule)
+    # cells 4..13 of stride 4; the last pixel column samples the map halfway to the 0 beyond: below 0.3
+    assert [p.bbox for p in grown] == [[16.0, 16.0, 39.0, 16.0]]
+    (seed_only,) = labels_from_work(work, *args, rule=replace(rule, grow=None, mask_threshold=0.45))
+    assert [p.bbox for p in seed_only] == [[16.0, 16.0, 16.0, 16.0]]
+
+
+def test_a_large_object_is_one_instance_not_its_parts():
+    # fine maps see two telling parts of one large object (a head and a tail); the coarse maps of the
+    # smaller scales see the object whole
+    fine = torch.zeros(1, 1, 32, 32)
+    fine[0, 0, 6:12, 4:10] = 1.0
+    fine[0, 0, 20:26, 22:28] = 0.9
+    coarse = torch.zeros(1, 1, 32, 32)
+    coarse[0, 0, 4:28, 2:30] = 0.5
+    coarse[0, 0, 8:20, 6:20] = 1.0
+    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
+    rule = RULES["instances"]
+    (parts,) = labels_from_work(fine, *args, rule=rule)
+    assert len(parts) == 2  # fine maps alone: the parts
+    (whole,) = labels_from_work(fine, *args, rule=rule, coarse=coarse)
+    # cells 2..29 x 4..27 of stride 4, less the edge pixel each side that samples the map halfway to 0
+    assert [p.bbox for p in whole] == [[9.0, 17.0, 110.0, 94.0]]
+    # a small object's coarse map stays small: its fine maps decide
+    small = torch.zeros(1, 1, 32, 32)
+    small[0, 0, 4:10, 2:8] = 1.0
+    (fine_kept,) = labels_from_work(fine, *args, rule=rule, coarse=small)
+    assert [p.bbox for p in fine_kept] == [p.bbox for p in parts]
+
+
+def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
+    # a mid-sized object (a fifth of the image): the fine maps split it into two parts, the coarse map
+    # holds both in one instance, so the class takes the coarse instance although it is not "large"
+    fine = torch.zeros(1, 1, 64, 64)
+    fine[0, 0, 10:16, 10:16] = 1.0
+    fine[0, 0, 30:36, 30:36] = 0.9
+    fine[0, 0, 50:56, 50:56] = 0.8  # a second, separate object of the class: outside the coarse box
+    coarse = torch.zeros(1, 1, 64, 64)
+    coarse[0, 0, 8:38, 8:38] = 1.0  # 900 of 4096 cells: 0.22 of the image
+    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[256, 256]]), (256, 256), [(256, 256)])
+    (found,) = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse)
+    assert [p.bbox[:2] for p in found] == [[32.0, 32.0]]  # the whole object, from the coarse map
+    one_part = fine.clone()
+    one_part[0, 0, 30:36, 30:36] = 0
+    (kept,) = labels_from_work(one_part, *args, rule=RULES["instances"], coarse=coarse)
+    assert len(kept) == 2 and sorted(p.bbox[0] for p in kept) == [40.0, 200.0]  # one part only: fine maps

@@ -66,3 +66,15 @@ def test_calibrate_chooses_by_its_rule_and_its_figures_are_what_annotate_scores(
     direct = evaluate(gt, preds)
     for key, value in table[result["threshold"]].items():
         assert direct[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_the_calibrated_config_keeps_every_annotate_setting():
+    import yaml
+
+    from pipeline.calibrate import calibrated_config
+    from schemas.config import JobConfig
+
+    config = JobConfig(source="x", out="y", precision="bfloat16", top_k=4, scales=[1.0, 2.0], flip=False)
+    written = yaml.safe_load(calibrated_config(config, {"threshold": 0.4, "mask_threshold": 0.55}))
+    assert written["precision"] == "bfloat16" and written["top_k"] == 4 and written["scales"] == [1.0, 2.0]
+    assert written["flip"] is False and (written["threshold"], written["mask_threshold"]) == (0.4, 0.55)

@@ -108,3 +108,20 @@ def test_corloc_by_object_size_counts_each_object_in_its_bin():
     assert r["corloc"] == pytest.approx(2 / 3)
     assert r["corloc_by_size"] == {"<3%": {"objects": 1, "corloc": 1.0}, "3-8%": {"objects": 0, "corloc": 0.0},
                                    "8-20%": {"objects": 1, "corloc": 1.0}, ">=20%": {"objects": 1, "corloc": 0.0}}
+
+
+def test_boxes_per_object_counts_overlapping_boxes_and_parts(gt_path):
+    whole, part, far = pred(10), pred(15, 15, 0.5, 10, 10), pred(70, 70, 0.4, 20, 20)  # part lies inside
+    r = evaluate(gt_path, [whole, part, far])
+    assert r["boxes_per_object"] == 2 and r["corloc"] == 1
+    assert evaluate(gt_path, [whole])["boxes_per_object"] == 1
+
+
+def test_crowd_regions_are_not_objects(tmp_path, gt_path):
+    gt = json.loads(gt_path.read_text())
+    gt["annotations"].append({"id": 2, "image_id": 1, "category_id": 5, "bbox": [60, 60, 30, 30], "area": 900,
+                              "iscrowd": 1, "segmentation": rle_box(60, 60, 30, 30)})
+    path = tmp_path / "crowd.json"
+    path.write_text(json.dumps(gt))
+    r = evaluate(path, [pred(10)])
+    assert r["objects"] == 1 and r["corloc"] == 1  # the crowd region is not a missed object

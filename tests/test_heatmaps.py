@@ -84,6 +84,15 @@ def test_cam_refuses_a_head_that_is_not_gap_linear():
     assert maps.shape == (1, 1, 14, 14)
 
 
+def test_eigencam_stays_float32_under_bfloat16_autocast(gapnet):
+    # the Gram product must not run in bfloat16 (CUDA's eigh refuses it; CPU's would get it rounded)
+    acts = gapnet.features(torch.randn(2, 3, 32, 32)).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = eigen_projection(acts)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, eigen_projection(acts), rtol=1e-5, atol=1e-5)
+
+
 def test_eigencam_is_the_first_principal_component_from_numpy(gapnet):
     x = torch.randn(3, 3, 32, 32)
     acts = gapnet.features(x).detach()

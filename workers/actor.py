@@ -24,11 +24,13 @@ class AnnotateActor:
     """Loads the model once; each call annotates one batch (columns of the decode stage)."""
 
     def __init__(self, model: dict, settings: AnnotateSettings) -> None:
+        _refuse_unusable_gpus()
         if not torch.cuda.is_available():
             torch.set_num_threads(1)  # one actor per core, one thread each: no OpenMP oversubscription
         self.loaded = load_model(**model)
         self.annotator = Annotator(self.loaded, settings)
         self.method = settings.method
+        self.device = device_name(self.loaded.device)
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -73,6 +75,8 @@ class AnnotateActor:
             rows["top_classes"][i] = result.top_classes[j].tolist()
             rows["top_scores"][i] = result.top_scores[j].tolist()
             rows["method"][i] = self.method
+            rows["precision"][i] = self.annotator.precision
+            rows["device"][i] = self.device
             rows["annotations"][i] = [
                 {"category_id": p.class_index + 1, "class_name": names[p.class_index], "bbox": p.bbox,
                  "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
@@ -88,6 +92,31 @@ class AnnotateActor:
                 os._exit(1)
         elif fault.startswith("raise:") and self.calls <= int(fault.split(":", 1)[1]):
             raise RuntimeError("injected model failure")
+
+
+def device_name(device: torch.device) -> str:
+    """"cpu", or "cuda:<GPU name> (CUDA <version>)": what every row records of where it was computed."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda:{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+
+
+def _refuse_unusable_gpus() -> None:
+    """An actor that Ray gave a GPU must use it: on a node whose CUDA is unusable (a driver too old for
+    this torch build, a CPU-only image) it would otherwise crawl along on one CPU thread, unnoticed."""
+    import ray
+
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not gpus or torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.is_available() is False"
+    except Exception as exc:  # torch says why: no driver, a driver too old, no device visible
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise RuntimeError(f"Ray gave this actor GPU {gpus} but CUDA is unusable here ({reason}; torch "
+                       f"{torch.__version__}, built for CUDA {torch.version.cuda}): fix the node's driver or "
+                       "image, or run without GPUs")
 
 
 def stored_heatmaps(maps: torch.Tensor, classes: torch.Tensor, max_side: int = 64) -> list[dict]:

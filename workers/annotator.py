@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from workers.boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
-from workers.heatmaps import classify, compute_heatmaps
+from workers.heatmaps import classify, compute_heatmaps, peak_evidence
 from workers.models import LoadedModel
 from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
+from workers.regions import name_regions, one_box_per_object
 
-SCALES = (1.5, 2.0)
-PRECISIONS = ("float32", "bfloat16")
+# Input sizes, as multiples of input_size, whose maps are averaged: objects are cut from the mean of all but
+# the smallest, large objects (workers.boxes.LARGE_OBJECT_RULE) from the mean of all but the largest.
+SCALES = (1.0, 1.5, 2.0)
+PRECISIONS = ("auto", "float32", "bfloat16")
+CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
 # Eigen-CAM's map is the layer's first principal component, class-agnostic: at larger sizes the object
-# dominates the layer's variance less, so Eigen-CAM keeps smaller scales and higher thresholds
-# (bench/README.md measures both defaults for it).
+# dominates the layer's variance less, so Eigen-CAM keeps smaller scales and higher thresholds, one
+# extent (bench/README.md measures both defaults for it).
 METHOD_DEFAULTS = {"eigencam": {"scales": (1.0, 1.5), "threshold": 0.6, "mask_threshold": 0.65}}
 
 
 @dataclass(frozen=True)
 class AnnotateSettings:
     """What to compute for each image. Image-level labels, when given, choose the classes mapped;
-    otherwise the top_k predicted classes with probability >= min_score (at least the top one).
+    otherwise the top_k classes whose evidence peaks highest anywhere in the image propose regions and
+    each region is named by its crop's best class, kept when that class's probability is at least
+    min_score (workers.regions).
     Scales and thresholds left None take the method's defaults (METHOD_DEFAULTS, else SCALES and
     the rule's thresholds)."""
 
@@ -33,14 +41,15 @@ class AnnotateSettings:
     rule: str = "instances"
     threshold: float | None = None  # default: the rule's
     mask_threshold: float | None = None  # default: threshold when that is given, else the rule's
-    top_k: int = 3
+    top_k: int = 5
     min_score: float = 0.1
     flip: bool = True  # average with the horizontally flipped image's maps
     scales: tuple[float, ...] | None = None  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
-    # the model's passes under bfloat16 autocast: 1.7-1.9x faster end to end on a CPU with AVX512-BF16
-    # (slower on CPUs without); maps and everything after them stay float32 (bench/README.md measures both)
-    precision: str = "float32"
+    # the model's passes under bfloat16 autocast (maps and everything after them stay float32): 1.7-1.9x
+    # faster end to end on a CPU with AVX512-BF16, slower on CPUs without. auto: bfloat16 where the device
+    # computes it natively (`native_bfloat16`), else float32 (bench/README.md measures both)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -75,6 +84,7 @@ class WorkingMaps:
 
     members: list[int]  # positions of the group's images in the caller's list
     work: Tensor
+    coarse: Tensor | None  # the maps of the smaller scales, where large objects show whole
     classes: Tensor  # [B,K], -1: none
     present: Tensor  # [B,K] probability that each class is present (1 when labelled)
     valid: Tensor  # [B,2] each image's (h, w) in the padded input
@@ -82,9 +92,36 @@ class WorkingMaps:
     sizes: list[tuple[int, int]]  # original (height, width)
     top_classes: Tensor
     top_scores: Tensor
+    batch: Tensor  # the network input [B,3,H,W]
+    namer: nn.Module | None = None  # without labels: the model that names each region from its crop
+    min_score: float = 0.0  # regions whose crop's best class is less probable are dropped
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
-        return pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule)
+        found = pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule,
+                              self.coarse)
+        return found if self.namer is None else self._named(found)
+
+    def _named(self, found: list[list[PseudoLabel]]) -> list[list[PseudoLabel]]:
+        """Each region renamed by its crop's best class (score x that class's probability), then one box
+        per object (workers.regions)."""
+        flat = [(i, p) for i, labels in enumerate(found) for p in labels]
+        if not flat:
+            return found
+        device = self.batch.device
+        owners = torch.tensor([i for i, _ in flat], device=device)
+        boxes = torch.tensor([p.bbox for _, p in flat], device=device)
+        scale = self.valid.flip(1).float() / torch.tensor([(w, h) for h, w in self.sizes], device=device)
+        boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
+        probability, named = name_regions(self.namer, self.batch, boxes, owners).max(1)
+        scores = torch.tensor([p.score for _, p in flat], device=device) * probability
+        keep = one_box_per_object(boxes, scores, named, owners)
+        keep = keep[probability[keep] >= self.min_score].tolist()
+        named, scores = named.tolist(), scores.tolist()
+        renamed: list[list[PseudoLabel]] = [[] for _ in found]
+        for j in keep:
+            i, p = flat[j]
+            renamed[i].append(replace(p, class_index=named[j], score=scores[j]))
+        return renamed
 
     def crop(self, j: int) -> Tensor:
         """Image j's maps over the image only (the padding cut off)."""
@@ -103,7 +140,12 @@ class Annotator:
             rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
         if settings.mask_threshold is not None:
             rule = replace(rule, mask_threshold=settings.mask_threshold)
+        if settings.method in METHOD_DEFAULTS:  # the method's own thresholds, one extent
+            rule = replace(rule, grow=None, large=None)
         self.rule = rule
+        self.precision = settings.precision
+        if self.precision == "auto":
+            self.precision = "bfloat16" if native_bfloat16(loaded.device) else "float32"
 
     @torch.no_grad()
     def __call__(self, images: list[Tensor], labels: list[list[int]] | None = None) -> BatchResult:
@@ -138,37 +180,48 @@ class Annotator:
         s = self.settings
         device = self.loaded.device
         batch, valid = prepare_batch(images, s.input_size, device, pad_to=padded_size)
-        targets = None
         if labels is not None:
             width = max(1, max(len(x) for x in labels))
             targets = torch.full((len(images), width), -1, dtype=torch.long, device=device)
             for i, row in enumerate(labels):
                 targets[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-        heat = self._heatmaps_multiscale(images, batch, valid, targets)
+        else:
+            targets = self._proposals(batch, valid)
+        heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets)
         classes, scores = heat.classes, heat.scores
-        if targets is None:  # predicted classes: keep those above min_score, and always the top one
-            confident = scores >= s.min_score
-            confident[:, 0] = True
-            classes = torch.where(confident, classes, -1)
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
-        present = scores if targets is None else torch.ones_like(scores)  # labelled classes are present
+        # labelled classes are present; without labels each region's crop decides (the namer's probability)
+        present = torch.ones_like(scores)
         input_size = tuple(batch.shape[-2:])
-        work = working_maps(heat.maps, valid, input_size, guide=batch if s.refine else None)
+        both = heat.maps if coarse is None else torch.cat([heat.maps, coarse], 1)  # refined together
+        work = working_maps(both, valid, input_size, guide=batch if s.refine else None)
+        work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        return WorkingMaps(members, work, classes, present, valid, input_size, sizes, top.indices, top.values)
+        namer = self.loaded.model if labels is None else None
+        return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
+                           top.values, batch, namer, s.min_score)
+
+    def _proposals(self, batch: Tensor, valid: Tensor) -> Tensor | None:
+        """Without labels, the top_k classes whose evidence peaks highest anywhere in the image
+        (`peak_evidence`); None (the top predicted classes) for heads that are not GAP + linear."""
+        with self._precision():
+            peaks = peak_evidence(self.loaded.model, batch, valid, target_layer=self.loaded.target_layer)
+        return None if peaks is None else peaks.topk(min(self.settings.top_k, peaks.shape[1]), dim=1).indices
 
     def _heatmaps_multiscale(self, images, batch, valid, targets):
         """Maps at every scale, each sampled straight onto the working grid (WORK_STRIDE cells of the
-        input_size batch, the same image point per cell) and averaged. Scales above 1 resolve small
-        objects that one coarse map blurs together with their surroundings. Classes and probabilities
-        always come from input_size, nearer the resolution the classifier was trained at."""
+        input_size batch, the same image point per cell). Scales above 1 resolve small objects that one
+        coarse map blurs together with their surroundings; smaller ones see a large object whole. With a
+        rule for large objects, returns (heatmaps with the mean map of all scales but the smallest, mean
+        map of all but the largest); else (heatmaps with the mean of all, None). Classes and
+        probabilities always come from input_size, nearer the resolution the classifier was trained at."""
         scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
         kept = None
         if scales[0] != 1.0:
             with self._precision():
                 kept = classify(self.loaded.model, batch, targets, self.settings.top_k)
         grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
-        total = 0
+        per_scale = {}
         for scale in scales:
             if scale == 1.0:
                 scaled, scaled_valid = batch, valid
@@ -177,9 +230,13 @@ class Annotator:
                 scaled, scaled_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
             here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes)
             kept = here if kept is None else kept
-            total = total + resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
-        kept.maps = total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
-        return kept
+            per_scale[scale] = resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
+        ordered = [per_scale[s] for s in sorted(per_scale)]
+        if self.rule.large is None or len(ordered) < 2:
+            kept.maps = _mean_map(ordered)
+            return kept, None
+        kept.maps = _mean_map(ordered[1:])
+        return kept, _mean_map(ordered[:-1])
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
         s = self.settings
@@ -200,8 +257,27 @@ class Annotator:
 
     def _precision(self):
         """Autocast for the model's passes only (a no-op in float32)."""
-        return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16,
-                              enabled=self.settings.precision == "bfloat16")
+        return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16
+    or AMX (Linux's CPU flags). Elsewhere bfloat16 is emulated, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = CPU_INFO.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def _mean_map(maps: list[Tensor]) -> Tensor:
+    """The mean of maps [B,K,h,w], each result map divided by its max."""
+    total = sum(maps)
+    return total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
 
 
 def _flip_valid(x: Tensor, valid: Tensor) -> Tensor:

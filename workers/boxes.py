@@ -26,20 +26,37 @@ class BoxRule:
     """How a map becomes labels.
 
     paper: Zhou et al. 2016: keep pixels >= 20% of the max, box the largest connected component,
-    mask = every kept pixel. instances: every component above `threshold` (of the refined map's max)
-    and `min_area` is an instance; its mask is the pixels of the component above `mask_threshold`, its
-    box that mask's, its score class probability x peak x share of the map's evidence.
+    mask = every kept pixel. instances: seeded region growing. A component of the pixels above `grow`
+    (of the refined map's max) is an instance when it holds a seed, a pixel above `threshold`, and covers
+    `min_area`; its mask is the component's pixels above `mask_threshold`, its box that mask's, its score
+    class probability x peak x share of the map's evidence. Seeds say where an object is, the lower
+    extent how far it reaches: a large object's weaker parts join its most telling one.
+
+    large: the rule for objects whose box covers over `large_share` of the image, applied to maps from
+    smaller input scales (`pseudo_labels`' `coarse`): there a large object shows whole, where the larger
+    scales that separate small objects from their surroundings see only its most telling parts.
     """
 
     name: str = "instances"
     threshold: float = 0.45
     mask_threshold: float = 0.5
+    grow: float | None = None  # extent threshold; None: threshold (no growing)
     min_area: float = 0.002  # of the image, to drop specks
     max_instances: int = 3
+    large: BoxRule | None = None
+    large_share: float = 0.4
+
+    @property
+    def extent(self) -> float:
+        return self.threshold if self.grow is None else min(self.grow, self.threshold)
 
 
 PAPER_RULE = BoxRule("paper", threshold=0.2, mask_threshold=0.2, min_area=0.0, max_instances=1)
-RULES = {"paper": PAPER_RULE, "instances": BoxRule()}
+# Seeds at 0.45 of the max; objects reach down to 0.3, large ones (on the coarse maps) to 0.25. Chosen on
+# the first half of stamps-public and of stamps-large, checked on the second (bench/README.md).
+LARGE_OBJECT_RULE = BoxRule(threshold=0.45, mask_threshold=0.35, grow=0.25)
+RULES = {"paper": PAPER_RULE,
+         "instances": BoxRule(threshold=0.45, mask_threshold=0.5, grow=0.3, large=LARGE_OBJECT_RULE, large_share=0.4)}
 
 
 @dataclass
@@ -149,12 +166,13 @@ def propagate_components(mask: Tensor) -> Tensor:
             return labels[:, 0].long()
 
 
-def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per component of labels [N,H,W]: (map index, label id, area in pixels, peak and sum of `values`).
+def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per component of labels [N,H,W]: (map index, label id, area in pixels, peak and sum of `values`,
+    box [M,4] as x1, y1, x2, y2 pixel edges).
 
     Flat tensors over every component of every map; vectorised with unique + scatter.
     """
-    n = labels.shape[0]
+    n, h, w = labels.shape
     flat = labels.flatten(1)
     key = torch.arange(n, device=labels.device)[:, None] * (flat.shape[1] + 1) + flat
     fg = flat > 0
@@ -164,7 +182,13 @@ def component_stats(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Ten
     area = zeros.scatter_add(0, inverse, torch.ones_like(inside))
     peak = zeros.scatter_reduce(0, inverse, inside, reduce="amax", include_self=False)
     mass = zeros.scatter_add(0, inverse, inside)
-    return keys // (flat.shape[1] + 1), keys % (flat.shape[1] + 1), area, peak, mass
+    position = torch.arange(h * w, device=labels.device).expand(n, -1)[fg]
+    x, y = (position % w).float(), (position // w).float()
+    box = torch.stack([zeros.scatter_reduce(0, inverse, x, reduce="amin", include_self=False),
+                       zeros.scatter_reduce(0, inverse, y, reduce="amin", include_self=False),
+                       zeros.scatter_reduce(0, inverse, x, reduce="amax", include_self=False) + 1,
+                       zeros.scatter_reduce(0, inverse, y, reduce="amax", include_self=False) + 1], 1)
+    return keys // (flat.shape[1] + 1), keys % (flat.shape[1] + 1), area, peak, mass, box
 
 
 def instance_confidence(probability: Tensor, peak: Tensor, share: Tensor) -> Tensor:
@@ -176,14 +200,15 @@ def instance_confidence(probability: Tensor, peak: Tensor, share: Tensor) -> Ten
     return probability * peak * share
 
 
-def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Tensor) -> Tensor:
-    """Indices of kept components, ordered by owner map then descending rank."""
+def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Tensor, seed: Tensor) -> Tensor:
+    """Indices of kept components, ordered by owner map then descending rank; seed: each component's
+    seed threshold."""
     if rule.name == "paper":
         rank = area
         keep = torch.ones_like(area, dtype=torch.bool)
     else:
         rank = peak * (1 + area / cells[owner])  # peak first; area breaks near-ties
-        keep = area >= rule.min_area * cells[owner]
+        keep = (area >= rule.min_area * cells[owner]) & (peak >= seed)
     order = torch.argsort(rank, descending=True, stable=True)
     order = order[keep[order]]
     order = order[torch.argsort(owner[order], stable=True)]
@@ -226,43 +251,82 @@ def pseudo_labels(
     input_size: tuple[int, int],
     original_sizes: list[tuple[int, int]],
     rule: BoxRule = RULES["instances"],
+    coarse: Tensor | None = None,
 ) -> list[list[PseudoLabel]]:
     """Working maps [B,K,H/4,W/4] (from `working_maps`), classes/scores [B,K] -> each image's labels.
 
     scores: the probability that each class is present (1 for classes a person labelled).
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
     original_sizes: each image's (height, width).
+    coarse: the same classes' maps from smaller input scales. With a rule that has a `large` rule, a class
+    whose top coarse instance (under `rule.large`) has a box over `rule.large_share` of the image takes
+    its instances from `coarse`, every other class from `work`.
     """
     b, k = classes.shape
-    live = (classes >= 0)[..., None, None]
-    kept_pixels = ((work >= rule.threshold) & live).flatten(0, 1)
+    rules = [rule] if coarse is None or rule.large is None else [rule, rule.large]
+    maps = work if len(rules) == 1 else torch.cat([work, coarse], 1)
+    m = maps.shape[1]  # k maps per image, or 2k: first work's, then coarse's
+
+    def per_map(field: str) -> Tensor:  # [B*m], each map's rule's value
+        return torch.tensor([getattr(r, field) for r in rules], device=work.device).repeat_interleave(k).repeat(b)
+
+    live = (classes >= 0).repeat(1, len(rules)).flatten()
+    kept_pixels = (maps.flatten(0, 1) >= per_map("extent")[:, None, None]) & live[:, None, None]
     labels = torch.zeros_like(kept_pixels, dtype=torch.long)
     some = kept_pixels.flatten(1).any(1).nonzero()[:, 0]  # only maps with pixels to label (most are padding)
     labels[some] = connected_components(kept_pixels[some])
-    owner, ids, area, peak, mass = component_stats(labels, work.flatten(0, 1))
-    cells = (valid[:, 0] * valid[:, 1] / WORK_STRIDE**2).float().repeat_interleave(k)
-    share = mass / work.flatten(2).sum(-1).flatten()[owner].clamp(min=1e-7)  # of the map's whole evidence
-    confidence = instance_confidence(scores.flatten()[owner].float(), peak, share)
-    kept = _select(rule, owner, area, peak, cells)
+    owner, ids, area, peak, mass, box = component_stats(labels, maps.flatten(0, 1))
+    cells = (valid[:, 0] * valid[:, 1] / WORK_STRIDE**2).float().repeat_interleave(m)
+    share = mass / maps.flatten(2).sum(-1).flatten()[owner].clamp(min=1e-7)  # of the map's whole evidence
+    confidence = instance_confidence(scores.repeat(1, len(rules)).flatten()[owner].float(), peak, share)
+    kept = _select(rule, owner, area, peak, cells, per_map("threshold")[owner])
+    if len(rules) == 2:
+        kept = kept[_extent_chosen(owner[kept], box[kept], cells[owner[kept]], rule.large_share, b, k)]
+    mask_thresholds = per_map("mask_threshold")[owner[kept]]
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept]
     results: list[list[PseudoLabel]] = [[] for _ in range(b)]
     by_image: dict[int, list[int]] = {}
     for j, o in enumerate(owner):
-        by_image.setdefault(o // k, []).append(j)
+        by_image.setdefault(o // m, []).append(j)
     for i, members in by_image.items():
-        ranks = [owner[j] % k for j in members]
+        ranks = [owner[j] % m for j in members]
         component, region = _masks_at_original_size(
-            work[i], labels.view(b, k, *labels.shape[-2:])[i], valid[i], input_size, original_sizes[i],
-            ranks, ids[members], rule.mask_threshold)
+            maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid[i], input_size, original_sizes[i],
+            ranks, ids[members], mask_thresholds[members])
         # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
         results[i] = _encode(component, region if rule.name == "paper" else component,
-                             [int(classes[i, r]) for r in ranks],
+                             [int(classes[i, r % k]) for r in ranks],
                              confidence[members].tolist())
     return results
 
 
-def _masks_at_original_size(map_i, labels_i, valid_i, input_size, original, ranks, ids, threshold):
-    """Sample image i's maps and component labels at every original pixel (exact coordinate map).
+def _extent_chosen(owner: Tensor, box: Tensor, cells: Tensor, large_share: float, b: int, k: int) -> Tensor:
+    """Which kept components (ordered by owner map, best first, over B images x 2k maps: k fine, then k
+    coarse) come from the extent chosen for their class. A class takes its coarse instances when its top
+    coarse instance is a large object: its box covers over `large_share` of the image (cells: the image's
+    area), or it holds (half or more of the box of) two or more of the class's fine instances, which are
+    then parts of one object. Otherwise it keeps its fine instances."""
+    top = torch.ones_like(owner, dtype=torch.bool)
+    top[1:] = owner[1:] != owner[:-1]
+    image, slot = owner // (2 * k), owner % (2 * k)
+    coarse = slot >= k
+    cls = image * k + slot % k  # [M] the (image, class) each component belongs to
+    leader = top & coarse
+    top_box = torch.zeros(b * k, 4, device=box.device)
+    top_box[cls[leader]] = box[leader]
+    share = torch.zeros(b * k, device=box.device)
+    share[cls[leader]] = ((box[leader, 2:] - box[leader, :2]).prod(1) / cells[leader])
+    lo = torch.maximum(box[:, :2], top_box[cls, :2])
+    hi = torch.minimum(box[:, 2:], top_box[cls, 2:])
+    held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[:, 2:] - box[:, :2]).prod(1)
+    parts = torch.zeros(b * k, device=box.device).index_add_(0, cls[~coarse], held[~coarse].float())
+    large = (share > large_share) | (parts >= 2)  # [B*K]
+    return torch.where(coarse, large[cls], ~large[cls])
+
+
+def _masks_at_original_size(map_i, labels_i, valid_i, input_size, original, ranks, ids, thresholds):
+    """Sample image i's maps and component labels at every original pixel (exact coordinate map);
+    thresholds [M]: each chosen map's mask threshold.
 
     Returns (component masks, thresholded-map masks), each [M, h0, w0] bool."""
     height, width = input_size
@@ -275,7 +339,7 @@ def _masks_at_original_size(map_i, labels_i, valid_i, input_size, original, rank
     grid = grid.to(map_i.dtype)
     chosen = map_i[ranks][None]  # [1, M, h, w]
     values = F.grid_sample(chosen, grid, mode="bilinear", align_corners=False)[0]  # [M, h0, w0]
-    region = values >= threshold
+    region = values >= thresholds[:, None, None]
     comp = F.grid_sample(labels_i[ranks][None].float(), grid, mode="nearest", align_corners=False)[0]
     return region & (comp.long() == ids[:, None, None]), region
 

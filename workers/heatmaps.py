@@ -102,6 +102,15 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
         raise HeatmapError(f"no layer {name!r}; spatial layers end with: {', '.join(names[-8:])}") from None
 
 
+def _classifier(model: nn.Module) -> nn.Linear:
+    """The classifier's last Linear layer, whose weights CAM uses and whose input the forward hook sees."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise HeatmapError(f"{type(model).__name__} has no Linear classifier layer; camlabel needs one "
+                           "(convolutional heads such as squeezenet's are not supported)")
+    return linear[-1]
+
+
 def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_grad: bool):
     """Forward pass that returns (logits, activations of `layer`, input of the last Linear).
 
@@ -117,8 +126,8 @@ def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_
     def capture_head_input(_m, inputs) -> None:
         store["head_in"] = inputs[0]
 
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    with hooked(layer, capture), hooked(head, capture_head_input, pre=True), torch.set_grad_enabled(with_grad):
+    with hooked(layer, capture), hooked(_classifier(model), capture_head_input, pre=True), \
+            torch.set_grad_enabled(with_grad):
         logits = model(images)
     return logits, store["a"], store.get("head_in")
 
@@ -144,6 +153,32 @@ def classify(model: nn.Module, images: Tensor, targets: Tensor | None = None, to
         probs = model(images).float().softmax(1)
     classes = _resolve_targets(probs, targets, top_k)
     return Heatmaps(images.new_zeros(0), classes, probs.gather(1, classes.clamp(min=0)) * (classes >= 0), probs)
+
+
+def peak_evidence(model: nn.Module, images: Tensor, valid: Tensor, *, target_layer: str) -> Tensor | None:
+    """Each class's highest local probability anywhere in each image [B, classes], or None for a model
+    whose head is not GAP + linear.
+
+    A GAP + linear head scores every location of the target layer as it scores the whole image (the
+    CAM of every class plus its bias); the softmax over classes at each location, maxed over the image's
+    own cells (valid [B,2] of the padded input), finds an object that fills a tenth of a cluttered
+    scene, which the whole image's average (its softmax) buries under the background's classes.
+    """
+    layer = _layer(model, target_layer)
+    with restored(model), torch.no_grad():
+        model.eval()
+        _, acts, head_in = _forward_capturing(model, layer, images, with_grad=False)
+        classes = torch.arange(_classifier(model).out_features, device=images.device).expand(len(images), -1)
+        try:
+            local = _cam(model, acts, head_in, classes).float() + _classifier(model).bias.float()[:, None, None]
+        except HeatmapError:
+            return None
+    h, w = local.shape[-2:]
+    stride = images.shape[-2] / h
+    rows = torch.arange(h, device=images.device)[None, :, None] < (valid[:, 0, None, None] / stride).ceil()
+    cols = torch.arange(w, device=images.device)[None, None, :] < (valid[:, 1, None, None] / stride).ceil()
+    probability = local.softmax(1) * (rows & cols)[:, None]
+    return probability.flatten(2).amax(2)
 
 
 def compute_heatmaps(
@@ -199,7 +234,7 @@ def _cam(model: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor
     Checked, not assumed: the last Linear's input must equal the spatial mean of the target layer's
     activations (or of their ReLU, as in DenseNet).
     """
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    head = _classifier(model)
     rtol = max(1e-3, 4 * torch.finfo(acts.dtype).eps)  # under bfloat16 autocast both means round coarsely
     for f in (acts, acts.clamp(min=0)):
         candidate = f.mean((2, 3))
@@ -235,9 +270,10 @@ def eigen_projection(acts: Tensor) -> Tensor:
     the projection correlates positively with the channel-summed activations.
     """
     b, c, h, w = acts.shape
-    x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]
-    x = x - x.mean(1, keepdim=True)
-    eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # ascending
+    with torch.autocast(acts.device.type, enabled=False):  # eigh takes no bfloat16, and CUDA autocast
+        x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]  would run the Gram product in it
+        x = x - x.mean(1, keepdim=True)
+        eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # ascending
     proj = eigenvectors[..., -1:] * eigenvalues[:, -1, None, None].clamp(min=0).sqrt()  # [B, hw, 1]
     total = acts.float().sum(1).flatten(1)
     total = total - total.mean(1, keepdim=True)

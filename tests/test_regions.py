@@ -1,0 +1,80 @@
+"""Without labels: regions named by their crops, one box per object."""
+
+import torch
+import torch.nn.functional as F
+from skimage import data
+from torch import nn
+from torchvision.transforms.functional import resized_crop
+
+from workers.annotator import AnnotateSettings, Annotator
+from workers.models import load_model
+from workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from workers.regions import CROP_CONTEXT, CROP_SIZE, name_regions, one_box_per_object
+
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_a_region_is_named_by_what_its_crop_shows():
+    # "logits" = the crop's mean colour: a box on the red half must be named red, on the blue half blue,
+    # whatever the whole image is
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    batch = torch.zeros(2, 3, 64, 128)
+    batch[0, 0, :, :64] = 5
+    batch[0, 2, :, 64:] = 5
+    batch[1, 1] = 5  # all green
+    boxes = torch.tensor([[8.0, 16, 40, 48], [80, 8, 120, 56], [80, 8, 120, 56]])
+    probs = name_regions(model, batch, boxes, torch.tensor([0, 0, 1]))
+    assert probs.shape == (3, 3)
+    assert probs.argmax(1).tolist() == [0, 2, 1]
+
+
+def test_a_crop_is_square_around_the_region_with_context():
+    ramp = torch.arange(128.0).expand(1, 1, 64, 128).clone()  # value = x coordinate
+    crop = name_regions(nn.Flatten(), ramp, torch.tensor([[40.0, 20, 80, 40]]), torch.tensor([0]))  # the crop itself
+    # the region is 40 wide: the crop spans 40 x CROP_CONTEXT pixels centred on x = 60
+    values = crop.log()  # softmax undone up to a constant
+    row = values.view(CROP_SIZE, CROP_SIZE)[CROP_SIZE // 2]
+    span = (row[-1] - row[0]) * CROP_SIZE / (CROP_SIZE - 1)
+    assert abs(float(span) - 40 * CROP_CONTEXT) < 1
+
+
+def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():
+    boxes = torch.tensor([[10.0, 10, 110, 90],  # tabby, the cat
+                          [12.0, 8, 108, 92],  # tiger cat, the same cat
+                          [14.0, 12, 112, 88],  # Egyptian cat, the same cat
+                          [30.0, 20, 60, 50],  # tabby, the cat's head: a part
+                          [150.0, 10, 190, 50],  # another object
+                          [10.0, 10, 110, 90]])  # the same place in another image
+    scores = torch.tensor([0.5, 0.7, 0.4, 0.45, 0.3, 0.2])
+    classes = torch.tensor([281, 282, 285, 282, 504, 281])
+    owners = torch.tensor([0, 0, 0, 0, 0, 1])
+    keep = one_box_per_object(boxes, scores, classes, owners)
+    assert keep.tolist() == [1, 4, 5]
+
+
+def photo(name: str, height: int, width: int) -> torch.Tensor:
+    image = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1)[None].float()
+    return F.interpolate(image, size=(height, width), mode="bilinear", antialias=True)[0].round().byte()
+
+
+def test_without_labels_one_cat_gets_one_box_named_by_its_crop():
+    loaded = load_model(device="cpu")
+    annotator = Annotator(loaded, AnnotateSettings(input_size=224, scales=(1.0,), flip=False))
+    cat = photo("chelsea", 300, 451)
+    result = annotator([cat])
+    found = result.labels[0]
+    assert len(found) == 1, [(p.class_index, p.bbox) for p in found]  # synonyms and parts merged
+    label = found[0]
+    assert label.class_index in CATS
+    # the class is the crop's own best class: classify the same square crop independently
+    x, y, w, h = label.bbox
+    side = max(w, h) * CROP_CONTEXT
+    normalised = (cat.float()[None] / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD)[:, None, None]  # outside the photo a crop sees 0, the dataset mean, as the annotator's does
+    crop = resized_crop(normalised, round(y + h / 2 - side / 2), round(x + w / 2 - side / 2), round(side),
+                        round(side), [CROP_SIZE, CROP_SIZE], antialias=True)
+    with torch.no_grad():
+        probs = loaded.model(crop).softmax(1)[0]
+    assert probs.argmax().item() == label.class_index
+    # score = localisation confidence (at most 1) x the crop's probability (resampled a little differently)
+    assert label.score <= probs.max().item() * 1.05

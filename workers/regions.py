@@ -1,0 +1,50 @@
+"""Name each found region by classifying its crop, and keep one box per object.
+
+Without image-level labels the classes come from the classifier itself. Its whole-image top classes
+rarely name an object that fills a tenth of a cluttered scene, and near-synonyms (tabby, tiger cat,
+Egyptian cat) each map the same cat. So the whole image's top classes only propose regions; each region
+is then named by the same model looking at a crop around it, where the object fills the frame as in the
+classifier's training images, and boxes that cover one object are merged into the best-named one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, roi_align
+
+CROP_SIZE = 224  # the resolution ImageNet classifiers were trained at
+CROP_CONTEXT = 1.25  # a crop's side, as a multiple of the region's longer side: a little context, as in training
+SAME_OBJECT_IOU = 0.5  # boxes overlapping more than this cover one object
+PART_OVERLAP = 0.8  # a box of one class lying this much inside a better one of its class is a part of it
+
+
+@torch.no_grad()
+def name_regions(model: nn.Module, batch: Tensor, boxes: Tensor, owners: Tensor) -> Tensor:
+    """Class probabilities [N, classes] of regions boxes [N,4] (x1, y1, x2, y2, input pixels) of images
+    owners [N] in `batch` [B,3,H,W] (normalised network input): one square crop per region, centred on
+    it, CROP_CONTEXT times its longer side, resampled to CROP_SIZE (roi_align, so the crops never leave
+    the device), classified in one pass. Outside the image a crop sees the padding (the dataset mean)."""
+    if len(boxes) == 0:
+        return batch.new_zeros(0, 0)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True).clamp(min=1) * CROP_CONTEXT / 2
+    rois = torch.cat([owners[:, None].to(batch.dtype), centre - half, centre + half], 1)
+    crops = roi_align(batch.float(), rois.float(), output_size=CROP_SIZE, aligned=True, sampling_ratio=2)
+    return model(crops.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+
+
+def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: Tensor) -> Tensor:
+    """Indices of the boxes [N,4] (x1, y1, x2, y2) to keep, best first. A box goes when a better-scoring
+    kept box of its image overlaps it by more than SAME_OBJECT_IOU, whatever their classes (one object,
+    one box: NMS across classes), or when a better one of its own class holds PART_OVERLAP of its area
+    (a part of that object)."""
+    keep = batched_nms(boxes.float(), scores.float(), owners, SAME_OBJECT_IOU)  # descending score
+    kept = boxes[keep].float()
+    lo = torch.maximum(kept[:, None, :2], kept[None, :, :2])
+    hi = torch.minimum(kept[:, None, 2:], kept[None, :, 2:])
+    inside = (hi - lo).clamp(min=0).prod(-1) / (kept[:, 2:] - kept[:, :2]).prod(-1).clamp(min=1e-6)[:, None]
+    same = (owners[keep][:, None] == owners[keep][None, :]) & (classes[keep][:, None] == classes[keep][None, :])
+    better = torch.ones(len(keep), len(keep), dtype=torch.bool, device=boxes.device).tril(-1)  # j before i
+    part = (same & better & (inside > PART_OVERLAP)).any(1)
+    return keep[~part]
