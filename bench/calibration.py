@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 
 import torch
+from camlabel.pipeline.calibrate import CalibrationSet, calibrate
+from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.workers.models import load_model
 
 from bench.localisation import DATA
-from pipeline.calibrate import CalibrationSet, calibrate
-from workers.annotator import AnnotateSettings, Annotator
-from workers.models import load_model
 
 
 def main() -> None:

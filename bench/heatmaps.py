@@ -14,9 +14,8 @@ import time
 from datetime import date
 
 import torch
-
-from workers.heatmaps import compute_heatmaps
-from workers.models import load_model
+from camlabel.workers.heatmaps import compute_heatmaps
+from camlabel.workers.models import load_model
 
 
 def timed(fn, repeats: int) -> float:

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from camlabel.pipeline.evaluate import MapMeter, evaluate
+from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.workers.models import LoadedModel, load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image
-
-from pipeline.evaluate import MapMeter, evaluate
-from workers.annotator import AnnotateSettings, Annotator
-from workers.models import LoadedModel, load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public"
 
@@ -102,8 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = AnnotateSettings(input_size=args.input_size, rule=args.rule, threshold=args.threshold,
-                            mask_threshold=args.mask_threshold, flip=not args.no_flip, refine=not args.no_refine,
-                            precision=args.precision,
+                            mask_threshold=args.mask_threshold, flip=False if args.no_flip else None,
+                            refine=not args.no_refine, precision=args.precision,
                             scales=tuple(float(x) for x in args.scales.split(",")) if args.scales else None)
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
           "PxAP | boxes/object | img/s |")

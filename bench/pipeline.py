@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from camlabel.pipeline.job import annotate
+from camlabel.schemas.config import JobConfig
+from camlabel.workers.annotator import shape_groups
+from camlabel.workers.models import load_model
+from camlabel.workers.preprocess import prepare_batch
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 from torchvision.io import ImageReadMode, decode_image
-
-from pipeline.job import annotate
-from schemas.config import JobConfig
-from workers.annotator import shape_groups
-from workers.models import load_model
-from workers.preprocess import prepare_batch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public/images"
 

@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 
 import torch
+from camlabel.pipeline.masks import SegmentationMeter, decode_heatmaps, label_map
+from camlabel.workers.actor import stored_heatmaps
+from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.workers.models import load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image
-
-from pipeline.masks import SegmentationMeter, decode_heatmaps, label_map
-from workers.actor import stored_heatmaps
-from workers.annotator import AnnotateSettings, Annotator
-from workers.models import load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public"
 

@@ -19,11 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from camlabel.pipeline.train import TrainConfig, train
+from camlabel.workers.annotator import AnnotateSettings
+from camlabel.workers.models import load_model
 
 from bench.localisation import DATA, run
-from pipeline.train import TrainConfig, train
-from workers.annotator import AnnotateSettings
-from workers.models import load_model
 
 
 def main() -> None:

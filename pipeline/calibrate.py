@@ -17,12 +17,12 @@ import yaml
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from pipeline.evaluate import EvaluationError, evaluate, load_ground_truth
-from pipeline.sources import list_images, read_bytes
-from schemas.config import JobConfig
-from workers.annotator import AnnotateSettings, Annotator
-from workers.decode import DecodeError, decode
-from workers.models import LoadedModel
+from ..schemas.config import JobConfig
+from ..workers.annotator import AnnotateSettings, Annotator
+from ..workers.decode import DecodeError, decode
+from ..workers.models import LoadedModel
+from .evaluate import EvaluationError, evaluate, load_ground_truth
+from .sources import list_images, read_bytes
 
 log = logging.getLogger(__name__)
 

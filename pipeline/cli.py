@@ -9,11 +9,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from pipeline.evaluate import EvaluationError, evaluate
-from pipeline.sources import SourceError
-from schemas.config import ConfigError, JobConfig, load_config
-from workers.heatmaps import METHODS
-from workers.models import ModelError
+from ..schemas.config import METHODS, ConfigError, JobConfig, load_config
+from ..workers.models import ModelError
+from .evaluate import EvaluationError, evaluate
+from .sources import SourceError
 
 log = logging.getLogger("camlabel")
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_annotate(args) -> int:
-    from pipeline.job import annotate
+    from .job import annotate
 
     names = {f.name for f in fields(JobConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
@@ -145,11 +144,11 @@ def cmd_demo(args) -> int:
     """The bundled default: scikit-image's real photos, predicted classes, COCO export."""
     import skimage
 
-    from pipeline.export import export_coco
-    from pipeline.job import annotate
-    from pipeline.report import write_report
-    from pipeline.writers import read_parts
-    from schemas.tables import IMAGES
+    from ..schemas.tables import IMAGES
+    from .export import export_coco
+    from .job import annotate
+    from .report import write_report
+    from .writers import read_parts
 
     data = Path(skimage.data.data_dir)
     photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
@@ -175,10 +174,10 @@ def cmd_demo(args) -> int:
 
 def cmd_calibrate(args) -> int:
     """Thresholds for this model and these settings, written as a YAML file for `annotate --config`."""
-    from pipeline.calibrate import calibrate, calibrated_config
-    from pipeline.job import settings_of
-    from pipeline.writers import atomic_write_bytes
-    from workers.models import load_model
+    from ..workers.models import load_model
+    from .calibrate import calibrate, calibrated_config
+    from .job import settings_of
+    from .writers import atomic_write_bytes
 
     names = {f.name for f in fields(JobConfig)}
     config = load_config(args.config, {k: v for k, v in vars(args).items() if k in names})
@@ -191,7 +190,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.train import TrainConfig, train
+    from .train import TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
     if str(given.get("weights", "")).lower() == "none":
@@ -202,7 +201,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import write_report
+    from .report import write_report
 
     page = write_report(args.run, args.out or args.run / "report", args.gallery, args.images)
     print(json.dumps({"report": str(page)}))
@@ -210,7 +209,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.export import export_coco
+    from .export import export_coco
 
     coco = export_coco(args.runs, args.out, results=args.results)
     count = len(coco) if args.results else len(coco["annotations"])
@@ -219,7 +218,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from pipeline.job import list_runs
+    from .job import list_runs
 
     for run in list_runs(args.root):
         counts = run.get("counts", {})
@@ -231,7 +230,7 @@ def cmd_runs(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.label_maps:
-        from pipeline.masks import evaluate_label_maps
+        from .masks import evaluate_label_maps
 
         print(json.dumps(evaluate_label_maps(args.gt, args.label_maps), indent=2))
     else:
@@ -240,7 +239,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export_masks(args) -> int:
-    from pipeline.masks import export_masks
+    from .masks import export_masks
 
     low, high = args.ignore_band
     if not 0 <= low <= high <= 1:

@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from workers.boxes import connected_components
+from ..workers.boxes import connected_components
 
 
 class EvaluationError(ValueError):

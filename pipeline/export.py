@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.writers import atomic_write_json, read_parts
-from schemas.tables import IMAGES
+from ..schemas.tables import IMAGES
+from .writers import atomic_write_json, read_parts
 
 
 def run_class_names(run_dir: Path) -> list[str]:

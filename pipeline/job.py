@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import ray
+import torch
 from tqdm import tqdm
 
-from pipeline.plan import annotate_stream, plan_resources
-from pipeline.sources import labels_for, list_images, read_labels
-from pipeline.writers import RunWriter, atomic_write_json, read_parts
-from schemas.config import JobConfig
-from schemas.tables import ERRORS, IMAGES
-from workers.annotator import AnnotateSettings
-from workers.models import load_model
+from ..schemas.config import ConfigError, JobConfig
+from ..schemas.tables import ERRORS, IMAGES
+from ..workers.annotator import AnnotateSettings
+from ..workers.heatmaps import HeatmapError, compute_heatmaps
+from ..workers.models import load_model
+from .plan import annotate_stream, plan_resources
+from .sources import labels_for, list_images, read_labels
+from .writers import RunWriter, atomic_write_json, read_parts
 
 log = logging.getLogger(__name__)
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
@@ -43,6 +45,16 @@ def settings_of(config: JobConfig) -> AnnotateSettings:
                             min_score=config.min_score, flip=config.flip, refine=config.refine,
                             precision=config.precision,
                             scales=None if config.scales is None else tuple(config.scales)).resolved()
+
+
+def check_method(loaded, method: str) -> None:
+    """Fail before anything starts when the method cannot run on this model (CAM on a head that is not
+    GAP + linear): one tiny image through the real call, instead of every image of the run in errors."""
+    probe = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))  # a flat image hides a bad head
+    try:
+        compute_heatmaps(loaded.model, probe, target_layer=loaded.target_layer, method=method)
+    except HeatmapError as exc:
+        raise ConfigError(f"method: {exc}") from None
 
 
 def connect(address: str | None) -> None:
@@ -92,6 +104,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     model = {"name": config.model, "weights": config.weights, "class_names": config.class_names,
              "target_layer": config.target_layer, "model_dir": config.model_dir}
     loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
+    check_method(loaded, config.method)
     model["target_layer"] = loaded.target_layer
     settings = settings_of(config)
     series = series_of(loaded, settings)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.evaluate import EvaluationError
-from pipeline.writers import atomic_write_bytes, atomic_write_json
-from schemas.tables import IMAGES
+from ..schemas.tables import IMAGES
+from .evaluate import EvaluationError
+from .writers import atomic_write_bytes, atomic_write_json
 
 
 def ignore_value(num_classes: int) -> int:

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.sources import read_bytes
-from workers.actor import AnnotateActor
-from workers.annotator import AnnotateSettings
-from workers.decode import DecodeError, decode, image_size
+from ..workers.actor import AnnotateActor
+from ..workers.annotator import AnnotateSettings
+from ..workers.decode import DecodeError, decode, image_size
+from .sources import read_bytes
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work

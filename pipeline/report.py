@@ -24,12 +24,12 @@ from pycocotools import mask as mask_utils
 from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from pipeline.masks import decode_heatmaps
-from pipeline.sources import read_bytes
-from pipeline.writers import atomic_write_bytes, read_parts
-from schemas.tables import ERRORS, IMAGES
-from workers.decode import DecodeError, decode
-from workers.preprocess import scaled_size
+from ..schemas.tables import ERRORS, IMAGES
+from ..workers.decode import DecodeError, decode
+from ..workers.preprocess import scaled_size
+from .masks import decode_heatmaps
+from .sources import read_bytes
+from .writers import atomic_write_bytes, read_parts
 
 log = logging.getLogger(__name__)
 

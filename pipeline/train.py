@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pipeline.sources import SourceError, labels_for, list_images, read_bytes, read_labels
-from pipeline.writers import atomic_write_bytes, atomic_write_json
-from schemas.config import ConfigError
-from workers.decode import DecodeError, decode
-from workers.localizer import GapLocalizer, localizer_loss
-from workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
-from workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..schemas.config import ConfigError
+from ..workers.decode import DecodeError, decode
+from ..workers.localizer import GapLocalizer, localizer_loss
+from ..workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
+from ..workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .sources import SourceError, labels_for, list_images, read_bytes, read_labels
+from .writers import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _train_on_ray(config: TrainConfig) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.job import connect
+    from .job import connect
 
     connect(config.address)
     out = Path(config.out).resolve()

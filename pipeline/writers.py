@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from schemas.tables import ERRORS, IMAGES, RESULTS
+from ..schemas.tables import ERRORS, IMAGES, RESULTS
 
 log = logging.getLogger(__name__)
 

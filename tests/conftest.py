@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from camlabel.pipeline.train import TrainConfig, train
 from PIL import Image
-
-from pipeline.train import TrainConfig, train
 
 CLASSES = ("disc", "square")
 SIZE = 160

@@ -2,14 +2,13 @@
 
 from dataclasses import replace
 
+import camlabel.workers.annotator as annotator_module
 import pytest
 import torch
 import torch.nn.functional as F
+from camlabel.workers.annotator import METHOD_DEFAULTS, SCALES, AnnotateSettings, Annotator, resample_maps, shape_groups
+from camlabel.workers.models import load_model
 from skimage import data
-
-import workers.annotator as annotator_module
-from workers.annotator import METHOD_DEFAULTS, SCALES, AnnotateSettings, Annotator, resample_maps, shape_groups
-from workers.models import load_model
 
 
 def photo(height: int, width: int) -> torch.Tensor:
@@ -93,6 +92,10 @@ def test_settings_left_unset_take_the_methods_defaults():
     assert given.settings.scales == (1.0,) and (given.rule.threshold, given.rule.mask_threshold) == (0.3, 0.3)
     switched = Annotator(loaded, replace(AnnotateSettings(), method="eigencam"))  # the new method's defaults
     assert switched.settings.scales == expected["scales"] and switched.rule.threshold == expected["threshold"]
+    for method in ("scorecam", "occlusion"):  # one forward pass per channel or patch: one scale, no mirror
+        perturbation = Annotator(loaded, AnnotateSettings(method=method))
+        assert perturbation.settings.scales == (1.0,) and perturbation.settings.flip is False
+    assert cam.settings.flip is True
     paper = Annotator(loaded, AnnotateSettings(method="eigencam", rule="paper"))
     assert (paper.rule.threshold, paper.rule.mask_threshold) == (0.2, 0.2)  # the paper's rule is the paper's
 
@@ -137,8 +140,7 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it_natively(monk
 
 def test_an_actor_given_a_gpu_it_cannot_use_refuses_to_start(monkeypatch):
     import ray
-
-    from workers.actor import AnnotateActor
+    from camlabel.workers.actor import AnnotateActor
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])

@@ -5,10 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
-from scipy import ndimage
-
-from workers.boxes import (
+from camlabel.workers.boxes import (
     PAPER_RULE,
     RULES,
     BoxRule,
@@ -18,7 +15,9 @@ from workers.boxes import (
     propagate_components,
     working_maps,
 )
-from workers.boxes import pseudo_labels as labels_from_work
+from camlabel.workers.boxes import pseudo_labels as labels_from_work
+from pycocotools import mask as mask_utils
+from scipy import ndimage
 
 BOTH_WAYS = pytest.mark.parametrize("components", [connected_components, propagate_components])
 

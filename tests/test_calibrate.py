@@ -7,16 +7,16 @@ import os
 import numpy as np
 import pytest
 import yaml
+from camlabel.pipeline.calibrate import THRESHOLDS
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.evaluate import evaluate
+from camlabel.schemas.config import load_config
+from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.workers.models import load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import decode_image
 
-from pipeline.calibrate import THRESHOLDS
-from pipeline.cli import main
-from pipeline.evaluate import evaluate
-from schemas.config import load_config
 from tests.conftest import CLASSES, planted
-from workers.annotator import AnnotateSettings, Annotator
-from workers.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,8 @@ def test_calibrate_chooses_by_its_rule_and_its_figures_are_what_annotate_scores(
 
 def test_the_calibrated_config_keeps_every_annotate_setting():
     import yaml
-
-    from pipeline.calibrate import calibrated_config
-    from schemas.config import JobConfig
+    from camlabel.pipeline.calibrate import calibrated_config
+    from camlabel.schemas.config import JobConfig
 
     config = JobConfig(source="x", out="y", precision="bfloat16", top_k=4, scales=[1.0, 2.0], flip=False)
     written = yaml.safe_load(calibrated_config(config, {"threshold": 0.4, "mask_threshold": 0.55}))

@@ -118,7 +118,7 @@ def test_deploy_manifests_have_what_the_cluster_needs():
     assert cron["concurrencyPolicy"] == "Forbid"
     assert cron["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == "camlabel-scheduler"
     assert "rayjobs" in kinds["Role"]["rules"][0]["resources"]
-    from schemas.config import load_config
+    from camlabel.schemas.config import load_config
 
     job = yaml.safe_load((DEPLOY / "job.yaml").read_text())
     assert load_config(None, {**job, "source": str(DEPLOY), "out": "/tmp/x"}).gpus_per_actor == 1

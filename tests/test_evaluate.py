@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.evaluate import EvaluationError, evaluate
 from pycocotools import mask as mask_utils
-
-from pipeline.cli import main
-from pipeline.evaluate import EvaluationError, evaluate
 
 
 def rle_box(x, y, w, h, size=(100, 100)):
@@ -72,8 +71,7 @@ def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
 
 def test_map_meter_on_planted_maps():
     import torch
-
-    from pipeline.evaluate import MapMeter
+    from camlabel.pipeline.evaluate import MapMeter
 
     heatmap = torch.zeros(40, 40)
     heatmap[10:20, 10:30] = 1.0  # exactly the object
@@ -95,7 +93,7 @@ def test_map_meter_on_planted_maps():
 
 
 def test_corloc_by_object_size_counts_each_object_in_its_bin():
-    from pipeline.evaluate import LocalisationMeter
+    from camlabel.pipeline.evaluate import LocalisationMeter
 
     meter = LocalisationMeter()  # a 100 x 100 image: objects of 1%, 16% and 36% of it
     gt = [{"category_id": 1, "bbox": [0, 0, 10, 10]}, {"category_id": 2, "bbox": [20, 20, 40, 40]},

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from camlabel.workers.heatmaps import METHODS, HeatmapError, compute_heatmaps, eigen_projection
 from torch import nn
-
-from workers.heatmaps import METHODS, HeatmapError, compute_heatmaps, eigen_projection
 
 
 class GapNet(nn.Module):

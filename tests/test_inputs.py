@@ -5,13 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.plan import decode_batch
+from camlabel.pipeline.sources import SourceError, labels_for, list_images, read_labels
+from camlabel.schemas.config import ConfigError, load_config
+from camlabel.workers.decode import DecodeError, decode
 from PIL import Image
-
-from pipeline.cli import main
-from pipeline.plan import decode_batch
-from pipeline.sources import SourceError, labels_for, list_images, read_labels
-from schemas.config import ConfigError, load_config
-from workers.decode import DecodeError, decode
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -164,3 +163,13 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, capsys):
     assert main(["annotate", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("camlabel annotate: rule: 'fancy' is not allowed") and "\n" not in err
+
+
+def test_a_method_the_model_cannot_run_exits_2_before_anything_starts(tmp_path, capsys):
+    # convnext's head normalises after pooling: not GAP + linear, so CAM cannot run on it
+    config = tmp_path / "job.yaml"
+    config.write_text(f"source: {tmp_path}\nout: {tmp_path / 'o'}\nmodel: convnext_tiny\nweights: null\nmethod: cam\n")
+    assert main(["annotate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camlabel annotate: method: CAM needs a global-average-pooling") and "\n" not in err
+    assert not (tmp_path / "o").exists()  # nothing written, no Ray started

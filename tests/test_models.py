@@ -6,12 +6,11 @@ import pickle
 import pytest
 import torch
 import torchvision
+from camlabel.workers.heatmaps import HeatmapError, compute_heatmaps
+from camlabel.workers.models import ModelError, load_model
+from camlabel.workers.preprocess import prepare_batch
 from safetensors.torch import save_file
 from skimage import data
-
-from workers.heatmaps import HeatmapError, compute_heatmaps
-from workers.models import ModelError, load_model
-from workers.preprocess import prepare_batch
 
 GAP_LINEAR = {"mobilenet_v2": "features", "resnet18": "layer4", "densenet121": "features",
               "efficientnet_b0": "features"}
@@ -90,7 +89,7 @@ def test_unknown_layer_and_model_fail_with_the_choices():
 def test_folding_batch_norms_keeps_the_outputs_and_the_layer_names():
     import copy
 
-    from workers.models import fold_batch_norms
+    from camlabel.workers.models import fold_batch_norms
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2().eval()

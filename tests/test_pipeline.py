@@ -12,14 +12,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.evaluate import evaluate
+from camlabel.pipeline.export import coco_from_runs
+from camlabel.schemas.tables import ERRORS, IMAGES
 from PIL import Image
 from pycocotools.coco import COCO
 from skimage import data
-
-from pipeline.cli import main
-from pipeline.evaluate import evaluate
-from pipeline.export import coco_from_runs
-from schemas.tables import ERRORS, IMAGES
 
 PHOTOS = {"cat.png": data.chelsea, "coffee.png": data.coffee, "rocket.jpg": data.rocket,
           "astronaut.png": data.astronaut, "horse.png": lambda: (data.horse() == 0).astype("uint8") * 255}
@@ -141,8 +140,8 @@ def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collecti
     clean = tmp_path / "clean"
     annotate(source, clean)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "pipeline.cli", "annotate", str(source), "--out", str(out), "--input-size",
-               "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
+    command = [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
+               "--input-size", "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     process = subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -192,9 +191,9 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
 
 
 def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(local_ray, collection):
-    from pipeline.plan import Resources, annotate_stream
-    from pipeline.sources import list_images
-    from workers.annotator import AnnotateSettings
+    from camlabel.pipeline.plan import Resources, annotate_stream
+    from camlabel.pipeline.sources import list_images
+    from camlabel.workers.annotator import AnnotateSettings
 
     items = [{"path": p, "labels": "-"} for p in list_images(str(collection))]
     settings = AnnotateSettings(input_size=96, scales=(1.0,), flip=False)

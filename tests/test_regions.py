@@ -2,14 +2,13 @@
 
 import torch
 import torch.nn.functional as F
+from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.workers.models import load_model
+from camlabel.workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from camlabel.workers.regions import CROP_CONTEXT, CROP_SIZE, name_regions, one_box_per_object
 from skimage import data
 from torch import nn
 from torchvision.transforms.functional import resized_crop
-
-from workers.annotator import AnnotateSettings, Annotator
-from workers.models import load_model
-from workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from workers.regions import CROP_CONTEXT, CROP_SIZE, name_regions, one_box_per_object
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -44,12 +43,12 @@ def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():
                           [14.0, 12, 112, 88],  # Egyptian cat, the same cat
                           [30.0, 20, 60, 50],  # tabby, the cat's head: a part
                           [150.0, 10, 190, 50],  # another object
-                          [10.0, 10, 110, 90]])  # the same place in another image
-    scores = torch.tensor([0.5, 0.7, 0.4, 0.45, 0.3, 0.2])
-    classes = torch.tensor([281, 282, 285, 282, 504, 281])
-    owners = torch.tensor([0, 0, 0, 0, 0, 1])
-    keep = one_box_per_object(boxes, scores, classes, owners)
-    assert keep.tolist() == [1, 4, 5]
+                          [10.0, 10, 110, 90],  # the same place in another image
+                          [100.0, 40, 160, 80]])  # an object beside the cat, overlapping it a little
+    scores = torch.tensor([0.5, 0.7, 0.4, 0.45, 0.3, 0.2, 0.35])
+    owners = torch.tensor([0, 0, 0, 0, 0, 1, 0])
+    keep = one_box_per_object(boxes, scores, owners)
+    assert keep.tolist() == [1, 6, 4, 5]
 
 
 def photo(name: str, height: int, width: int) -> torch.Tensor:

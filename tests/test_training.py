@@ -12,16 +12,16 @@ import pytest
 import ray
 import torch
 import torch.nn.functional as F
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.train import TrainConfig, train
+from camlabel.schemas.config import ConfigError, load_config
+from camlabel.workers.heatmaps import compute_heatmaps
+from camlabel.workers.localizer import GapLocalizer, localizer_loss, symmetric_kl
+from camlabel.workers.models import ModelError, load_model
 from PIL import Image
 from torch import nn
 
-from pipeline.cli import main
-from pipeline.train import TrainConfig, train
-from schemas.config import ConfigError, load_config
 from tests.conftest import CLASSES, SIZE, planted
-from workers.heatmaps import compute_heatmaps
-from workers.localizer import GapLocalizer, localizer_loss, symmetric_kl
-from workers.models import ModelError, load_model
 
 
 def tiny_localizer(attention: bool) -> GapLocalizer:

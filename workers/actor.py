@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from schemas.tables import RESULTS
-from workers.annotator import AnnotateSettings, Annotator
-from workers.models import load_model
+from ..schemas.tables import RESULTS
+from .annotator import AnnotateSettings, Annotator
+from .models import load_model
 
 log = logging.getLogger(__name__)
 

@@ -10,21 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
-from workers.heatmaps import classify, compute_heatmaps, peak_evidence
-from workers.models import LoadedModel
-from workers.preprocess import MULTIPLE, prepare_batch, scaled_size
-from workers.regions import name_regions, one_box_per_object
+from ..schemas.config import PRECISIONS
+from .boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
+from .heatmaps import classify, compute_heatmaps, peak_evidence
+from .models import LoadedModel
+from .preprocess import MULTIPLE, prepare_batch, scaled_size
+from .regions import name_regions, one_box_per_object
 
 # Input sizes, as multiples of input_size, whose maps are averaged: objects are cut from the mean of all but
 # the smallest, large objects (workers.boxes.LARGE_OBJECT_RULE) from the mean of all but the largest.
 SCALES = (1.0, 1.5, 2.0)
-PRECISIONS = ("auto", "float32", "bfloat16")
 CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
 # Eigen-CAM's map is the layer's first principal component, class-agnostic: at larger sizes the object
 # dominates the layer's variance less, so Eigen-CAM keeps smaller scales and higher thresholds, one
 # extent (bench/README.md measures both defaults for it).
-METHOD_DEFAULTS = {"eigencam": {"scales": (1.0, 1.5), "threshold": 0.6, "mask_threshold": 0.65}}
+# Score-CAM and occlusion pay one forward pass per channel or patch position: one scale, no mirror.
+METHOD_DEFAULTS = {"eigencam": {"scales": (1.0, 1.5), "threshold": 0.6, "mask_threshold": 0.65},
+                   "scorecam": {"scales": (1.0,), "flip": False},
+                   "occlusion": {"scales": (1.0,), "flip": False}}
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class AnnotateSettings:
     otherwise the top_k classes whose evidence peaks highest anywhere in the image propose regions and
     each region is named by its crop's best class, kept when that class's probability is at least
     min_score (workers.regions).
-    Scales and thresholds left None take the method's defaults (METHOD_DEFAULTS, else SCALES and
-    the rule's thresholds)."""
+    Scales, flip and thresholds left None take the method's defaults (METHOD_DEFAULTS, else SCALES, a
+    mirror and the rule's thresholds)."""
 
     method: str = "cam"
     input_size: int = 448
@@ -43,7 +46,7 @@ class AnnotateSettings:
     mask_threshold: float | None = None  # default: threshold when that is given, else the rule's
     top_k: int = 5
     min_score: float = 0.1
-    flip: bool = True  # average with the horizontally flipped image's maps
+    flip: bool | None = None  # average with the horizontally flipped image's maps (default: yes)
     scales: tuple[float, ...] | None = None  # input sizes, as multiples of input_size, whose maps are averaged
     refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
     # the model's passes under bfloat16 autocast (maps and everything after them stay float32): 1.7-1.9x
@@ -64,7 +67,10 @@ class AnnotateSettings:
         changes: dict = {}
         if self.scales is None:
             changes["scales"] = tuple(defaults.get("scales", SCALES))
-        if self.rule == "instances" and self.threshold is None and self.mask_threshold is None and defaults:
+        if self.flip is None:
+            changes["flip"] = defaults.get("flip", True)
+        if self.rule == "instances" and self.threshold is None and self.mask_threshold is None and (
+                "threshold" in defaults):
             changes |= {"threshold": defaults["threshold"], "mask_threshold": defaults["mask_threshold"]}
         return replace(self, **changes)
 
@@ -114,7 +120,7 @@ class WorkingMaps:
         boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
         probability, named = name_regions(self.namer, self.batch, boxes, owners).max(1)
         scores = torch.tensor([p.score for _, p in flat], device=device) * probability
-        keep = one_box_per_object(boxes, scores, named, owners)
+        keep = one_box_per_object(boxes, scores, owners)
         keep = keep[probability[keep] >= self.min_score].tolist()
         named, scores = named.tolist(), scores.tolist()
         renamed: list[list[PseudoLabel]] = [[] for _ in found]
@@ -140,7 +146,7 @@ class Annotator:
             rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
         if settings.mask_threshold is not None:
             rule = replace(rule, mask_threshold=settings.mask_threshold)
-        if settings.method in METHOD_DEFAULTS:  # the method's own thresholds, one extent
+        if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):  # the method's own thresholds, one extent
             rule = replace(rule, grow=None, large=None)
         self.rule = rule
         self.precision = settings.precision

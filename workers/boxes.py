@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from torch import Tensor
 
-from workers.heatmaps import normalise
+from .heatmaps import normalise
 
 WORK_STRIDE = 4  # thresholds and components are computed at 1/4 of the network input's resolution
 

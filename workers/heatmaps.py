@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..schemas.config import METHODS
+
 EPS = 1e-7
 
 
@@ -57,7 +59,6 @@ WEIGHTINGS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "hirescam": lambda a, g: g,
 }
 GRADIENT_METHODS = tuple(WEIGHTINGS)
-METHODS = ("cam", *GRADIENT_METHODS, "eigencam", "scorecam", "occlusion", "deconvnet", "guided")
 
 
 def normalise(maps: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from workers.localizer import TARGET_LAYER, GapLocalizer
+from .localizer import TARGET_LAYER, GapLocalizer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class LoadedModel:
 
 
 def imagenet_class_names() -> list[str]:
-    text = importlib.resources.files("workers").joinpath("imagenet_classes.txt").read_text()
+    text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text()
     return text.splitlines()
 
 

@@ -34,17 +34,17 @@ def name_regions(model: nn.Module, batch: Tensor, boxes: Tensor, owners: Tensor)
     return model(crops.contiguous(memory_format=torch.channels_last)).float().softmax(1)
 
 
-def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: Tensor) -> Tensor:
-    """Indices of the boxes [N,4] (x1, y1, x2, y2) to keep, best first. A box goes when a better-scoring
-    kept box of its image overlaps it by more than SAME_OBJECT_IOU, whatever their classes (one object,
-    one box: NMS across classes), or when a better one of its own class holds PART_OVERLAP of its area
-    (a part of that object)."""
+def one_box_per_object(boxes: Tensor, scores: Tensor, owners: Tensor) -> Tensor:
+    """Indices of the boxes [N,4] (x1, y1, x2, y2) of images owners [N] to keep, best first. A box goes
+    when a better-scoring kept box of its image overlaps it by more than SAME_OBJECT_IOU, whatever their
+    classes (one object, one box: NMS across classes), or holds PART_OVERLAP of its area (a part of that
+    object, such as a cat's eye named "tabby" inside the cat named "Egyptian cat")."""
     keep = batched_nms(boxes.float(), scores.float(), owners, SAME_OBJECT_IOU)  # descending score
     kept = boxes[keep].float()
     lo = torch.maximum(kept[:, None, :2], kept[None, :, :2])
     hi = torch.minimum(kept[:, None, 2:], kept[None, :, 2:])
     inside = (hi - lo).clamp(min=0).prod(-1) / (kept[:, 2:] - kept[:, :2]).prod(-1).clamp(min=1e-6)[:, None]
-    same = (owners[keep][:, None] == owners[keep][None, :]) & (classes[keep][:, None] == classes[keep][None, :])
+    same_image = owners[keep][:, None] == owners[keep][None, :]
     better = torch.ones(len(keep), len(keep), dtype=torch.bool, device=boxes.device).tril(-1)  # j before i
-    part = (same & better & (inside > PART_OVERLAP)).any(1)
+    part = (same_image & better & (inside > PART_OVERLAP)).any(1)
     return keep[~part]

@@ -1,0 +1,53 @@
+"""The package's shape: the stage folders install as camlabel.*, and import each other relatively."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("pipeline", "workers", "schemas")
+
+
+@pytest.mark.parametrize("path", sorted(p for stage in STAGES for p in (ROOT / stage).glob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_package_modules_never_import_the_bare_stage_names(path):
+    # a bare `from workers.boxes import ...` works from the repository root and breaks once installed
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        for name in names:
+            assert name.split(".")[0] not in STAGES, f"{path.name}:{node.lineno} imports {name}; use a relative import"
+
+
+def test_the_schemas_import_no_other_stage_and_no_torch():
+    for path in (ROOT / "schemas").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                pytest.fail(f"schemas/{path.name}:{node.lineno} imports from {'.' * node.level}{node.module}")
+
+
+def test_installed_as_camlabel_namespace():
+    import camlabel.pipeline.cli
+    import camlabel.workers.annotator
+
+    assert camlabel.pipeline.cli.__name__ == "camlabel.pipeline.cli"
+    assert Path(camlabel.workers.annotator.__file__).resolve() == ROOT / "workers" / "annotator.py"
+
+
+def test_parsing_a_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, camlabel.schemas.config as c; c.load_config(None, {'source': 'x', 'out': 'y'}); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_the_vocabulary_is_what_the_workers_implement():
+    from camlabel.schemas.config import RULES
+    from camlabel.workers.boxes import RULES as BOX_RULES
+    from camlabel.workers.heatmaps import GRADIENT_METHODS, METHODS
+
+    assert set(BOX_RULES) == set(RULES)
+    assert set(GRADIENT_METHODS) < set(METHODS)
