@@ -44,11 +44,13 @@ def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():
                           [30.0, 20, 60, 50],  # tabby, the cat's head: a part
                           [150.0, 10, 190, 50],  # another object
                           [10.0, 10, 110, 90],  # the same place in another image
-                          [100.0, 40, 160, 80]])  # an object beside the cat, overlapping it a little
-    scores = torch.tensor([0.5, 0.7, 0.4, 0.45, 0.3, 0.2, 0.35])
-    owners = torch.tensor([0, 0, 0, 0, 0, 1, 0])
-    keep = one_box_per_object(boxes, scores, owners)
-    assert keep.tolist() == [1, 6, 4, 5]
+                          [100.0, 40, 160, 80],  # an object beside the cat, overlapping it a little
+                          [70.0, 60, 90, 80]])  # a mouse inside the cat's box: another class, kept
+    scores = torch.tensor([0.5, 0.7, 0.4, 0.45, 0.3, 0.2, 0.35, 0.25])
+    classes = torch.tensor([281, 282, 285, 282, 504, 281, 700, 673])
+    owners = torch.tensor([0, 0, 0, 0, 0, 1, 0, 0])
+    keep = one_box_per_object(boxes, scores, classes, owners)
+    assert keep.tolist() == [1, 6, 4, 7, 5]
 
 
 def photo(name: str, height: int, width: int) -> torch.Tensor:

@@ -120,7 +120,7 @@ class WorkingMaps:
         boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
         probability, named = name_regions(self.namer, self.batch, boxes, owners).max(1)
         scores = torch.tensor([p.score for _, p in flat], device=device) * probability
-        keep = one_box_per_object(boxes, scores, owners)
+        keep = one_box_per_object(boxes, scores, named, owners)
         keep = keep[probability[keep] >= self.min_score].tolist()
         named, scores = named.tolist(), scores.tolist()
         renamed: list[list[PseudoLabel]] = [[] for _ in found]
