@@ -123,7 +123,7 @@ def main() -> None:
     rows += [(True, 2, "cam", "bfloat16"), (False, 2, "cam", "float32"), (False, 2, "cam", "bfloat16")]
     for fast, actors, method, precision in rows:
         whole, steady = job(sources["fast" if fast else "default"], actors, args.input_size, fast, method, precision)
-        setting = "fast (1 scale, no flip, no refinement)" if fast else "default (2 scales, flip, refined)"
+        setting = "fast (1 scale, no flip, no refinement)" if fast else "default (3 scales, flip, refined)"
         print(f"| camlabel annotate {method}, {setting}, {precision}, {actors} actor(s) | {whole:.2f} / {steady:.2f} "
               f"| {whole / base:.2f} / {steady / base:.2f} | {steady / glue_speed:.2f} |", flush=True)
     ray.shutdown()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_png, encode_png, read_file
 
-ROW_HEIGHT = 150
+ROW_HEIGHT = 130
 PER_ROW = 4
 GAP = 4
 
