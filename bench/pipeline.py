@@ -117,7 +117,7 @@ def main() -> None:
                         ("plain forward as above, bfloat16 autocast", half),
                         ("pytorch-grad-cam Grad-CAM per image + 20% rule + RLE, 2 threads", glue_speed)):
         print(f"| {name} | {speed:.2f} | {speed / base:.2f} | {speed / glue_speed:.2f} |", flush=True)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     job(sources["default"], 1, args.input_size, True)  # warm Ray's worker pool once, for every row alike
     rows = [(True, actors, method, "float32") for actors in (1, 2) for method in ("cam", "gradcam")]
     rows += [(True, 2, "cam", "bfloat16"), (False, 2, "cam", "float32"), (False, 2, "cam", "bfloat16")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..schemas.config import METHODS, ConfigError, JobConfig, load_config
 from ..workers.models import ModelError
 from .evaluate import EvaluationError, evaluate
+from .signals import Stopped
 from .sources import SourceError
 
 log = logging.getLogger("camlabel")
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SourceError, ModelError, EvaluationError) as exc:
         print(f"camlabel {args.command}: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"camlabel {args.command}: stopped by {stop.signal}; {stop.kept} images are kept in finished parts "
+              f"under {stop.run_dir}; run the same command to resume", file=sys.stderr)
+        return 128 + signal.Signals[stop.signal].value
 
 
 def cmd_annotate(args) -> int:

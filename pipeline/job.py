@@ -22,6 +22,7 @@ from ..workers.annotator import AnnotateSettings
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
 from .plan import annotate_stream, plan_resources
+from .signals import Stopped, stopped_by_signals
 from .sources import labels_for, list_images, read_labels
 from .writers import RunWriter, atomic_write_json, read_parts
 
@@ -58,13 +59,14 @@ def check_method(loaded, method: str) -> None:
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at address (or RAY_ADDRESS); without one, start a local Ray."""
+    """Join the cluster at address (or RAY_ADDRESS); without one, start a private local Ray (not a
+    cluster that someone's `ray start` left running on this machine, which plain ray.init() would join)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         os.environ.pop("RAY_ADDRESS", None)  # Ray refuses an empty one
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -147,14 +149,25 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         log.info("annotating %d images (%d already done) with %s", len(items), len(done), resources)
         bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
         first_at, after_first = None, 0
-        for table in annotate_stream(items, model, settings, resources):
-            writer.add(table)
-            bar.update(table.num_rows)
-            if first_at is None:
-                first_at = time.perf_counter()
-            else:
-                after_first += table.num_rows
-        writer.flush()
+        try:
+            with stopped_by_signals():
+                for table in annotate_stream(items, model, settings, resources):
+                    writer.add(table)
+                    bar.update(table.num_rows)
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    else:
+                        after_first += table.num_rows
+                writer.flush()
+        except Stopped as stop:
+            bar.close()
+            writer.flush()  # the rows already received: a part of their own, committed like any other
+            stop.kept = read_parts(run_dir / "annotations", IMAGES, ["path"]).num_rows + read_parts(
+                run_dir / "errors", ERRORS, ["path"]).num_rows
+            stop.run_dir = run_dir
+            manifest.update({"status": "stopped", "stopped_by": stop.signal, "finished": datetime.now(UTC).isoformat()})
+            atomic_write_json(run_dir / "manifest.json", manifest)
+            raise
         bar.close()
         if after_first:  # throughput once actors are up and the model loaded, the figure that scales
             manifest["steady_images_per_second"] = round(after_first / (time.perf_counter() - first_at), 3)

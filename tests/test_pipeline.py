@@ -26,7 +26,7 @@ PHOTOS = {"cat.png": data.chelsea, "coffee.png": data.coffee, "rocket.jpg": data
 
 def restart_ray():
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,37 @@ def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collecti
     annotate(source, out)
     assert rows(out) == rows(clean)
     assert (out / "quarantine" / f"annotations-{parts[0].name}").exists()
+
+
+def test_sigterm_mid_run_commits_what_is_done_and_exits_plainly(local_ray, collection, tmp_path):
+    source = tmp_path / "many"
+    source.mkdir()
+    for i in range(24):
+        shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
+        (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))
+    clean = tmp_path / "clean"
+    annotate(source, clean)
+    out = tmp_path / "stopped"
+    command = [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
+               "--input-size", "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("annotations/part-*.parquet")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, err = process.communicate(timeout=60)
+    assert time.time() - sent < 30, "the job took over 30 s to stop"
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "Aborted" not in err and "stack" not in err.lower(), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("camlabel annotate: stopped by SIGTERM;") and "run the same command to resume" in last
+    assert json.loads((out / "manifest.json").read_text())["status"] == "stopped"
+    kept = len(rows(out))
+    assert 0 < kept < 24, "the job was not stopped half way"
+    annotate(source, out)
+    assert rows(out) == rows(clean)  # nothing lost, nothing written twice
 
 
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):

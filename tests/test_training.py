@@ -111,7 +111,7 @@ def test_annotate_uses_the_model_dir_and_the_report_renders(trained, tmp_path, c
     shutil.copy(root / "train" / "square" / "001.png", source / hostile)
     (source / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         assert main(["annotate", str(source), "--out", str(tmp_path / "run"), "--model-dir", str(root / "model"),
                      "--input-size", str(SIZE), "--no-flip", "--scales", "1.0", "--top-k", "1"]) == 0
@@ -166,7 +166,7 @@ def render(page) -> tuple[str, list[str]]:
 def test_ray_train_workers_share_the_images_and_return_a_usable_model(tmp_path):
     made = planted(tmp_path / "train", 20, seed=4)
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         spec = train(TrainConfig(images=str(tmp_path / "train"), out=str(tmp_path / "model"), epochs=2,
                                  input_size=96, batch_size=5, val_fraction=0, workers=2), progress=False)
