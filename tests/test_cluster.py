@@ -107,16 +107,30 @@ def test_deploy_manifests_have_what_the_cluster_needs():
     assert rayjob["kind"] == "RayJob"
     spec = rayjob["spec"]
     assert spec["entrypoint"].startswith("camlabel annotate") and "--config /config/job.yaml" in spec["entrypoint"]
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert spec["shutdownAfterJobFinishes"] is True and 0 < spec["ttlSecondsAfterFinished"] <= 900  # minutes
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no decode task lands on the head
+    worker_pod = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker = worker_pod["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in worker_pod["tolerations"]) and worker_pod["nodeSelector"]
+    for pod in (head["template"]["spec"], worker_pod):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        shm = [v for v in pod["volumes"] if v["name"] == "shm"][0]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert any(m["mountPath"] == "/dev/shm" for m in pod["containers"][0]["volumeMounts"])
     assert any(m["mountPath"] == "/data" for m in worker["volumeMounts"])
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "wget" in dockerfile and "kubectl" in dockerfile and "\nUSER 1000" in dockerfile
     documents = list(yaml.safe_load_all((DEPLOY / "cronjob.yaml").read_text()))
     kinds = {d["kind"]: d for d in documents}
     assert {"ServiceAccount", "Role", "RoleBinding", "CronJob"} <= set(kinds)
     cron = kinds["CronJob"]["spec"]
     assert cron["concurrencyPolicy"] == "Forbid"
-    assert cron["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == "camlabel-scheduler"
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "camlabel-scheduler" and pod["securityContext"]["runAsNonRoot"] is True
+    assert "bitnami" not in pod["containers"][0]["image"]
+    assert "jobDeploymentStatus" in pod["containers"][0]["command"][-1]  # skips while a RayJob still runs
     assert "rayjobs" in kinds["Role"]["rules"][0]["resources"]
     from camlabel.schemas.config import load_config
 

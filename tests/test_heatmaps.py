@@ -146,6 +146,20 @@ def test_occlusion_over_the_feature_drops_the_class_score():
     assert heat.maps[0, 0].max() == 1 and heat.maps[0, 0].min() == 0  # patches far from it change nothing
 
 
+def test_occlusion_maps_tile_the_input_without_a_shift():
+    # the planted feature spans rows 8-16 of 32: the occlusion map, read as cells that tile the input (as
+    # every map is resampled), must centre on row 12 (maps indexed by patch corners put it at 11.4).
+    # Rows only: its columns reach the last patch position, where fewer patches average.
+    model = RedDetector().eval()
+    heat = compute_heatmaps(model, planted(), target_layer="features", method="occlusion",
+                            targets=torch.tensor([[1]]), patch=8, stride=4)
+    m = heat.maps[0, 0]
+    assert m.shape == (8, 8)  # cells of gcd(4, 8, 32) = 4 pixels
+    centres = (torch.arange(8) + 0.5) * 4
+    cy = float((m.sum(1) * centres).sum() / m.sum())
+    assert abs(cy - 12) < 0.1, cy
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "scorecam"])
 def test_a_batch_gives_the_same_maps_as_single_images(gapnet, method):
     x = torch.randn(3, 3, 32, 32)

@@ -10,6 +10,8 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
 MAX_PIXELS = 64_000_000  # larger headers are refused unread (decompression bombs)
+EXIF_ORIENTATION = 0x0112
+TORCHVISION_ORIENTS = ("JPEG", "PNG")  # the formats whose EXIF orientation torchvision applies itself
 
 
 class DecodeError(ValueError):
@@ -18,13 +20,18 @@ class DecodeError(ValueError):
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header alone; raises DecodeError for what is not an image."""
+    return _header(data)[:2]
+
+
+def _header(data: bytes) -> tuple[int, int, str | None, int]:
+    """(width, height, format, EXIF orientation 1-8) from the header alone."""
     if not data:
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return im.size
+                return (*im.size, im.format, im.getexif().get(EXIF_ORIENTATION, 1))
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"refused: {exc}") from exc
     except Exception as exc:
@@ -36,14 +43,17 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
 
     torchvision decodes JPEG, PNG, WEBP and GIF (first frame); PIL handles the rest.
     """
-    width, height = image_size(data)
+    width, height, fmt, orientation = _header(data)
     if width * height > max_pixels:
         raise DecodeError(f"refused: {width}x{height} is over the {max_pixels:,}-pixel limit")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                             apply_exif_orientation=True)
-    except Exception:
+    if orientation != 1 and fmt not in TORCHVISION_ORIENTS:  # a rotated WebP would come out sideways
         image = _decode_with_pil(data)
+    else:
+        try:
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                 apply_exif_orientation=True)
+        except Exception:
+            image = _decode_with_pil(data)
     if image.dim() == 4:  # animated: the first frame
         image = image[0]
     if image.dtype == torch.uint16:

@@ -13,6 +13,7 @@ no graph is recorded below the target layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -302,8 +303,10 @@ def _score_cam(model: nn.Module, images: Tensor, acts: Tensor, classes: Tensor, 
 
 
 def _occlusion(model, images, probs, classes, chunk_size, patch, stride) -> Tensor:
-    """Zeiler & Fergus 2014: slide a grey (dataset-mean) patch over the image; the map is the drop in
-    class probability as a function of the patch position, at the patch grid's resolution."""
+    """Zeiler & Fergus 2014: slide a grey (dataset-mean) patch over the image; each pixel's value is the
+    mean drop in class probability over the patch positions that cover it. The map's cells tile the
+    input (cells of gcd(stride, patch, H, W) pixels), as every other method's do, so it is resampled
+    without a shift; the rim that no patch position reaches stays 0."""
     b, _, h, w = images.shape
     dev = images.device
     ys = torch.arange(0, max(h - patch, 0) + 1, stride, device=dev)
@@ -319,7 +322,14 @@ def _occlusion(model, images, probs, classes, chunk_size, patch, stride) -> Tens
         for i in range(b):
             p = model(images[i : i + 1] * keep[:, None]).float().softmax(1)[:, classes[i]]  # [P, K]
             drops[i, :, start : start + chunk_size] = (probs[i, classes[i]][None] - p).T
-    return drops.view(b, classes.shape[1], ys.numel(), xs.numel())
+    cell = math.gcd(stride, patch, h, w)
+    spread = torch.ones(1, 1, patch // cell, patch // cell, device=dev)  # a patch, in cells
+    grid = drops.view(b * classes.shape[1], 1, ys.numel(), xs.numel())
+    total = F.conv_transpose2d(grid, spread, stride=stride // cell)
+    covered = F.conv_transpose2d(torch.ones_like(grid[:1]), spread, stride=stride // cell)
+    mean = total / covered.clamp(min=1)
+    mean = F.pad(mean, (0, w // cell - mean.shape[-1], 0, h // cell - mean.shape[-2]))  # the unreached rim
+    return mean.view(b, classes.shape[1], h // cell, w // cell)
 
 
 class _ModifiedReLU(torch.autograd.Function):
