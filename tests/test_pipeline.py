@@ -129,22 +129,36 @@ def test_a_model_that_raises_loses_only_the_images_at_fault(local_ray, collectio
     restart_ray()
 
 
-def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collection, tmp_path):
-    """SIGKILL the driver (and its local Ray) once parts exist; the same command then finishes the job.
-    A part cut short by a non-atomic store is set aside and its images annotated again."""
+def many_cats(collection, tmp_path):
+    """24 copies of the cat, each with a distinct byte appended (distinct content, same pixels), and a
+    clean uninterrupted run of them to compare with."""
     source = tmp_path / "many"
     source.mkdir()
     for i in range(24):
         shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
-        (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))  # distinct content, same pixels
+        (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))
     clean = tmp_path / "clean"
     annotate(source, clean)
+    return source, clean
+
+
+def annotate_command(source, out) -> list[str]:
+    """`camlabel annotate` as its own process, in small parts, so it can be killed or stopped half way."""
+    return [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
+            "--input-size", "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
+
+
+def without_ray_address() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collection, tmp_path):
+    """SIGKILL the driver (and its local Ray) once parts exist; the same command then finishes the job.
+    A part cut short by a non-atomic store is set aside and its images annotated again."""
+    source, clean = many_cats(collection, tmp_path)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
-               "--input-size", "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(annotate_command(source, out), start_new_session=True, env=without_ray_address(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("annotations/part-*.parquet"))) < 2:
         time.sleep(0.2)
@@ -160,18 +174,10 @@ def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collecti
 
 
 def test_sigterm_mid_run_commits_what_is_done_and_exits_plainly(local_ray, collection, tmp_path):
-    source = tmp_path / "many"
-    source.mkdir()
-    for i in range(24):
-        shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
-        (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))
-    clean = tmp_path / "clean"
-    annotate(source, clean)
+    source, clean = many_cats(collection, tmp_path)
     out = tmp_path / "stopped"
-    command = [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
-               "--input-size", "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(annotate_command(source, out), env=without_ray_address(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("annotations/part-*.parquet")):
         time.sleep(0.2)
