@@ -98,8 +98,8 @@ class WorkingMaps:
     sizes: list[tuple[int, int]]  # original (height, width)
     top_classes: Tensor
     top_scores: Tensor
-    batch: Tensor  # the network input [B,3,H,W]
     namer: nn.Module | None = None  # without labels: the model that names each region from its crop
+    batch: Tensor | None = None  # the network input [B,3,H,W] the namer crops; kept only with a namer
     min_score: float = 0.0  # regions whose crop's best class is less probable are dropped
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
@@ -204,8 +204,9 @@ class Annotator:
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         namer = self.loaded.model if labels is None else None
+        # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
-                           top.values, batch, namer, s.min_score)
+                           top.values, namer, batch if namer is not None else None, s.min_score)
 
     def _proposals(self, batch: Tensor, valid: Tensor) -> Tensor | None:
         """Without labels, the top_k classes whose evidence peaks highest anywhere in the image
