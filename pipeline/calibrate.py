@@ -21,7 +21,7 @@ from ..schemas.config import JobConfig
 from ..workers.annotator import AnnotateSettings, Annotator
 from ..workers.decode import DecodeError, decode
 from ..workers.models import LoadedModel
-from .evaluate import EvaluationError, evaluate, load_ground_truth
+from .evaluate import EvaluationError, category_mapping, evaluate, load_ground_truth
 from .sources import list_images, read_bytes
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,13 @@ THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8 of
 
 
 def ground_truth_classes(gt: COCO, class_names: list[str]) -> dict[int, int]:
-    """GT category id -> model class index: by name, else id - 1 (camlabel's own numbering)."""
-    lookup = {n.lower().replace(" ", "_"): i for i, n in enumerate(class_names)}
-    mapping = {}
-    for c in gt.dataset["categories"]:
-        index = lookup.get(c["name"].lower().replace(" ", "_"), c["id"] - 1)
-        if not 0 <= index < len(class_names):
-            raise EvaluationError(f"ground-truth category {c['name']!r} is not one of the model's classes")
-        mapping[c["id"]] = index
-    return mapping
+    """GT category id -> model class index, matched as eval matches (camlabel numbers class i as id i + 1)."""
+    classes = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
+    mapping = category_mapping(gt.dataset["categories"], classes)
+    unknown = [c["name"] for c in gt.dataset["categories"] if c["id"] not in mapping]
+    if unknown:
+        raise EvaluationError(f"ground-truth category {unknown[0]!r} is not one of the model's classes")
+    return {gt_id: class_id - 1 for gt_id, class_id in mapping.items()}
 
 
 class CalibrationSet:

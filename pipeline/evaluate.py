@@ -190,6 +190,23 @@ def _match_images(gt: COCO, images: list[dict], anns: list[dict]) -> list[dict]:
     return [{**a, "image_id": mapping[a["image_id"]]} for a in anns]
 
 
+def _name_key(name: str) -> str:
+    return name.lower().replace(" ", "_")
+
+
+def category_mapping(source: list[dict], target: list[dict]) -> dict[int, int]:
+    """COCO categories of one side -> category ids of the other: by name (case and '_' for ' ' aside),
+    else by id. Categories matching neither are left out. eval and calibrate both match this way."""
+    by_name = {_name_key(c["name"]): c["id"] for c in target}
+    ids = {c["id"] for c in target}
+    mapping = {}
+    for c in source:
+        found = by_name.get(_name_key(c.get("name", "")), c["id"] if c["id"] in ids else None)
+        if found is not None:
+            mapping[c["id"]] = found
+    return mapping
+
+
 def evaluate(gt_path: str | Path | COCO, pred: str | Path | list | dict) -> dict:
     """All figures for predictions against the COCO ground truth in gt_path (or already loaded)."""
     gt = gt_path if isinstance(gt_path, COCO) else load_ground_truth(gt_path)
@@ -201,6 +218,9 @@ def evaluate(gt_path: str | Path | COCO, pred: str | Path | list | dict) -> dict
     anns = load_predictions(pred)
     if isinstance(pred, dict) and pred.get("images"):
         anns = _match_images(gt, pred["images"], anns)
+    if isinstance(pred, dict) and pred.get("categories"):  # a COCO dataset names its categories
+        to_gt = category_mapping(pred["categories"], gt.dataset["categories"])
+        anns = [{**a, "category_id": to_gt.get(a["category_id"], a["category_id"])} for a in anns]
     unknown = {a["image_id"] for a in anns} - set(gt.getImgIds())
     if unknown:
         raise EvaluationError(f"{len(unknown)} predicted image ids are not in {gt_path}, e.g. {sorted(unknown)[:3]}")

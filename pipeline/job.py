@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -60,14 +61,19 @@ def check_method(loaded, method: str) -> None:
 
 def connect(address: str | None) -> None:
     """Join the cluster at address (or RAY_ADDRESS); without one, start a private local Ray (not a
-    cluster that someone's `ray start` left running on this machine, which plain ray.init() would join)."""
+    cluster that someone's `ray start` left running on this machine, which plain ray.init() would join).
+    Ray's own notices are shown only with -v: a run prints its progress bar and one summary line."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         os.environ.pop("RAY_ADDRESS", None)  # Ray refuses an empty one
-    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True,
-             include_dashboard=False if not address else None)
+    verbose = log.isEnabledFor(logging.INFO)
+    if not verbose:  # read by Ray Data on each execution, here and in local workers
+        quiet = importlib.resources.files(__package__).joinpath("ray_data_logging.yaml")
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(quiet))
+    ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
+             log_to_driver=True, include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

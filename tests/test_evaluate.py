@@ -123,3 +123,15 @@ def test_crowd_regions_are_not_objects(tmp_path, gt_path):
     path.write_text(json.dumps(gt))
     r = evaluate(path, [pred(10)])
     assert r["objects"] == 1 and r["corloc"] == 1  # the crowd region is not a missed object
+
+
+def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_category_name_else_id(gt_path):
+    """camlabel's export numbers class i as id i + 1; the ground truth has its own ids."""
+    images = [{"id": 3, "file_name": "a.jpg", "width": 100, "height": 100}]
+    by_name = {"images": images, "categories": [{"id": 1, "name": "Thing"}, {"id": 5, "name": "other"}],
+               "annotations": [{**pred(10), "image_id": 3, "category_id": 1}]}
+    assert evaluate(gt_path, by_name)["corloc"] == 1
+    assert evaluate(gt_path, {**by_name, "categories": [{"id": 1, "name": "other"}]})["corloc"] == 0
+    unnamed = {**by_name, "categories": [{"id": 5, "name": "unknown"}],
+               "annotations": [{**pred(10), "image_id": 3, "category_id": 5}]}
+    assert evaluate(gt_path, unnamed)["corloc"] == 1  # no name matches: the same id

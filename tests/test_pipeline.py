@@ -18,20 +18,24 @@ from camlabel.pipeline.export import coco_from_runs
 from camlabel.schemas.tables import ERRORS, IMAGES
 from PIL import Image
 from pycocotools.coco import COCO
+from ray import cloudpickle
 from skimage import data
 
 PHOTOS = {"cat.png": data.chelsea, "coffee.png": data.coffee, "rocket.jpg": data.rocket,
           "astronaut.png": data.astronaut, "horse.png": lambda: (data.horse() == 0).astype("uint8") * 255}
 
 
-def restart_ray():
+def with_fault(patch=None):
+    """Restart the local Ray so that every worker process runs `patch` first: faults are injected from
+    outside the production code, into the real actor."""
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"worker_process_setup_hook": patch} if patch else None)
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    restart_ray()
+    with_fault(None)
     yield
     ray.shutdown()
 
@@ -104,29 +108,62 @@ def test_annotate_export_and_resume(local_ray, collection, tmp_path, capsys):
     assert coco.loadRes(results).getAnnIds()
 
 
-def test_a_killed_actor_is_replaced_and_nothing_is_lost(local_ray, collection, tmp_path, monkeypatch):
+def dies_once(marker):
+    def patch():
+        from camlabel.workers.annotator import Annotator
+
+        annotate_batch = Annotator.__call__
+
+        def dying(self, *args, **kwargs):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return annotate_batch(self, *args, **kwargs)
+
+        Annotator.__call__ = dying
+    return patch
+
+
+def fails_on(file_name):
+    def patch():
+        from camlabel.workers.actor import AnnotateActor
+
+        record = AnnotateActor._record
+
+        def failing(self, group, labels, batch, rows):
+            if any(str(batch["path"][i]).endswith(file_name) for i in group):
+                raise RuntimeError("injected model failure")
+            return record(self, group, labels, batch, rows)
+
+        AnnotateActor._record = failing
+    return patch
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the patches travel to the workers by value
+
+
+def test_a_killed_actor_is_replaced_and_nothing_is_lost(local_ray, collection, tmp_path):
     clean = tmp_path / "clean"
     annotate(collection, clean)
-    monkeypatch.setenv("CAMLABEL_FAULT", f"die-once:{tmp_path / 'died'}")
-    restart_ray()  # the fault reaches actors through the environment of a new local Ray
+    with_fault(dies_once(str(tmp_path / "died")))
     faulty = tmp_path / "faulty"
     annotate(collection, faulty)
     assert (tmp_path / "died").exists()
     assert rows(faulty) == rows(clean)
-    monkeypatch.delenv("CAMLABEL_FAULT")
-    restart_ray()
+    with_fault(None)
 
 
-def test_a_model_that_raises_loses_only_the_images_at_fault(local_ray, collection, tmp_path, monkeypatch):
-    monkeypatch.setenv("CAMLABEL_FAULT", "raise:1000")
-    restart_ray()
+def test_a_model_that_fails_on_one_image_loses_only_that_image(local_ray, collection, tmp_path):
+    with_fault(fails_on("cat.png"))
     out = tmp_path / "run"
-    annotate(collection, out)
+    annotate(collection, out, "--batch-size", "8")  # the cat shares its batch, and its labels group, with others
     errors = pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
-    assert len(errors) == 6
-    assert sum(e["stage"] == "annotate" and "injected" in e["reason"] for e in errors) == 5
-    monkeypatch.delenv("CAMLABEL_FAULT")
-    restart_ray()
+    assert sorted((os.path.basename(e["path"]), e["stage"]) for e in errors) == [
+        ("broken.jpg", "decode"), ("cat.png", "annotate")]
+    assert "injected" in next(e["reason"] for e in errors if e["stage"] == "annotate")
+    assert [os.path.basename(r["path"]) for r in rows(out)] == ["astronaut.png", "coffee.png", "horse.png",
+                                                                "rocket.jpg"]
+    with_fault(None)
 
 
 def many_cats(collection, tmp_path):

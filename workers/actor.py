@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -14,11 +13,6 @@ from .annotator import AnnotateSettings, Annotator
 from .models import load_model
 
 log = logging.getLogger(__name__)
-
-# For tests of fault handling: "die-once:<marker file>" kills the process on its first model call,
-# "raise:<n>" makes the first n model calls of each actor raise.
-FAULT_ENV = "CAMLABEL_FAULT"
-
 
 class AnnotateActor:
     """Loads the model once; each call annotates one batch (columns of the decode stage)."""
@@ -31,7 +25,6 @@ class AnnotateActor:
         self.annotator = Annotator(self.loaded, settings)
         self.method = settings.method
         self.device = device_name(self.loaded.device)
-        self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
@@ -64,8 +57,6 @@ class AnnotateActor:
                         rows["error_stage"][i], rows["error"][i] = "annotate", f"{type(exc).__name__}: {exc}"
 
     def _record(self, group: list[int], labels: dict, batch, rows: dict) -> None:
-        self.calls += 1
-        self._maybe_fail()
         images = [torch.from_numpy(np.array(batch["image"][i])).permute(2, 0, 1) for i in group]
         given = labels[group[0]] is not None
         result = self.annotator(images, [labels[i] for i in group] if given else None)
@@ -82,17 +73,6 @@ class AnnotateActor:
                  "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
                 for p in result.labels[j]]
             rows["heatmaps"][i] = stored_heatmaps(result.maps[j], result.classes[j])
-
-    def _maybe_fail(self) -> None:
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault.startswith("die-once:"):
-            marker = fault.split(":", 1)[1]
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(1)
-        elif fault.startswith("raise:") and self.calls <= int(fault.split(":", 1)[1]):
-            raise RuntimeError("injected model failure")
-
 
 def device_name(device: torch.device) -> str:
     """"cpu", or "cuda:<GPU name> (CUDA <version>)": what every row records of where it was computed."""

@@ -104,13 +104,18 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
         raise HeatmapError(f"no layer {name!r}; spatial layers end with: {', '.join(names[-8:])}") from None
 
 
-def _classifier(model: nn.Module) -> nn.Linear:
-    """The classifier's last Linear layer, whose weights CAM uses and whose input the forward hook sees."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+def classifier_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier's last Linear layer and its name: CAM weighs maps with it, the head's input is
+    hooked there, and its outputs are the class count."""
+    linear = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linear:
         raise HeatmapError(f"{type(model).__name__} has no Linear classifier layer; camlabel needs one "
                            "(convolutional heads such as squeezenet's are not supported)")
     return linear[-1]
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    return classifier_layer(model)[1]
 
 
 def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_grad: bool):

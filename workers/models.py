@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .heatmaps import HeatmapError, classifier_layer
 from .localizer import TARGET_LAYER, GapLocalizer
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _head(model: nn.Module) -> tuple[str, nn.Linear]:
+    try:
+        return classifier_layer(model)
+    except HeatmapError as exc:
+        raise ModelError(str(exc)) from None
+
+
 def _num_classes_in(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
     """The row count of the state dict's last linear weight, which is the classifier's."""
-    last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    weight = state.get(f"{last_linear}.weight")
+    weight = state.get(f"{_head(model)[0]}.weight")
     return None if weight is None else int(weight.shape[0])
 
 
@@ -196,7 +203,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 
 
 def _resolve_class_names(class_names, model: nn.Module) -> list[str]:
-    num_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    num_classes = _head(model)[1].out_features
     if class_names is None:
         names = imagenet_class_names() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
     elif isinstance(class_names, (str, Path)):
