@@ -26,6 +26,12 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     """Every JobConfig field as a flag; defaults stay None so a YAML config is only overridden on purpose."""
     parser.add_argument("source", nargs="?", help="folder (recursive), glob, .csv/.parquet manifest, or URI")
@@ -76,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-coco", help="write a run (or several) as COCO JSON")
     export.add_argument("runs", nargs="+", type=Path)
     export.add_argument("--out", required=True, type=Path)
-    export.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
+    what = export.add_mutually_exclusive_group()
+    what.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
+    what.add_argument("--shard-size", type=_positive, metavar="N",
+                      help="one COCO file per N images beside OUT (OUT-00000.json, ...); OUT indexes them")
     masks = sub.add_parser("export-masks", help="one PNG label map per image, with an ignore band")
     masks.add_argument("run", type=Path)
     masks.add_argument("--out", required=True, type=Path)
@@ -223,9 +232,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_coco
 
-    coco = export_coco(args.runs, args.out, results=args.results)
-    count = len(coco) if args.results else len(coco["annotations"])
-    print(json.dumps({"out": str(args.out), "annotations": count}))
+    summary = export_coco(args.runs, args.out, results=args.results, shard_size=args.shard_size)
+    print(json.dumps({k: v for k, v in summary.items() if k != "shards"}))
     return 0
 
 

@@ -1,13 +1,26 @@
-"""A run's Parquet parts to COCO: a dataset pycocotools loads, or the results list COCO.loadRes expects."""
+"""A run's Parquet parts to COCO, streamed: a dataset pycocotools loads, or the results list COCO.loadRes expects.
+
+Memory stays flat however large the runs: parts are read one record batch at a time (heatmaps left
+out) and JSON is written as it goes, annotations spooled to a temporary file until a dataset's images
+are written. With `shard_size`, every `shard_size` images start a new file and `out` becomes their index.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from itertools import chain, count, islice
 from pathlib import Path
 
-from ..schemas.tables import IMAGES
-from .writers import atomic_write_json, read_parts
+import pyarrow.parquet as pq
+
+from .writers import atomic_file, atomic_write_json
+
+COLUMNS = ["image_id", "path", "width", "height", "annotations"]
+READ_BATCH = 256  # rows per record batch read from a part
 
 
 def run_class_names(run_dir: Path) -> list[str]:
@@ -15,42 +28,8 @@ def run_class_names(run_dir: Path) -> list[str]:
     return json.loads((Path(run_dir) / "manifest.json").read_text())["model"]["class_names"]
 
 
-def coco_from_runs(run_dirs: list[Path], class_names: list[str] | None = None, results: bool = False):
-    """Stream the parts of one or more runs into COCO. Images are numbered 1.. in path order; an image
-    present in several runs (same content hash) is taken once, from the first run that has it."""
-    images, annotations, seen = [], [], set()
-    for run_dir in run_dirs:
-        folder = Path(run_dir) / "annotations"
-        if not folder.is_dir():
-            continue
-        rows = read_parts(folder, IMAGES).sort_by("path").to_pylist()
-        for row in rows:
-            if row["image_id"] in seen:
-                continue
-            seen.add(row["image_id"])
-            image_id = len(images) + 1
-            images.append({"id": image_id, "file_name": row["path"], "width": row["width"],
-                           "height": row["height"], "camlabel_id": row["image_id"]})
-            for ann in row["annotations"]:
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id, "category_id": ann["category_id"],
-                    "bbox": [round(v, 2) for v in ann["bbox"]], "score": round(ann["score"], 5),
-                    "area": ann["area"], "iscrowd": 0,
-                    "segmentation": {"size": [row["height"], row["width"]], "counts": ann["rle_counts"]},
-                })
-    if results:
-        return [{k: a[k] for k in ("image_id", "category_id", "bbox", "score", "segmentation")} for a in annotations]
-    names = class_names or (run_class_names(run_dirs[0]) if run_dirs else [])
-    return {
-        "info": {"description": "camlabel pseudo labels", "runs": [str(r) for r in run_dirs]},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)],
-    }
-
-
 def expand_runs(paths: list[Path]) -> list[Path]:
-    """A run directory stays itself; an incremental root becomes its finished runs, oldest first."""
+    """A run directory stays itself; an incremental root becomes its runs, oldest first."""
     runs = []
     for path in paths:
         nested = sorted(p.parent for p in Path(path).glob("runs/*/manifest.json"))
@@ -58,10 +37,83 @@ def expand_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def export_coco(run_dirs: list[Path], out: Path, results: bool = False, relative_to: str | None = None) -> dict:
-    coco = coco_from_runs(expand_runs(run_dirs), results=results)
-    if relative_to and not results:
-        for image in coco["images"]:
-            image["file_name"] = os.path.relpath(image["file_name"], relative_to)
-    atomic_write_json(Path(out), coco)
-    return coco
+def annotated_rows(run_dirs: list[Path]) -> Iterator[dict]:
+    """Every annotated image of the runs: run by run, part by part, in path order within a part. Runs of
+    one incremental root never hold the same image twice (a run skips what earlier runs annotated)."""
+    for run_dir in run_dirs:
+        for part in sorted((Path(run_dir) / "annotations").glob("part-*.parquet")):
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=READ_BATCH, columns=COLUMNS):
+                yield from batch.to_pylist()
+
+
+def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids: Iterator[int],
+                 relative_to: str | None = None) -> Iterator[tuple[dict, list[dict]]]:
+    """Rows -> (COCO image, its COCO annotations), numbered from the two counters."""
+    for row in rows:
+        image_id = next(image_ids)
+        name = os.path.relpath(row["path"], relative_to) if relative_to else row["path"]
+        image = {"id": image_id, "file_name": name, "width": row["width"], "height": row["height"],
+                 "camlabel_id": row["image_id"]}
+        yield image, [{
+            "id": next(annotation_ids), "image_id": image_id, "category_id": ann["category_id"],
+            "bbox": [round(v, 2) for v in ann["bbox"]], "score": round(ann["score"], 5), "area": ann["area"],
+            "iscrowd": 0, "segmentation": {"size": [row["height"], row["width"]], "counts": ann["rle_counts"]},
+        } for ann in row["annotations"]]
+
+
+class JsonList:
+    """The elements of one JSON list, written to a file as they come (the brackets are the caller's)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.count = f, 0
+
+    def add(self, item: dict) -> None:
+        self.f.write(("," if self.count else "") + "\n" + json.dumps(item, separators=(",", ":")))
+        self.count += 1
+
+
+def write_dataset(path: Path, records: Iterator[tuple[dict, list[dict]]], header: dict) -> dict:
+    """One COCO dataset file: images written as they come, annotations spooled and appended after."""
+    with atomic_file(path, "w") as out, tempfile.TemporaryFile("w+", dir=path.parent) as spool:
+        images, annotations = JsonList(out), JsonList(spool)
+        out.write(json.dumps(header)[:-1] + ', "images": [')
+        for image, anns in records:
+            images.add(image)
+            for ann in anns:
+                annotations.add(ann)
+        out.write('\n], "annotations": [')
+        spool.seek(0)
+        shutil.copyfileobj(spool, out)
+        out.write("\n]}\n")
+    return {"file": path.name, "images": images.count, "annotations": annotations.count}
+
+
+def export_coco(run_dirs: list[Path], out: Path, results: bool = False, relative_to: str | None = None,
+                shard_size: int | None = None) -> dict:
+    """Write the runs as one COCO dataset (or the results list with `results`), or as shards of
+    `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards."""
+    runs, out = expand_runs(run_dirs), Path(out)
+    records = coco_records(annotated_rows(runs), count(1), count(1), relative_to)
+    if results:
+        keys = ("image_id", "category_id", "bbox", "score", "segmentation")
+        with atomic_file(out, "w") as f:
+            f.write("[")
+            listed = JsonList(f)
+            for _image, anns in records:
+                for ann in anns:
+                    listed.add({k: ann[k] for k in keys})
+            f.write("\n]\n")
+        return {"out": str(out), "annotations": listed.count}
+    names = run_class_names(runs[0]) if runs else []
+    header = {"info": {"description": "camlabel pseudo labels", "runs": [str(r) for r in runs]},
+              "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]}
+    if not shard_size:
+        return {"out": str(out), **write_dataset(out, records, header)}
+    shards = []
+    for first in records:  # each turn takes one record, then up to shard_size - 1 more
+        path = out.with_name(f"{out.stem}-{len(shards):05d}{out.suffix or '.json'}")
+        shards.append(write_dataset(path, chain([first], islice(records, shard_size - 1)), header))
+    index = {**header, "shards": shards, "images": sum(s["images"] for s in shards),
+             "annotations": sum(s["annotations"] for s in shards)}
+    atomic_write_json(out, index)
+    return {"out": str(out), **{k: index[k] for k in ("images", "annotations", "shards")}}

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
+import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..schemas.tables import IMAGES
 from .evaluate import EvaluationError
+from .sources import relative_path
 from .writers import atomic_write_bytes, atomic_write_json
+
+MASK_BATCH = 16  # rows per mask-writing task: a row's label map is full size
 
 
 def ignore_value(num_classes: int) -> int:
@@ -85,29 +87,38 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, palette: bool = True) -> dict:
-    """Write one PNG per annotated image (source-relative path, .png), classes.txt and manifest.json.
+def write_label_maps(batch: pa.Table, out: str, source: str, low: float, high: float, ignore: int,
+                     palette: list[int] | None) -> dict[str, list[int]]:
+    """A batch of annotated rows -> one PNG each under out, named by the image's path below the source."""
+    for row in batch.to_pylist():
+        maps, categories = decode_heatmaps(row["heatmaps"])
+        labels = label_map(maps, categories, row["height"], row["width"], low, high, ignore=ignore)
+        name = Path(out) / Path(relative_path(row["path"], source)).with_suffix(".png")
+        atomic_write_bytes(name, png_bytes(labels, ignore, palette), durable=False)  # re-made by a rerun
+    return {"written": [batch.num_rows]}
 
-    Streams the run's parts batch by batch: memory does not grow with the run.
+
+def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, palette: bool = True) -> dict:
+    """Write one PNG per annotated image (its path below the source, .png), classes.txt and manifest.json.
+
+    Ray tasks read the run's parts and write the PNGs in parallel; nothing per image passes the driver.
     """
+    from .job import connect
+
     run_dir, out = Path(run_dir), Path(out)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     names = manifest["model"]["class_names"]
     ignore = ignore_value(len(names))
-    source = manifest["source"]
-    root = source if os.path.isdir(source) else None
     colours = voc_palette() if palette and ignore == 255 else None
+    parts = sorted(str(p.resolve()) for p in (run_dir / "annotations").glob("part-*.parquet"))
     written = 0
-    if any((run_dir / "annotations").glob("part-*.parquet")):
-        dataset = pads.dataset([str(p) for p in sorted((run_dir / "annotations").glob("part-*.parquet"))],
-                               schema=IMAGES, format="parquet")
-        for batch in dataset.to_batches(columns=["path", "width", "height", "heatmaps"], batch_size=64):
-            for row in batch.to_pylist():
-                maps, categories = decode_heatmaps(row["heatmaps"])
-                labels = label_map(maps, categories, row["height"], row["width"], low, high, ignore=ignore)
-                relative = os.path.relpath(row["path"], root) if root else Path(row["path"]).name
-                atomic_write_bytes(out / Path(relative).with_suffix(".png"), png_bytes(labels, ignore, colours))
-                written += 1
+    if parts:
+        connect(None)
+        rows = ray.data.read_parquet(parts, columns=["path", "width", "height", "heatmaps"])
+        written = rows.map_batches(write_label_maps, batch_size=MASK_BATCH, batch_format="pyarrow", fn_kwargs={
+            "out": str(out.resolve()), "source": manifest["source"], "low": low, "high": high, "ignore": ignore,
+            "palette": colours}).sum("written")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("background\n" + "\n".join(names) + "\n")
     summary = {"run": str(run_dir), "run_manifest": manifest, "images": written, "low": low, "high": high,
                "ignore": ignore, "values": "0 background, class index + 1, ignore"}

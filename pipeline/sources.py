@@ -112,11 +112,24 @@ def read_labels(path: str, class_names: list[str]) -> dict[str, list[int]]:
     return labels
 
 
+def relative_path(path: str, source: str) -> str:
+    """The image's path below its source's folder (a folder, a glob's folder, a manifest's folder); for a
+    path outside it or a URI, the whole path without scheme or leading '/'. Never climbs out with '..',
+    so outputs named after it stay inside their folder and two images never share a name."""
+    if _is_uri(path):
+        return path.split("://", 1)[1].lstrip("/")
+    if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
+        root = os.path.dirname(os.path.abspath(source))
+    else:
+        root = source.split("*")[0] if any(c in source for c in "*?[") else source
+        root = root if os.path.isdir(root) else os.path.dirname(root)
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return relative if relative != ".." and not relative.startswith("../") else os.path.abspath(path).lstrip("/")
+
+
 def labels_for(path: str, source: str, labels: dict[str, list[int]]) -> list[int] | None:
     """The image's labels, matched by its path relative to the source, else by its bare file name."""
-    root = source if not any(c in source for c in "*?[") else source.split("*")[0]
-    relative = os.path.relpath(path, root) if not _is_uri(path) and os.path.isdir(root) else path
-    for key in (relative, PurePosixPath(path).name):
+    for key in (relative_path(path, source), PurePosixPath(path).name):
         if key in labels:
             return labels[key]
     return None

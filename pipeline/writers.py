@@ -12,7 +12,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,18 +27,28 @@ from ..schemas.tables import ERRORS, IMAGES, RESULTS
 log = logging.getLogger(__name__)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """A file written under a temporary name beside `path` and renamed onto it only when the block
+    succeeds (after an fsync, if durable): readers see the old file or the whole new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    with atomic_file(path, "wb", durable) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Path, value) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.plan import decode_batch
-from camlabel.pipeline.sources import SourceError, labels_for, list_images, read_labels
+from camlabel.pipeline.sources import SourceError, labels_for, list_images, read_labels, relative_path
 from camlabel.schemas.config import ConfigError, load_config
 from camlabel.workers.decode import DecodeError, decode
 from PIL import Image
@@ -123,6 +123,17 @@ def test_manifest_rejects_paths_that_climb_out(tmp_path):
     (tmp_path / "n.csv").write_text("file\nx.png\n")
     with pytest.raises(SourceError, match="no 'path' column"):
         list_images(str(tmp_path / "n.csv"))
+
+
+def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    image = str(tmp_path / "a" / "x.jpg")
+    assert relative_path(image, str(tmp_path)) == "a/x.jpg"
+    assert relative_path(image, str(tmp_path / "*" / "*.jpg")) == "a/x.jpg"
+    assert relative_path(image, str(tmp_path / "a" / "x*.jpg")) == "x.jpg"
+    assert relative_path(image, str(tmp_path / "list.parquet")) == "a/x.jpg"  # below the manifest's folder
+    assert relative_path("/elsewhere/b/x.jpg", str(tmp_path / "list.csv")) == "elsewhere/b/x.jpg"
+    assert relative_path("s3://bucket/b/x.jpg", "s3://bucket/list.csv") == "bucket/b/x.jpg"
 
 
 def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):

@@ -46,22 +46,23 @@ def test_label_map_at_original_size_and_png_round_trip():
 
 
 def test_export_masks_writes_one_png_per_image_at_its_original_size(tmp_path):
+    """Two images named a.jpg in two folders of a manifest's source: two PNGs, each at its own size."""
     source = tmp_path / "images"
-    (source / "sub").mkdir(parents=True)
     maps = planted_maps()
     record = {"category_id": 5, "height": 20, "width": 40, "values": maps[0].to(torch.float16).numpy().tobytes()}
-    row = {"image_id": "x", "path": str(source / "sub" / "a.jpg"), "width": 80, "height": 40,
-           "label_source": "labels", "top_classes": [4], "top_scores": [0.9], "annotations": [],
-           "heatmaps": [record], "method": "cam"}
+    rows = [{"image_id": folder, "path": str(source / folder / "a.jpg"), "width": 80 * k, "height": 40 * k,
+             "label_source": "labels", "top_classes": [4], "top_scores": [0.9], "annotations": [],
+             "heatmaps": [record], "method": "cam"} for k, folder in ((1, "sub"), (2, "other"))]
     run = tmp_path / "run"
-    atomic_write_table(run / "annotations" / "part-1.parquet", pa.Table.from_pylist([row], schema=IMAGES))
-    (run / "manifest.json").write_text(json.dumps({"source": str(source), "config": {"class_names": None},
+    atomic_write_table(run / "annotations" / "part-1.parquet", pa.Table.from_pylist(rows, schema=IMAGES))
+    (run / "manifest.json").write_text(json.dumps({"source": str(source / "list.csv"), "config": {"class_names": None},
                                                    "model": {"classes": 1000, "class_names": imagenet_class_names()}}))
     summary = export_masks(run, tmp_path / "masks", 0.3, 0.6)
-    assert summary["images"] == 1 and summary["ignore"] == 65535  # ImageNet: 16-bit
-    png = np.array(Image.open(tmp_path / "masks" / "sub" / "a.png"))
-    assert png.shape == (40, 80) and png.dtype == np.uint16
-    assert (png[:, :28] == 5).all() and (png[:, -10:] == 0).all()
+    assert summary["images"] == 2 and summary["ignore"] == 65535  # ImageNet: 16-bit
+    for k, folder in ((1, "sub"), (2, "other")):
+        png = np.array(Image.open(tmp_path / "masks" / folder / "a.png"))
+        assert png.shape == (40 * k, 80 * k) and png.dtype == np.uint16
+        assert (png[:, :28 * k] == 5).all() and (png[:, -9 * k:] == 0).all()
     assert (tmp_path / "masks" / "classes.txt").read_text().splitlines()[:2] == ["background", "tench"]
 
 

@@ -1,0 +1,85 @@
+"""COCO export from written parts, checked against the rows it was given (no Ray needed)."""
+
+import json
+
+import pyarrow as pa
+import pytest
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.export import export_coco
+from camlabel.pipeline.writers import RunWriter, atomic_write_json
+from camlabel.schemas.tables import RESULTS
+from pycocotools.coco import COCO
+
+
+def result_row(i: int, boxes: int) -> dict:
+    """Image i of 40x30 with `boxes` annotations of class i % 3, box i px from the corner."""
+    row = {name: None for name in RESULTS.names}
+    row.update(path=f"/data/img{i:03d}.jpg", image_id=f"{i:064x}", width=40, height=30, heatmaps=[],
+               annotations=[{"category_id": i % 3 + 1, "class_name": f"c{i % 3}", "bbox": [i % 10, 1.0, 5.0, 4.0],
+                             "score": 0.5 + b / 10, "area": 20, "rle_counts": "0"} for b in range(boxes)])
+    return row
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run of 11 images in three parts, image 4 without any annotation."""
+    run_dir = tmp_path / "run"
+    writer = RunWriter(run_dir, rows_per_part=4)
+    for first in (0, 4, 8):
+        rows = [result_row(i, 0 if i == 4 else 1 + i % 2) for i in range(first, min(first + 4, 11))]
+        writer.add(pa.Table.from_pylist(rows, schema=RESULTS))
+    writer.flush()
+    atomic_write_json(run_dir / "manifest.json", {"model": {"class_names": ["c0", "c1", "c2"]}})
+    return run_dir
+
+
+def boxes_by_file(coco: COCO) -> dict:
+    return {coco.imgs[i]["file_name"]: sorted((a["category_id"], a["bbox"], a["score"]) for a in coco.imgToAnns[i])
+            for i in coco.getImgIds()}
+
+
+def expected_boxes(root="/data") -> dict:
+    return {f"{root}/img{i:03d}.jpg" if root else f"img{i:03d}.jpg": sorted(
+        (i % 3 + 1, [float(i % 10), 1.0, 5.0, 4.0], 0.5 + b / 10) for b in range(0 if i == 4 else 1 + i % 2))
+        for i in range(11)}
+
+
+def test_one_file_holds_every_row_exactly_once(run, tmp_path):
+    summary = export_coco([run], tmp_path / "coco.json")
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert len(list((run / "annotations").glob("part-*"))) == 3
+    assert summary["images"] == 11 and summary["annotations"] == 15 == len(coco.getAnnIds())
+    assert boxes_by_file(coco) == expected_boxes()
+    assert [c["name"] for c in coco.dataset["categories"]] == ["c0", "c1", "c2"]
+    assert sorted(coco.getImgIds()) == list(range(1, 12)) and sorted(coco.getAnnIds()) == list(range(1, 16))
+
+
+def test_shards_split_the_images_and_the_index_counts_them(run, tmp_path):
+    assert main(["export-coco", str(run), "--out", str(tmp_path / "coco.json"), "--shard-size", "4"]) == 0
+    index = json.loads((tmp_path / "coco.json").read_text())
+    assert [s["file"] for s in index["shards"]] == ["coco-00000.json", "coco-00001.json", "coco-00002.json"]
+    assert [s["images"] for s in index["shards"]] == [4, 4, 3] and index["annotations"] == 15
+    merged, image_ids, ann_ids = {}, [], []
+    for shard in index["shards"]:
+        coco = COCO(str(tmp_path / shard["file"]))
+        assert len(coco.getAnnIds()) == shard["annotations"]
+        merged |= boxes_by_file(coco)
+        image_ids += coco.getImgIds()
+        ann_ids += coco.getAnnIds()
+    assert merged == expected_boxes()
+    assert sorted(image_ids) == list(range(1, 12)) and sorted(ann_ids) == list(range(1, 16))  # unique across shards
+
+
+def test_results_list_and_relative_names(run, tmp_path):
+    export_coco([run], tmp_path / "results.json", results=True)
+    export_coco([run], tmp_path / "coco.json", relative_to="/data")
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert boxes_by_file(coco) == expected_boxes(root="")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 15 and len(coco.loadRes(results).getAnnIds()) == 15
+
+
+def test_shard_size_must_be_positive(run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export-coco", str(run), "--out", str(tmp_path / "c.json"), "--shard-size", "0"])
+    assert "not a positive whole number" in capsys.readouterr().err
