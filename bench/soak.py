@@ -54,7 +54,7 @@ def run(count: int, input_size: int) -> dict:
         start = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out), "--input-size",
-             str(input_size), "--scales", "1.0", "--no-flip", "--batch-size", "64", "--rows-per-part", "2000"],
+             str(input_size), "--scales", "1.0", "--no-flip", "--batch-size", "64"],
             capture_output=True, text=True, check=True)
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # this process ran one driver only
         summary = json.loads(done.stdout.strip().splitlines()[-1])

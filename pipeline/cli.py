@@ -65,7 +65,6 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, help="annotate actors (default: one per GPU, else per core)")
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--rows-per-part", type=int)
     parser.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=None,
                         help="--out is a root of runs/<run-id>/; annotate only what earlier runs of the same "
                         "model, weights and method have not")

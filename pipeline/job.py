@@ -18,14 +18,14 @@ import torch
 from tqdm import tqdm
 
 from ..schemas.config import ConfigError, JobConfig
-from ..schemas.tables import ERRORS, IMAGES
 from ..workers.annotator import AnnotateSettings
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
+from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
 from .sources import labels_for, list_images, read_labels
-from .writers import RunWriter, atomic_write_json, read_parts
+from .writers import annotated_contents, atomic_write_json, done_paths, retire_read_errors, run_counts
 
 log = logging.getLogger(__name__)
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
@@ -102,37 +102,27 @@ def incremental_run(root: Path, series: str) -> tuple[Path, list[Path]]:
     return current, [Path(r["dir"]) for r in mine if Path(r["dir"]) != current]
 
 
-def annotate(config: JobConfig, progress: bool = True) -> dict:
-    """Annotate every image of config.source not yet in the run; return the run's manifest.
+def check_resumable(run_dir: Path, manifest: dict) -> None:
+    """A run directory holds one series: resuming it with another model, weights, layer, method or
+    setting would mix labels of two kinds under one manifest. Refuse, naming the first field that differs."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old.get("series") == manifest["series"]:
+        return
+    fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k]) for k in ("name", "weights_sha256",
+                                                                                   "target_layer")]
+    fields += [(k, old["settings"].get(k), v) for k, v in json.loads(json.dumps(manifest["settings"])).items()]
+    field, was, now = next(((f, a, b) for f, a, b in fields if a != b), ("series", old.get("series"),
+                                                                         manifest["series"]))
+    raise ConfigError(f"{field}: {run_dir} holds a run made with {was!r}, not {now!r}; resume it with the same "
+                      "settings, or write to another --out (--incremental starts a new run by itself)")
 
-    With config.incremental, config.out is a root holding runs/<run-id>/, and images already annotated
-    by an earlier run of the same series (same path or same content) are skipped.
-    """
-    started = datetime.now(UTC).isoformat()
-    model = {"name": config.model, "weights": config.weights, "class_names": config.class_names,
-             "target_layer": config.target_layer, "model_dir": config.model_dir}
-    loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
-    check_method(loaded, config.method)
-    model["target_layer"] = loaded.target_layer
-    settings = settings_of(config)
-    series = series_of(loaded, settings)
-    earlier: list[Path] = []
-    run_dir = Path(config.out)
-    if config.incremental:
-        run_dir, earlier = incremental_run(run_dir, series)
-    labels = read_labels(config.labels, loaded.class_names) if config.labels else None
-    paths = list_images(config.source)
-    writer = RunWriter(run_dir, config.rows_per_part)
-    done = writer.done_paths()
-    for previous in earlier:
-        done |= RunWriter(previous).done_paths()
-        writer.known_ids |= set(read_parts(previous / "annotations", IMAGES, ["image_id"]).column(0).to_pylist())
-    todo = [p for p in paths if p not in done]
-    items = []
-    for p in todo:
-        found = labels_for(p, config.source, labels) if labels is not None else None
-        items.append({"path": p, "labels": " ".join(map(str, found)) if found is not None else "-"})
-    manifest = {
+
+def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier: list[Path]) -> dict:
+    """Provenance of the run: the config, the model and its weights' hash, the settings, the versions."""
+    return {
         "config": config.as_dict(),
         "model": {"name": loaded.name, "weights": loaded.weights_source, "weights_sha256": loaded.weights_sha256,
                   "target_layer": loaded.target_layer, "classes": len(loaded.class_names),
@@ -140,57 +130,87 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         "settings": settings.__dict__,
         "versions": versions(),
         "source": config.source,
-        "series": series,
+        "series": series_of(loaded, settings),
         "earlier_runs": [p.name for p in earlier],
-        "started": started,
+        "started": datetime.now(UTC).isoformat(),
         "status": "running",
     }
-    atomic_write_json(run_dir / "manifest.json", manifest)
-    del loaded
-    start = time.perf_counter()
-    if items:
-        connect(config.address)
-        resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor)
-        manifest["resources"] = resources.__dict__
-        log.info("annotating %d images (%d already done) with %s", len(items), len(done), resources)
-        bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
-        first_at, after_first = None, 0
-        try:
-            with stopped_by_signals():
-                for table in annotate_stream(items, model, settings, resources):
-                    writer.add(table)
-                    bar.update(table.num_rows)
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    else:
-                        after_first += table.num_rows
-                writer.flush()
-        except Stopped as stop:
-            bar.close()
-            writer.flush()  # the rows already received: a part of their own, committed like any other
-            stop.kept = read_parts(run_dir / "annotations", IMAGES, ["path"]).num_rows + read_parts(
-                run_dir / "errors", ERRORS, ["path"]).num_rows
-            stop.run_dir = run_dir
-            manifest.update({"status": "stopped", "stopped_by": stop.signal, "finished": datetime.now(UTC).isoformat()})
-            atomic_write_json(run_dir / "manifest.json", manifest)
-            raise
+
+
+def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, list[dict]]:
+    """(the number of inputs, the images still to annotate with their labels). Settled images of this
+    run and of earlier runs are skipped; this run's read errors are retried (I/O may mend)."""
+    labels = read_labels(config.labels, class_names) if config.labels else None
+    paths = list_images(config.source)
+    retried = retire_read_errors(run_dir)
+    if retried:
+        log.info("retrying %d images whose read failed", retried)
+    done = done_paths(run_dir)
+    for previous in earlier:
+        done |= done_paths(previous)
+    items = []
+    for path in paths:
+        if path not in done:
+            found = labels_for(path, config.source, labels) if labels is not None else None
+            items.append({"path": path, "labels": " ".join(map(str, found)) if found is not None else "-"})
+    return len(paths), items
+
+
+def stream_parts(items: list[dict], model: dict, settings: AnnotateSettings, run_dir: Path,
+                 earlier: list[Path], config: JobConfig, manifest: dict, progress: bool) -> None:
+    """Run the Ray plan; the actors write the parts, the driver counts them as they land."""
+    connect(config.address)
+    resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor)
+    manifest["resources"] = resources.__dict__
+    log.info("annotating %d images with %s", len(items), resources)
+    bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
+    first_at, after_first = None, 0
+    try:
+        with stopped_by_signals():
+            for status in annotate_stream(items, model, settings, resources, run_dir, annotated_contents(earlier)):
+                images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
+                bar.update(images)
+                if first_at is None:
+                    first_at = time.perf_counter()
+                else:
+                    after_first += images
+    except Stopped as stop:
+        counts = run_counts(run_dir)
+        stop.kept, stop.run_dir = counts["annotated"] + counts["errors"], run_dir
+        manifest.update({"status": "stopped", "stopped_by": stop.signal, "finished": datetime.now(UTC).isoformat()})
+        atomic_write_json(run_dir / "manifest.json", manifest)
+        raise
+    finally:
         bar.close()
-        if after_first:  # throughput once actors are up and the model loaded, the figure that scales
-            manifest["steady_images_per_second"] = round(after_first / (time.perf_counter() - first_at), 3)
-    annotated = read_parts(run_dir / "annotations", IMAGES, ["path", "annotations"])
-    errors = read_parts(run_dir / "errors", ERRORS, ["path"])
-    manifest.update({
-        "run_dir": str(run_dir),
-        "status": "finished",
-        "finished": datetime.now(UTC).isoformat(),
-        "seconds": round(time.perf_counter() - start, 2),
-        "counts": {
-            "inputs": len(paths),
-            "annotated": annotated.num_rows,
-            "errors": errors.num_rows,
-            "annotations": int(pc.sum(pc.list_value_length(annotated.column("annotations"))).as_py() or 0),
-            "this_run": len(items),
-        },
-    })
-    atomic_write_json(run_dir / "manifest.json", manifest)
+    if after_first:  # throughput once actors are up and the model loaded, the figure that scales
+        manifest["steady_images_per_second"] = round(after_first / (time.perf_counter() - first_at), 3)
+
+
+def annotate(config: JobConfig, progress: bool = True) -> dict:
+    """Annotate every image of config.source not yet in the run; return the run's manifest.
+
+    With config.incremental, config.out is a root holding runs/<run-id>/, and images already annotated
+    by an earlier run of the same series (same path or same content) are skipped.
+    """
+    model = {"name": config.model, "weights": config.weights, "class_names": config.class_names,
+             "target_layer": config.target_layer, "model_dir": config.model_dir}
+    loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
+    check_method(loaded, config.method)
+    model["target_layer"] = loaded.target_layer
+    settings = settings_of(config)
+    with lease(Path(config.out)):
+        run_dir, earlier = Path(config.out), []
+        if config.incremental:
+            run_dir, earlier = incremental_run(run_dir, series_of(loaded, settings))
+        manifest = run_manifest(config, loaded, settings, earlier)
+        check_resumable(run_dir, manifest)
+        inputs, items = work_items(config, loaded.class_names, run_dir, earlier)
+        atomic_write_json(run_dir / "manifest.json", manifest)
+        start = time.perf_counter()
+        if items:
+            stream_parts(items, model, settings, run_dir, earlier, config, manifest, progress)
+        manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
+                         "seconds": round(time.perf_counter() - start, 2),
+                         "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": len(items)}})
+        atomic_write_json(run_dir / "manifest.json", manifest)
     return manifest

@@ -4,8 +4,10 @@ With GPUs, CPU tasks decode while the GPU actors annotate. Without, each actor d
 handing decoded pixels from one process to another through the object store costs more than decoding
 them on the core that then annotates them (bench/README.md measures both).
 
-The driver (pipeline.job) consumes the stream and writes Parquet parts itself, so every part is
-written atomically under a deterministic name and a rerun knows exactly what is done.
+The annotate actors write each batch's rows as a Parquet part themselves, atomically, under a name
+fixed by the batch's paths (a retried batch rewrites the same part), and the driver (pipeline.job)
+receives only each part's counts: no image row passes through it, and a crash loses at most the
+batches in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +26,7 @@ from ..workers.actor import AnnotateActor
 from ..workers.annotator import AnnotateSettings
 from ..workers.decode import DecodeError, decode, image_size
 from .sources import read_bytes
+from .writers import write_part
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work
@@ -79,11 +83,29 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
     return out
 
 
-class DecodingAnnotateActor(AnnotateActor):
-    """An annotate actor that first reads and decodes its batch of paths itself."""
+def mark_duplicates(batch: dict, annotated_before: dict[str, str]) -> dict:
+    """Images whose content an earlier run of the series annotated become error rows that name the
+    earlier image (stage "duplicate"): never annotated twice, never silently dropped."""
+    batch = {k: list(v) for k, v in batch.items()}  # numpy string columns would truncate a longer reason
+    for i, digest in enumerate(batch["image_id"]):
+        if not batch["error"][i] and digest in annotated_before:
+            batch["error_stage"][i] = "duplicate"
+            batch["error"][i] = f"same content as {annotated_before[digest]}, annotated by an earlier run"
+    return batch
+
+
+class AnnotateAndWrite:
+    """The annotate stage: an AnnotateActor (decoding its own batches when there is no decode stage)
+    that writes each batch's rows as a part itself and returns only the part's counts."""
+
+    def __init__(self, model: dict, settings: AnnotateSettings, run_dir: str, decodes: bool,
+                 annotated_before: dict[str, str]) -> None:
+        self.actor = AnnotateActor(model, settings)
+        self.run_dir, self.decodes, self.annotated_before = Path(run_dir), decodes, annotated_before
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return super().__call__(decode_batch(batch))
+        batch = mark_duplicates(decode_batch(batch) if self.decodes else batch, self.annotated_before)
+        return pa.Table.from_pylist([write_part(self.run_dir, self.actor(batch))])
 
 
 def annotate_stream(
@@ -91,16 +113,20 @@ def annotate_stream(
     model: dict,
     settings: AnnotateSettings,
     resources: Resources,
+    run_dir: Path,
+    annotated_before: dict[str, str],
 ) -> Iterator[pa.Table]:
-    """items: [{"path": str, "labels": "i j" or "-"}] -> a stream of Arrow tables of schemas.RESULTS."""
+    """items: [{"path": str, "labels": "i j" or "-"}] -> parts under run_dir, and a stream of their counts
+    (tables of {"part", "annotated", "errors", "annotations"})."""
     blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     if resources.decode_stage:
         ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
                             concurrency=resources.decoders)
     ds = ds.map_batches(
-        AnnotateActor if resources.decode_stage else DecodingAnnotateActor,
-        fn_constructor_kwargs={"model": model, "settings": settings},
+        AnnotateAndWrite,
+        fn_constructor_kwargs={"model": model, "settings": settings, "run_dir": str(run_dir),
+                               "decodes": not resources.decode_stage, "annotated_before": annotated_before},
         batch_size=resources.batch_size,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,

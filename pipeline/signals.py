@@ -11,8 +11,10 @@ from pathlib import Path
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT arrived mid-run; every finished part is committed and the run is resumable."""
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived mid-run; every finished part is committed and the run is resumable.
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way (Ray Data's among them)
+    mistakes it for a failure and logs a stack trace."""
 
     def __init__(self, signal_name: str) -> None:
         super().__init__(signal_name)

@@ -1,8 +1,8 @@
 """Parquet parts written atomically (temp file, fsync, rename) under names fixed by their content.
 
-A run directory holds `annotations/part-*.parquet` and `errors/part-*.parquet`. A part either exists
-whole or not at all, so a rerun reads the finished parts, skips their images, and nothing is lost or
-written twice.
+A run directory holds `annotations/part-*.parquet` and `errors/part-*.parquet`, written by the annotate
+actors themselves, one part per batch. A part either exists whole or not at all, so a rerun reads the
+finished parts, skips their images, and nothing is lost or written twice.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def atomic_write_json(path: Path, value) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
+    """table as one Parquet file (zstd), its schema's metadata in the footer."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -85,50 +86,69 @@ def read_parts(folder: Path, schema: pa.Schema, columns: list[str] | None = None
                         format="parquet").to_table(columns=columns)
 
 
-class RunWriter:
-    """Buffers result rows and writes them as parts of about `rows_per_part` images."""
+COUNT_KEY = b"camlabel.annotations"  # a part's annotation count, in its footer: counting reads no rows
 
-    def __init__(self, run_dir: Path, rows_per_part: int = 1000) -> None:
-        self.run_dir = Path(run_dir)
-        self.rows_per_part = rows_per_part
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.written_paths: set[str] = set()
-        self.known_ids: set[str] = set()  # content already annotated by an earlier run of the series
 
-    def done_paths(self) -> set[str]:
-        """Paths of every image already in a finished part (annotated or failed)."""
-        quarantine_broken_parts(self.run_dir / "annotations")
-        quarantine_broken_parts(self.run_dir / "errors")
-        done = set(read_parts(self.run_dir / "annotations", IMAGES, ["path"]).column("path").to_pylist())
-        return done | set(read_parts(self.run_dir / "errors", ERRORS, ["path"]).column("path").to_pylist())
+def write_part(run_dir: Path, results: pa.Table) -> dict:
+    """One batch's results (schemas.RESULTS) as a part named by its images' paths: a retried batch writes
+    the same name again, so its rows land once. Returns the part's counts, all the driver receives."""
+    table = results.cast(RESULTS).sort_by("path")
+    name = "part-" + hashlib.sha256("\n".join(table.column("path").to_pylist()).encode()).hexdigest()[:20]
+    failed = table.filter(pc.is_valid(table.column("error")))
+    good = table.filter(pc.is_null(table.column("error")))
+    annotations = int(pc.sum(pc.list_value_length(good.column("annotations"))).as_py() or 0)
+    if failed.num_rows:
+        errors = pa.table({"path": failed.column("path"), "stage": failed.column("error_stage"),
+                           "reason": failed.column("error")}, schema=ERRORS)
+        atomic_write_table(run_dir / "errors" / f"{name}.parquet", errors)
+    if good.num_rows:
+        rows = good.select(IMAGES.names).replace_schema_metadata({COUNT_KEY: str(annotations).encode()})
+        atomic_write_table(run_dir / "annotations" / f"{name}.parquet", rows)
+    return {"part": name, "annotated": good.num_rows, "errors": failed.num_rows, "annotations": annotations}
 
-    def add(self, results: pa.Table) -> None:
-        """results: schemas.RESULTS rows. Rows for a path already written (a retried task) and images
-        whose content an earlier run annotated are dropped."""
-        paths = results.column("path").to_pylist()
-        ids = results.column("image_id").to_pylist()
-        fresh = [i for i, (p, h) in enumerate(zip(paths, ids, strict=True))
-                 if p not in self.written_paths and h not in self.known_ids]
-        if len(fresh) < len(paths):
-            results = results.take(pa.array(fresh, type=pa.int64()))
-        self.written_paths.update(results.column("path").to_pylist())
-        self.pending.append(results.cast(RESULTS))
-        self.pending_rows += results.num_rows
-        if self.pending_rows >= self.rows_per_part:
-            self.flush()
 
-    def flush(self) -> None:
-        if not self.pending_rows:
-            return
-        table = pa.concat_tables(self.pending).sort_by("path")
-        self.pending, self.pending_rows = [], 0
-        name = "part-" + hashlib.sha256("\n".join(table.column("path").to_pylist()).encode()).hexdigest()[:20]
-        failed = table.filter(pc.is_valid(table.column("error")))
-        good = table.filter(pc.is_null(table.column("error")))
-        if failed.num_rows:
-            errors = pa.table({"path": failed.column("path"), "stage": failed.column("error_stage"),
-                               "reason": failed.column("error")}, schema=ERRORS)
-            atomic_write_table(self.run_dir / "errors" / f"{name}.parquet", errors)
-        if good.num_rows:
-            atomic_write_table(self.run_dir / "annotations" / f"{name}.parquet", good.select(IMAGES.names))
+def run_counts(run_dir: Path) -> dict[str, int]:
+    """Annotated images, error rows and annotations of a run, from its parts' footers alone."""
+    counts = {"annotated": 0, "errors": 0, "annotations": 0}
+    for part in sorted((Path(run_dir) / "annotations").glob("part-*.parquet")):
+        meta = pq.read_metadata(part)
+        counts["annotated"] += meta.num_rows
+        counts["annotations"] += int((meta.metadata or {}).get(COUNT_KEY, b"0"))
+    counts["errors"] = sum(pq.read_metadata(p).num_rows for p in (Path(run_dir) / "errors").glob("part-*.parquet"))
+    return counts
+
+
+def retire_read_errors(run_dir: Path) -> int:
+    """Drop the run's read-stage error rows (I/O, network: worth another try) so that a resumed run
+    reads those images again; decode and annotate errors stay final. Returns how many were dropped."""
+    dropped = 0
+    for part in sorted((Path(run_dir) / "errors").glob("part-*.parquet")):
+        errors = pq.read_table(part, schema=ERRORS)
+        kept = errors.filter(pc.not_equal(errors.column("stage"), "read"))
+        if kept.num_rows < errors.num_rows:
+            dropped += errors.num_rows - kept.num_rows
+            if kept.num_rows:
+                atomic_write_table(part, kept)
+            else:
+                part.unlink()
+    return dropped
+
+
+def done_paths(run_dir: Path) -> set[str]:
+    """Paths of every image a run has settled: annotated, or failed for a reason a retry cannot mend."""
+    run_dir = Path(run_dir)
+    quarantine_broken_parts(run_dir / "annotations")
+    quarantine_broken_parts(run_dir / "errors")
+    errors = read_parts(run_dir / "errors", ERRORS, ["path", "stage"])
+    final = errors.filter(pc.not_equal(errors.column("stage"), "read")).column("path")
+    return set(read_parts(run_dir / "annotations", IMAGES, ["path"]).column("path").to_pylist()) | set(
+        final.to_pylist())
+
+
+def annotated_contents(run_dirs: list[Path]) -> dict[str, str]:
+    """image_id (content hash) -> path, over the annotated images of earlier runs."""
+    found: dict[str, str] = {}
+    for run_dir in run_dirs:
+        table = read_parts(Path(run_dir) / "annotations", IMAGES, ["image_id", "path"])
+        found.update(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(), strict=True))
+    return found

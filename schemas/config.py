@@ -43,7 +43,6 @@ class JobConfig:
     actors: int | None = None
     gpus_per_actor: float | None = None
     batch_size: int | None = None
-    rows_per_part: int = 1000
     incremental: bool = False  # out is a root of runs/<run-id>/; skip what earlier runs annotated
     address: str | None = None
 
@@ -72,7 +71,7 @@ class JobConfig:
             fail("scales", "a non-empty list of multiples of input_size between 0.25 and 4")
         if not 0 <= self.min_score <= 1:
             fail("min_score", "a probability between 0 and 1")
-        for name, low in (("top_k", 1), ("rows_per_part", 1), ("actors", 1), ("batch_size", 1)):
+        for name, low in (("top_k", 1), ("actors", 1), ("batch_size", 1)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 fail(name, f"an integer >= {low}")

@@ -81,7 +81,7 @@ def test_scheduled_job_on_a_two_node_cluster_is_incremental(cluster, tmp_path):
         Image.fromarray(photo).resize((128, 96)).save(source / f"night1_{i}.png")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"source": str(source), "out": str(out), "input_size": 128, "flip": False,
-                                      "scales": [1.0], "batch_size": 2, "rows_per_part": 2}))
+                                      "scales": [1.0], "batch_size": 2}))
     submit(cluster, "camlabel-night1", config)
     for i, photo in enumerate(photos[2:]):
         Image.fromarray(photo).resize((128, 96)).save(source / f"night2_{i}.png")
@@ -94,6 +94,7 @@ def test_scheduled_job_on_a_two_node_cluster_is_incremental(cluster, tmp_path):
     assert runs[0]["series"] == runs[1]["series"]
     assert [r["this_run"] for r in runs] == [2, 3]  # the second night read only its three new files
     assert [r["annotated"] for r in runs] == [2, 2]  # and kept the renamed copy out: its content is done
+    assert [r["errors"] for r in runs] == [0, 1]  # a "duplicate" row names the image it copies
 
     coco = tmp_path / "all.json"
     subprocess.run([str(BIN / "camlabel"), "export-coco", str(out), "--out", str(coco)], check=True)

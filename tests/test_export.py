@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.export import export_coco
-from camlabel.pipeline.writers import RunWriter, atomic_write_json
+from camlabel.pipeline.writers import atomic_write_json, run_counts, write_part
 from camlabel.schemas.tables import RESULTS
 from pycocotools.coco import COCO
 
@@ -24,11 +24,9 @@ def result_row(i: int, boxes: int) -> dict:
 def run(tmp_path):
     """A run of 11 images in three parts, image 4 without any annotation."""
     run_dir = tmp_path / "run"
-    writer = RunWriter(run_dir, rows_per_part=4)
     for first in (0, 4, 8):
         rows = [result_row(i, 0 if i == 4 else 1 + i % 2) for i in range(first, min(first + 4, 11))]
-        writer.add(pa.Table.from_pylist(rows, schema=RESULTS))
-    writer.flush()
+        write_part(run_dir, pa.Table.from_pylist(rows, schema=RESULTS))
     atomic_write_json(run_dir / "manifest.json", {"model": {"class_names": ["c0", "c1", "c2"]}})
     return run_dir
 
@@ -52,6 +50,7 @@ def test_one_file_holds_every_row_exactly_once(run, tmp_path):
     assert boxes_by_file(coco) == expected_boxes()
     assert [c["name"] for c in coco.dataset["categories"]] == ["c0", "c1", "c2"]
     assert sorted(coco.getImgIds()) == list(range(1, 12)) and sorted(coco.getAnnIds()) == list(range(1, 16))
+    assert run_counts(run) == {"annotated": 11, "errors": 0, "annotations": 15}  # from the parts' footers
 
 
 def test_shards_split_the_images_and_the_index_counts_them(run, tmp_path):

@@ -51,7 +51,7 @@ def collection(tmp_path_factory):
 
 def annotate(source, out, *extra):
     assert main(["annotate", str(source), "--out", str(out), "--input-size", "160", "--no-flip",
-                 "--batch-size", "2", "--rows-per-part", "2", *extra]) == 0
+                 "--batch-size", "2", *extra]) == 0
 
 
 def rows(run_dir):
@@ -182,7 +182,7 @@ def many_cats(collection, tmp_path):
 def annotate_command(source, out) -> list[str]:
     """`camlabel annotate` as its own process, in small parts, so it can be killed or stopped half way."""
     return [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
-            "--input-size", "160", "--no-flip", "--batch-size", "2", "--rows-per-part", "2", "--actors", "1"]
+            "--input-size", "160", "--no-flip", "--batch-size", "2", "--actors", "1"]
 
 
 def without_ray_address() -> dict:
@@ -264,19 +264,48 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
 
 
-def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(local_ray, collection):
+def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(local_ray, collection, tmp_path):
     from camlabel.pipeline.plan import Resources, annotate_stream
     from camlabel.pipeline.sources import list_images
     from camlabel.workers.annotator import AnnotateSettings
 
     items = [{"path": p, "labels": "-"} for p in list_images(str(collection))]
     settings = AnnotateSettings(input_size=96, scales=(1.0,), flip=False)
-    rows = {}
+    written = {}
     for stage in (True, False):  # the GPU plan's decode tasks, on CPU here; the CPU plan's own decoding
-        tables = list(annotate_stream(items, {}, settings, Resources(2, 0.0, 0.9, 2, 2, decode_stage=stage)))
-        columns = ["path", "image_id", "width", "error", "annotations"]
-        got = [row for t in tables for row in t.select(columns).to_pylist()]
-        rows[stage] = sorted(got, key=lambda r: r["path"])
-    assert len(rows[True]) == len(items) == 6
-    assert sum(r["error"] is not None for r in rows[True]) == 1  # broken.jpg
-    assert rows[True] == rows[False]
+        out = tmp_path / str(stage)
+        counts = [row for t in annotate_stream(items, {}, settings, Resources(2, 0.0, 0.9, 2, 2, decode_stage=stage),
+                                               out, {}) for row in t.to_pylist()]
+        assert sum(c["annotated"] for c in counts) == 5 and sum(c["errors"] for c in counts) == 1  # broken.jpg
+        written[stage] = rows(out)
+    assert [r["path"] for r in written[True]] == sorted(p["path"] for p in items if "broken" not in p["path"])
+    assert written[True] == written[False]
+
+
+def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, collection, tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(collection / "cat.png", source / "cat.png")
+    (source / "broken.jpg").write_bytes((collection / "broken.jpg").read_bytes())
+    manifest = source / "list.csv"
+    manifest.write_text("path\ncat.png\nbroken.jpg\nlater.png\n")  # later.png is not there yet: a read error
+    out = tmp_path / "run"
+    annotate(manifest, out)
+
+    def errors():
+        table = pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table()
+        return sorted((os.path.basename(e["path"]), e["stage"]) for e in table.to_pylist())
+
+    assert errors() == [("broken.jpg", "decode"), ("later.png", "read")]
+    shutil.copy(collection / "coffee.png", source / "later.png")  # the store mends
+    capsys.readouterr()
+    annotate(manifest, out)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert errors() == [("broken.jpg", "decode")]  # the decode error stays final, the read error is gone
+    assert [os.path.basename(r["path"]) for r in rows(out)] == ["cat.png", "later.png"]
+    assert (summary["this_run"], summary["annotated"], summary["errors"], summary["inputs"]) == (1, 2, 1, 3)
+
+    assert main(["annotate", str(manifest), "--out", str(out), "--input-size", "160", "--no-flip",
+                 "--method", "gradcam"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method: " in err and "'cam', not 'gradcam'" in err
