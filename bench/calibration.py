@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from camlabel.pipeline.calibrate import CalibrationSet, calibrate
-from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.schemas.config import AnnotateSettings
+from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import load_model
 
 from bench.localisation import DATA

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from camlabel.pipeline.evaluate import MapMeter, evaluate
-from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.schemas.config import AnnotateSettings
+from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import LoadedModel, load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image

@@ -81,7 +81,7 @@ def job(source: Path, actors: int, input_size: int, fast: bool, method: str = "c
     try:
         options = {"flip": False, "refine": False, "scales": [1.0]} if fast else {}
         config = JobConfig(source=str(source), out=str(out / "run"), actors=actors, input_size=input_size,
-                           method=method, precision=precision, **options).validate()
+                           method=method, precision=precision, **options)
         manifest = annotate(config, progress=False)
         return manifest["counts"]["this_run"] / manifest["seconds"], manifest.get("steady_images_per_second", 0)
     finally:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from camlabel.pipeline.masks import SegmentationMeter, decode_heatmaps, label_map
+from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers.actor import stored_heatmaps
-from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from camlabel.pipeline.train import TrainConfig, train
-from camlabel.workers.annotator import AnnotateSettings
+from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers.models import load_model
 
 from bench.localisation import DATA, run

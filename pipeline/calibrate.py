@@ -17,8 +17,8 @@ import yaml
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from ..schemas.config import JobConfig
-from ..workers.annotator import AnnotateSettings, Annotator
+from ..schemas.config import AnnotateSettings, JobConfig
+from ..workers.annotator import Annotator
 from ..workers.decode import DecodeError, decode
 from ..workers.models import LoadedModel
 from .evaluate import EvaluationError, category_mapping, evaluate, load_ground_truth

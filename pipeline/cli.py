@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..schemas.config import METHODS, ConfigError, JobConfig, load_config
+from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, load_config
 from ..workers.models import ModelError
 from .evaluate import EvaluationError, evaluate
 from .signals import Stopped
@@ -33,42 +33,19 @@ def _positive(text: str) -> int:
 
 
 def _annotate_flags(parser: argparse.ArgumentParser) -> None:
-    """Every JobConfig field as a flag; defaults stay None so a YAML config is only overridden on purpose."""
-    parser.add_argument("source", nargs="?", help="folder (recursive), glob, .csv/.parquet manifest, or URI")
+    """Every JobConfig field as a flag, its help from the field; defaults stay None so a YAML config is
+    only overridden on purpose (the defaults are the fields')."""
+    parser.add_argument("source", nargs="?", help=JobConfig.__dataclass_fields__["source"].metadata["help"])
     parser.add_argument("--config", help="YAML file with any of the fields below")
-    parser.add_argument("--out", help="run directory (calibrate: the YAML file to write)")
-    parser.add_argument("--labels", help="CSV: file_name, labels (class indices or names, space-separated)")
-    parser.add_argument("--model", help="torchvision classifier name (default mobilenet_v2)")
-    parser.add_argument("--weights", help="'bundled', 'DEFAULT' (torchvision download) or a local file")
-    parser.add_argument("--class-names", help="text file, one class name a line")
-    parser.add_argument("--model-dir", help="a localizer folder written by `camlabel train` (replaces --model, "
-                        "--weights, --class-names)")
-    parser.add_argument("--target-layer", help="layer whose maps are used (default: found automatically)")
-    parser.add_argument("--method", help=f"one of {', '.join(METHODS)} (default cam)")
-    parser.add_argument("--input-size", type=int, help="shorter side in pixels at the image's own aspect")
-    parser.add_argument("--rule", help="instances (default) or paper (Zhou et al.'s 20%% largest component)")
-    parser.add_argument("--threshold", type=float, help="fraction of the map's max kept as object (default 0.45; "
-                        "eigencam 0.6)")
-    parser.add_argument("--mask-threshold", type=float,
-                        help="threshold for masks (default: --threshold if given, else the rule's: 0.5; "
-                        "eigencam 0.65)")
-    parser.add_argument("--top-k", type=int, help="predicted classes considered when there are no labels")
-    parser.add_argument("--min-score", type=float, help="minimum probability of a predicted class")
-    parser.add_argument("--scales", type=_floats, help="input sizes averaged, as multiples of --input-size "
-                        "(default 1.5,2.0, for eigencam 1.0,1.5; maps are refined and cut on the grid of --input-size)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
-    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                        help="colour refinement of the maps")
-    parser.add_argument("--precision", help="auto (default: bfloat16 on GPUs and CPUs that compute it natively, "
-                        "else float32), float32 or bfloat16: the model's passes under bfloat16 autocast give the "
-                        "same labels' quality, faster where bfloat16 is native, slower elsewhere")
-    parser.add_argument("--actors", type=int, help="annotate actors (default: one per GPU, else per core)")
-    parser.add_argument("--gpus-per-actor", type=float)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=None,
-                        help="--out is a root of runs/<run-id>/; annotate only what earlier runs of the same "
-                        "model, weights and method have not")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    settings = [f for f in fields(JobConfig) if f.name in AnnotateSettings.__dataclass_fields__]
+    for f in [f for f in fields(JobConfig) if f not in settings and f.name != "source"] + settings:
+        flag = "--" + f.name.replace("_", "-")
+        shown = f"{f.metadata['help']}" + (f" (default {f.default})" if f.default not in (None, "", False) else "")
+        if "bool" in f.type:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
+        else:
+            kind = _floats if "tuple" in f.type else float if "float" in f.type else int if "int" in f.type else str
+            parser.add_argument(flag, type=kind, help=shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,14 +173,13 @@ def cmd_calibrate(args) -> int:
     """Thresholds for this model and these settings, written as a YAML file for `annotate --config`."""
     from ..workers.models import load_model
     from .calibrate import calibrate, calibrated_config
-    from .job import settings_of
     from .writers import atomic_write_bytes
 
     names = {f.name for f in fields(JobConfig)}
     config = load_config(args.config, {k: v for k, v in vars(args).items() if k in names})
     loaded = load_model(config.model, config.weights, config.class_names, config.target_layer,
                         model_dir=config.model_dir)
-    result = calibrate(config.source, args.gt, loaded, settings_of(config), use_labels=not args.predicted)
+    result = calibrate(config.source, args.gt, loaded, config.resolved(), use_labels=not args.predicted)
     atomic_write_bytes(Path(config.out), calibrated_config(config, result).encode())
     print(json.dumps({"out": config.out, **result}, indent=2))
     return 0

@@ -17,8 +17,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from ..schemas.config import ConfigError, JobConfig
-from ..workers.annotator import AnnotateSettings
+from ..schemas.config import AnnotateSettings, ConfigError, JobConfig
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
 from .lease import lease
@@ -39,14 +38,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
-
-
-def settings_of(config: JobConfig) -> AnnotateSettings:
-    return AnnotateSettings(method=config.method, input_size=config.input_size, rule=config.rule,
-                            threshold=config.threshold, mask_threshold=config.mask_threshold, top_k=config.top_k,
-                            min_score=config.min_score, flip=config.flip, refine=config.refine,
-                            precision=config.precision,
-                            scales=None if config.scales is None else tuple(config.scales)).resolved()
 
 
 def check_method(loaded, method: str) -> None:
@@ -197,7 +188,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
     check_method(loaded, config.method)
     model["target_layer"] = loaded.target_layer
-    settings = settings_of(config)
+    settings = config.resolved()
     with lease(Path(config.out)):
         run_dir, earlier = Path(config.out), []
         if config.incremental:

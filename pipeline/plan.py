@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from ..schemas.config import AnnotateSettings
 from ..workers.actor import AnnotateActor
-from ..workers.annotator import AnnotateSettings
 from ..workers.decode import DecodeError, decode, image_size
 from .sources import read_bytes
 from .writers import write_part

@@ -6,7 +6,8 @@ import camlabel.workers.annotator as annotator_module
 import pytest
 import torch
 import torch.nn.functional as F
-from camlabel.workers.annotator import METHOD_DEFAULTS, SCALES, AnnotateSettings, Annotator, resample_maps, shape_groups
+from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
+from camlabel.workers.annotator import Annotator, resample_maps, shape_groups
 from camlabel.workers.models import load_model
 from skimage import data
 

@@ -10,8 +10,8 @@ import yaml
 from camlabel.pipeline.calibrate import THRESHOLDS
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.evaluate import evaluate
-from camlabel.schemas.config import load_config
-from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.schemas.config import AnnotateSettings, load_config
+from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import decode_image

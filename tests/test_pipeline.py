@@ -267,7 +267,7 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
 def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(local_ray, collection, tmp_path):
     from camlabel.pipeline.plan import Resources, annotate_stream
     from camlabel.pipeline.sources import list_images
-    from camlabel.workers.annotator import AnnotateSettings
+    from camlabel.schemas.config import AnnotateSettings
 
     items = [{"path": p, "labels": "-"} for p in list_images(str(collection))]
     settings = AnnotateSettings(input_size=96, scales=(1.0,), flip=False)

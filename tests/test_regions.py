@@ -2,7 +2,8 @@
 
 import torch
 import torch.nn.functional as F
-from camlabel.workers.annotator import AnnotateSettings, Annotator
+from camlabel.schemas.config import AnnotateSettings
+from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from camlabel.workers.regions import CROP_CONTEXT, CROP_SIZE, name_regions, one_box_per_object

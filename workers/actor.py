@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..schemas.config import AnnotateSettings
 from ..schemas.tables import RESULTS
-from .annotator import AnnotateSettings, Annotator
+from .annotator import Annotator
 from .models import load_model
 
 log = logging.getLogger(__name__)

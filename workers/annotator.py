@@ -10,69 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..schemas.config import PRECISIONS
+from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
 from .boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
 from .heatmaps import classify, compute_heatmaps, peak_evidence
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
 from .regions import name_regions, one_box_per_object
 
-# Input sizes, as multiples of input_size, whose maps are averaged: objects are cut from the mean of all but
-# the smallest, large objects (workers.boxes.LARGE_OBJECT_RULE) from the mean of all but the largest.
-SCALES = (1.0, 1.5, 2.0)
 CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
-# Eigen-CAM's map is the layer's first principal component, class-agnostic: at larger sizes the object
-# dominates the layer's variance less, so Eigen-CAM keeps smaller scales and higher thresholds, one
-# extent (bench/README.md measures both defaults for it).
-# Score-CAM and occlusion pay one forward pass per channel or patch position: one scale, no mirror.
-METHOD_DEFAULTS = {"eigencam": {"scales": (1.0, 1.5), "threshold": 0.6, "mask_threshold": 0.65},
-                   "scorecam": {"scales": (1.0,), "flip": False},
-                   "occlusion": {"scales": (1.0,), "flip": False}}
-
-
-@dataclass(frozen=True)
-class AnnotateSettings:
-    """What to compute for each image. Image-level labels, when given, choose the classes mapped;
-    otherwise the top_k classes whose evidence peaks highest anywhere in the image propose regions and
-    each region is named by its crop's best class, kept when that class's probability is at least
-    min_score (workers.regions).
-    Scales, flip and thresholds left None take the method's defaults (METHOD_DEFAULTS, else SCALES, a
-    mirror and the rule's thresholds)."""
-
-    method: str = "cam"
-    input_size: int = 448
-    rule: str = "instances"
-    threshold: float | None = None  # default: the rule's
-    mask_threshold: float | None = None  # default: threshold when that is given, else the rule's
-    top_k: int = 5
-    min_score: float = 0.1
-    flip: bool | None = None  # average with the horizontally flipped image's maps (default: yes)
-    scales: tuple[float, ...] | None = None  # input sizes, as multiples of input_size, whose maps are averaged
-    refine: bool = True  # refine maps with the image's colours (colour model, then a random walk)
-    # the model's passes under bfloat16 autocast (maps and everything after them stay float32): 1.7-1.9x
-    # faster end to end on a CPU with AVX512-BF16, slower on CPUs without. auto: bfloat16 where the device
-    # computes it natively (`native_bfloat16`), else float32 (bench/README.md measures both)
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-
-    def resolved(self) -> AnnotateSettings:
-        """These settings with what was left unset taken from the method's defaults (done late, so that
-        `replace(settings, method=...)` gets the new method's defaults)."""
-        defaults = METHOD_DEFAULTS.get(self.method, {})
-        changes: dict = {}
-        if self.scales is None:
-            changes["scales"] = tuple(defaults.get("scales", SCALES))
-        if self.flip is None:
-            changes["flip"] = defaults.get("flip", True)
-        if self.rule == "instances" and self.threshold is None and self.mask_threshold is None and (
-                "threshold" in defaults):
-            changes |= {"threshold": defaults["threshold"], "mask_threshold": defaults["mask_threshold"]}
-        return replace(self, **changes)
 
 
 @dataclass
