@@ -2,9 +2,11 @@
 
     pip install -e ".[bench]"   # pytorch-grad-cam, the peer
     python -m bench.heatmaps [--models mobilenet_v2,resnet50] [--batch 32] [--size 224] [--threads 1,2]
+        [--precisions float32,bfloat16]
 
 Random-init weights (speed does not depend on them); the same model, batch and layer for everyone.
-Prints a Markdown table: images/s and the ratio to the plain forward pass on the same batch.
+Prints a Markdown table: images/s and the ratio to the plain forward pass on the same batch, in the
+same precision (bfloat16: every call under bfloat16 autocast, as `--precision bfloat16` runs the model).
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ def contenders(model, layer: str, batch, methods: list[str]) -> dict:
     return runs
 
 
+def in_precision(fn, device: str, precision: str):
+    def run():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            fn()
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mobilenet_v2,resnet50")
@@ -75,12 +84,13 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default="cam,gradcam,gradcam++,eigencam")
+    parser.add_argument("--precisions", default="float32")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads max)"
     print(f"{date.today()} on {name}, batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__}\n")
-    print("| model | threads | what | images/s | x forward |")
-    print("|---|---|---|---|---|")
+    print("| model | threads | precision | what | images/s | x forward |")
+    print("|---|---|---|---|---|---|")
     for model_name in args.models.split(","):
         loaded = load_model(model_name, weights=None, device=device)
         model, layer = loaded.model, loaded.target_layer
@@ -91,12 +101,13 @@ def main() -> None:
                 torch.set_num_threads(threads)
 
             runs = contenders(model, layer, batch, args.methods.split(","))
-            base = None
-            for what, fn in runs.items():
-                seconds = timed(fn, args.repeats)
-                base = base or seconds
-                print(f"| {model_name} | {threads or '-'} | {what} | {args.batch / seconds:.1f} | "
-                      f"{base / seconds:.2f} |", flush=True)
+            for precision in args.precisions.split(","):
+                base = None
+                for what, fn in runs.items():
+                    seconds = timed(in_precision(fn, device, precision), args.repeats)
+                    base = base or seconds
+                    print(f"| {model_name} | {threads or '-'} | {precision} | {what} | {args.batch / seconds:.1f} | "
+                          f"{base / seconds:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
