@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .evaluate import EvaluationError
+from .evaluate import EvaluationError, load_ground_truth
 from .sources import relative_path
 from .writers import atomic_write_bytes, atomic_write_json
 
@@ -159,9 +159,8 @@ class SegmentationMeter:
 def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
     """Score a folder of label-map PNGs (matched to COCO ground-truth images by file stem)."""
     from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
 
-    gt = COCO(str(gt_path))
+    gt = load_ground_truth(gt_path)  # quietly: stdout carries the JSON result
     pngs = {p.stem: p for p in Path(folder).rglob("*.png")}
     meter = None
     for image in gt.dataset["images"]:

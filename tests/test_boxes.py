@@ -103,6 +103,22 @@ def test_boxes_map_back_to_original_pixels(original):
     assert found[0].area == pytest.approx(32 * sx * 16 * sy, rel=0.35)
 
 
+@pytest.mark.parametrize("scale", [1, 2, 4])
+@pytest.mark.parametrize("rule", ["instances", "paper"])
+def test_a_planted_blob_maps_to_its_exact_box_through_padding_and_rescaling(scale, rule):
+    """The blob covers input rows 8-23 and columns 32-63 of an image that fills 64x96 of a 64x128 input
+    (padding on the right); at `scale` times that size the box is exactly those pixels times `scale`,
+    and an instance's mask fills exactly its box's rows and columns."""
+    original = (64 * scale, 96 * scale)
+    rules = {"instances": RULES["instances"], "paper": PAPER_RULE}
+    (found,) = pseudo_labels(blob_maps(), torch.tensor([[7]]), torch.tensor([[0.9]]), torch.tensor([[64, 96]]),
+                             (64, 128), [original], rules[rule])
+    assert [p.bbox for p in found] == [[32.0 * scale, 8.0 * scale, 32.0 * scale, 16.0 * scale]]
+    if rule == "instances":
+        ys, xs = np.nonzero(mask_utils.decode(found[0].rle))
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [32 * scale, 8 * scale, 64 * scale, 24 * scale]
+
+
 def test_every_strong_component_is_an_instance_and_the_paper_rule_keeps_one_box():
     maps = blob_maps(blobs=((4, 20, 4, 30, 1.0), (40, 60, 80, 120, 0.8), (40, 44, 4, 8, 0.3)))
     args = (torch.tensor([[3]]), torch.tensor([[0.5]]), torch.tensor([[64, 128]]), (64, 128), [(64, 128)])

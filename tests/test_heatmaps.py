@@ -171,7 +171,8 @@ def test_a_batch_gives_the_same_maps_as_single_images(gapnet, method):
         torch.testing.assert_close(batch.maps[i], one.maps[0], atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(batch.scores[i], one.scores[0], atol=1e-5, rtol=1e-4)
     assert batch.maps.min() >= 0 and batch.maps.max() <= 1
-    assert (batch.maps[1, 1] == 0).all()  # the padded target has no map
+    assert (batch.maps[:2].flatten(2).amax(2) == torch.tensor([[1.0, 1.0], [1.0, 0.0]])).all()  # real maps,
+    # each scaled to a max of 1, and none for the padded target (-1)
 
 
 def test_top_k_targets_are_the_predicted_classes(gapnet):
@@ -217,3 +218,52 @@ def test_unknown_method_and_layer_fail_clearly(gapnet):
         compute_heatmaps(gapnet, torch.randn(1, 3, 8, 8), target_layer="features", method="nope")
     with pytest.raises(HeatmapError, match="no layer 'layer9'"):
         compute_heatmaps(gapnet, torch.randn(1, 3, 8, 8), target_layer="layer9")
+
+
+class SquareNet(nn.Module):
+    """score_c = b_c + sum_k w_ck mean_ij(A_kij^2), with A the input itself: the gradient of class c at
+    the target layer is G_k = w_ck A_k / 2 on a 2x2 map, so every weighting can be worked out by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Identity()
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, -0.5], [0.3, 0.2]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.features(x).pow(2).mean((2, 3)))
+
+
+A = torch.tensor([[[[1.0, 2.0], [-1.0, 3.0]], [[2.0, -2.0], [1.0, 1.0]]]])  # [1, 2 channels, 2, 2]
+G = torch.tensor([1.0, -0.5])[None, :, None, None] * A / 2  # d score_0 / dA
+
+
+def by_formula(method: str) -> torch.Tensor:
+    """Each paper's map for class 0, written out from A and G, before ReLU."""
+    if method == "gradcam":  # Selvaraju et al.: channel weights = spatial mean of the gradients
+        return (G.mean((2, 3), keepdim=True) * A).sum(1)
+    if method == "gradcam++":  # Chattopadhay et al., exponential-score closed form
+        alpha = G**2 / (2 * G**2 + A.sum((2, 3), keepdim=True) * G**3)
+        return ((alpha * G.clamp(min=0)).sum((2, 3), keepdim=True) * A).sum(1)
+    if method == "xgradcam":  # Fu et al.: sum(G A) / sum(A) per channel
+        return ((G * A).sum((2, 3), keepdim=True) / A.sum((2, 3), keepdim=True) * A).sum(1)
+    if method == "layercam":  # Jiang et al.: element-wise positive gradients times activations
+        return (G.clamp(min=0) * A).sum(1)
+    return (G * A).sum(1)  # hirescam, Draelos & Carin: element-wise gradients times activations
+
+
+def test_gradcam_on_the_hand_worked_example():
+    # alpha = mean(G_0) = 0.625, mean(G_1) = -0.125: 0.625 A_0 - 0.125 A_1 = [[0.375, 1.5], [-0.75, 1.75]]
+    expected = torch.tensor([[0.375, 1.5], [0.0, 1.75]]) / 1.75
+    maps = compute_heatmaps(SquareNet(), A, target_layer="features", method="gradcam", targets=[0]).maps
+    torch.testing.assert_close(maps[0, 0], expected)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"])
+def test_each_gradient_weighting_is_its_papers_formula(method):
+    raw = by_formula(method)[0]
+    assert raw.max() > 0 and raw.min() < raw.max()  # a real map, not one an all-zero answer would match
+    maps = compute_heatmaps(SquareNet(), A, target_layer="features", method=method, targets=[0]).maps
+    torch.testing.assert_close(maps[0, 0], raw.clamp(min=0) / raw.max(), atol=1e-5, rtol=1e-4)

@@ -76,3 +76,27 @@ def test_segmentation_meter_excludes_ignored_pixels():
     assert r["pixel_accuracy"] == pytest.approx(2 / 3)
     assert r["per_class_iou"] == {"0": 0.5, "1": 0.5}  # class 1: 1 of {0, 2}; class 0: 1 of {2, 3}
     assert r["mIoU"] == pytest.approx(0.5)
+
+
+def test_eval_label_maps_scores_a_hand_made_png_against_coco_masks(tmp_path, capsys):
+    from camlabel.pipeline.cli import main
+    from pycocotools import mask as mask_utils
+
+    truth = np.zeros((4, 4), np.uint8)
+    truth[:, :2] = 1  # the object: the left two columns
+    rle = mask_utils.encode(np.asfortranarray(truth))
+    rle["counts"] = rle["counts"].decode()
+    gt = {"images": [{"id": 1, "file_name": "sub/a.jpg", "width": 4, "height": 4}],
+          "categories": [{"id": 1, "name": "thing"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 4], "area": 8,
+                           "iscrowd": 0, "segmentation": rle}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    predicted = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 255, 0], [1, 1, 1, 0]], np.uint8)
+    (tmp_path / "maps" / "sub").mkdir(parents=True)
+    Image.fromarray(predicted, mode="L").save(tmp_path / "maps" / "sub" / "a.png")
+    assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # 15 pixels scored; class 1: 8 shared of 11 claimed; background: 4 shared of 7 (the ignored pixel aside)
+    assert r["per_class_iou"] == {"0": round(4 / 7, 4), "1": round(8 / 11, 4)}
+    assert r["mIoU"] == pytest.approx((4 / 7 + 8 / 11) / 2)
+    assert r["pixel_accuracy"] == pytest.approx(12 / 15) and r["ignored_share"] == pytest.approx(1 / 16)

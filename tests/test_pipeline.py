@@ -309,3 +309,31 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
                  "--method", "gradcam"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "method: " in err and "'cam', not 'gradcam'" in err
+
+
+def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(local_ray, collection, tmp_path,
+                                                                                 capsys):
+    source, out = tmp_path / "incoming", tmp_path / "root"
+    source.mkdir()
+    for name in ("cat.png", "coffee.png"):
+        shutil.copy(collection / name, source / name)
+    annotate(source, out, "--incremental")
+    shutil.copy(collection / "horse.png", source / "horse.png")
+    shutil.copy(collection / "cat.png", source / "cat_again.png")  # same content, new name
+    annotate(source, out, "--incremental")
+    capsys.readouterr()
+    assert main(["runs", str(out)]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["status"] for r in runs] == ["finished", "finished"] and runs[0]["series"] == runs[1]["series"]
+    assert [(r["this_run"], r["annotated"], r["errors"]) for r in runs] == [(2, 2, 0), (2, 1, 1)]
+    second = sorted((out / "runs").iterdir())[1]
+    (duplicate,) = pads.dataset(str(second / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
+    assert duplicate["stage"] == "duplicate" and duplicate["path"].endswith("cat_again.png")
+    assert duplicate["reason"].startswith(f"same content as {source / 'cat.png'}")
+    assert [r["path"] for r in rows(second)] == [str(source / "horse.png")]
+
+    annotate(source, out, "--incremental", "--method", "gradcam")  # another series: a run of its own, all anew
+    capsys.readouterr()
+    assert main(["runs", str(out)]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(runs) == 3 and runs[2]["series"] != runs[0]["series"] and runs[2]["this_run"] == 4
