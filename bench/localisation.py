@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from camlabel.pipeline.evaluate import MapMeter, evaluate
+from camlabel.pipeline.evaluate import evaluate
 from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import LoadedModel, load_model
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image
+
+from bench.map_meter import MapMeter
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public"
 

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from camlabel.pipeline.masks import SegmentationMeter, decode_heatmaps, label_map
+from camlabel.pipeline.evaluate import SegmentationMeter
+from camlabel.pipeline.masks import decode_heatmaps, label_map
 from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers.actor import stored_heatmaps
 from camlabel.workers.annotator import Annotator

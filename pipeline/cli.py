@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, load_config
 from ..workers.models import ModelError
-from .evaluate import EvaluationError, evaluate
+from .evaluate import EvaluationError, evaluate, evaluate_label_maps
 from .signals import Stopped
 from .sources import SourceError
 
@@ -225,7 +225,6 @@ def cmd_runs(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.label_maps:
-        from .masks import evaluate_label_maps
 
         print(json.dumps(evaluate_label_maps(args.gt, args.label_maps), indent=2))
     else:

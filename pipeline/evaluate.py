@@ -13,13 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
-import torchvision
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from ..workers.boxes import connected_components
 
 
 class EvaluationError(ValueError):
@@ -79,70 +76,6 @@ class LocalisationMeter:
                 "mean_mask_iou": self.mask_iou / n, "boxes_per_object": self.boxes_on_objects / n,
                 "corloc_by_size": {name: {"objects": k, "corloc": hits / max(k, 1)}
                                    for name, (hits, k) in self.by_size.items()}}
-
-
-class MapMeter:
-    """MaxBoxAccV2 and PxAP (Choe et al. 2020) of heatmaps, streamed: only per-threshold counters are kept.
-
-    accumulate(heatmap, boxes, mask) per (image, class): heatmap [h,w] in [0,1]; the class's ground-truth
-    boxes [N,4] (x, y, w, h) and union mask [h,w], both at the heatmap's resolution. MaxBoxAccV2: at each
-    threshold every connected component is boxed; an object is found when one box has IoU >= delta; the
-    best threshold's accuracy, averaged over delta in {0.3, 0.5, 0.7}. PxAP: area under the pixel
-    precision-recall curve of the map against the mask.
-    """
-
-    def __init__(self, thresholds: int = 50, ious: tuple[float, ...] = (0.3, 0.5, 0.7)) -> None:
-        self.taus = torch.arange(thresholds) / thresholds  # 0, 0.02, ..., 0.98
-        self.ious = torch.tensor(ious)
-        self.hits = torch.zeros(len(ious), thresholds)
-        self.objects = 0
-        self.fg = torch.zeros(thresholds)  # pixels >= tau inside / outside the mask
-        self.bg = torch.zeros(thresholds)
-        self.fg_total = 0.0
-
-    def accumulate(self, heatmap: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> None:
-        heatmap = heatmap.float().cpu()
-        above = heatmap[None] >= self.taus[:, None, None]  # [T, h, w]
-        mask = mask.bool().cpu()
-        self.fg += (above & mask).flatten(1).sum(1)
-        self.bg += (above & ~mask).flatten(1).sum(1)
-        self.fg_total += float(mask.sum())
-        if len(boxes) == 0:
-            return
-        labels = connected_components(above)
-        owner, found = component_boxes(labels)  # [M], [M,4] xyxy
-        gt = boxes.float().cpu().clone()
-        gt[:, 2:] += gt[:, :2]
-        iou = torchvision.ops.box_iou(found, gt)  # [M, N]
-        best = torch.zeros(len(self.taus), len(gt)).index_reduce_(0, owner, iou, "amax", include_self=True)
-        self.hits += (best[None] >= self.ious[:, None, None]).sum(2).float()
-        self.objects += len(gt)
-
-    def compute(self) -> dict[str, float]:
-        accuracy = self.hits / max(self.objects, 1)  # [delta, tau]
-        precision = self.fg / (self.fg + self.bg).clamp(min=1)
-        recall = self.fg / max(self.fg_total, 1)
-        recall_step = torch.cat([recall[:-1] - recall[1:], recall[-1:]])  # recall falls as tau rises
-        return {"MaxBoxAccV2": float(accuracy.amax(1).mean()),
-                **{f"MaxBoxAcc@{d:.1f}": float(a) for d, a in zip(self.ious.tolist(), accuracy.amax(1), strict=True)},
-                "PxAP": float((precision * recall_step).sum())}
-
-
-def component_boxes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes (x1, y1, x2, y2, pixel edges) of every component of labels [N,H,W]: (map index [M], boxes [M,4])."""
-    n, h, w = labels.shape
-    flat = labels.flatten(1)
-    key = torch.arange(n)[:, None] * (h * w + 1) + flat
-    fg = flat > 0
-    keys, inverse = torch.unique(key[fg], return_inverse=True)
-    ys = torch.arange(h)[:, None].expand(h, w).flatten()[None].expand(n, -1)[fg].float()
-    xs = torch.arange(w)[None, :].expand(h, w).flatten()[None].expand(n, -1)[fg].float()
-    empty = torch.zeros(len(keys))
-    x1 = empty.scatter_reduce(0, inverse, xs, "amin", include_self=False)
-    y1 = empty.scatter_reduce(0, inverse, ys, "amin", include_self=False)
-    x2 = empty.scatter_reduce(0, inverse, xs, "amax", include_self=False) + 1
-    y2 = empty.scatter_reduce(0, inverse, ys, "amax", include_self=False) + 1
-    return keys // (h * w + 1), torch.stack([x1, y1, x2, y2], 1)
 
 
 def _boxes_on(obj: list[float], boxes: list[list[float]]) -> int:
@@ -265,3 +198,54 @@ def _coco_ap(gt: COCO, anns: list[dict], iou_type: str) -> dict[str, float]:
         ev.summarize()
     stats = np.maximum(ev.stats, 0.0)  # -1 means "no ground truth in this range"
     return {f"{iou_type}_AP": float(stats[0]), f"{iou_type}_AP50": float(stats[1])}
+
+
+class SegmentationMeter:
+    """Streamed confusion counts of label maps against ground truth: per-class IoU, mIoU, pixel accuracy
+    (ignored pixels excluded) and the share of pixels ignored (report both: a wide band can fake mIoU)."""
+
+    def __init__(self, ignore: int) -> None:
+        self.ignore = ignore
+        self.intersection: dict[int, int] = defaultdict(int)
+        self.union: dict[int, int] = defaultdict(int)
+        self.correct = self.scored = self.pixels = 0
+
+    def accumulate(self, predicted: np.ndarray, truth: np.ndarray) -> None:
+        predicted, truth = np.asarray(predicted), np.asarray(truth)
+        kept = predicted != self.ignore
+        self.pixels += predicted.size
+        self.scored += int(kept.sum())
+        p, t = predicted[kept].astype(np.int64), truth[kept].astype(np.int64)
+        self.correct += int((p == t).sum())
+        for c in np.union1d(np.unique(p), np.unique(t)).tolist():
+            self.intersection[c] += int(((p == c) & (t == c)).sum())
+            self.union[c] += int(((p == c) | (t == c)).sum())
+
+    def compute(self) -> dict:
+        iou = {c: self.intersection[c] / self.union[c] for c in sorted(self.union) if self.union[c]}
+        return {"mIoU": float(np.mean(list(iou.values()))) if iou else 0.0,
+                "pixel_accuracy": self.correct / max(self.scored, 1),
+                "ignored_share": 1 - self.scored / max(self.pixels, 1),
+                "per_class_iou": {str(c): round(v, 4) for c, v in iou.items()}}
+
+
+def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
+    """Score a folder of label-map PNGs (camlabel export-masks), matched to COCO ground-truth images by
+    file stem; objects are drawn largest first, so a small object on a large one keeps its pixels."""
+    gt = load_ground_truth(gt_path)  # quietly: stdout carries the JSON result
+    pngs = {p.stem: p for p in Path(folder).rglob("*.png")}
+    meter = None
+    for image in gt.dataset["images"]:
+        path = pngs.get(Path(image["file_name"]).stem)
+        if path is None:
+            continue
+        with Image.open(path) as png:
+            predicted = np.array(png).astype(np.int64)
+            meter = meter or SegmentationMeter(255 if png.mode in ("L", "P") else 65535)
+        truth = np.zeros((image["height"], image["width"]), np.int64)
+        for a in sorted(gt.imgToAnns[image["id"]], key=lambda a: -a["area"]):
+            truth[mask_utils.decode(gt.annToRLE(a)).astype(bool)] = a["category_id"]
+        meter.accumulate(predicted, truth)
+    if meter is None:
+        raise EvaluationError(f"no PNG in {folder} matches an image of {gt_path}")
+    return meter.compute()

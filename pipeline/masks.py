@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .evaluate import EvaluationError, load_ground_truth
 from .sources import relative_path
 from .writers import atomic_write_bytes, atomic_write_json
 
@@ -124,56 +123,3 @@ def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, 
                "ignore": ignore, "values": "0 background, class index + 1, ignore"}
     atomic_write_json(out / "manifest.json", summary)
     return summary
-
-
-class SegmentationMeter:
-    """Streamed confusion counts of label maps against ground truth: per-class IoU, mIoU, pixel accuracy
-    (ignored pixels excluded) and the share of pixels ignored (report both: a wide band can fake mIoU)."""
-
-    def __init__(self, ignore: int) -> None:
-        self.ignore = ignore
-        self.intersection: dict[int, int] = {}
-        self.union: dict[int, int] = {}
-        self.correct = 0
-        self.scored = 0
-        self.pixels = 0
-
-    def accumulate(self, predicted: torch.Tensor, truth: torch.Tensor) -> None:
-        kept = predicted != self.ignore
-        self.pixels += predicted.numel()
-        self.scored += int(kept.sum())
-        p, t = predicted[kept].long(), truth[kept].long()
-        self.correct += int((p == t).sum())
-        for c in torch.unique(torch.cat([p, t])).tolist():
-            self.intersection[c] = self.intersection.get(c, 0) + int(((p == c) & (t == c)).sum())
-            self.union[c] = self.union.get(c, 0) + int(((p == c) | (t == c)).sum())
-
-    def compute(self) -> dict:
-        iou = {c: self.intersection[c] / self.union[c] for c in sorted(self.union) if self.union[c]}
-        return {"mIoU": float(np.mean(list(iou.values()))) if iou else 0.0,
-                "pixel_accuracy": self.correct / max(self.scored, 1),
-                "ignored_share": 1 - self.scored / max(self.pixels, 1),
-                "per_class_iou": {str(c): round(v, 4) for c, v in iou.items()}}
-
-
-def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
-    """Score a folder of label-map PNGs (matched to COCO ground-truth images by file stem)."""
-    from pycocotools import mask as mask_utils
-
-    gt = load_ground_truth(gt_path)  # quietly: stdout carries the JSON result
-    pngs = {p.stem: p for p in Path(folder).rglob("*.png")}
-    meter = None
-    for image in gt.dataset["images"]:
-        path = pngs.get(Path(image["file_name"]).stem)
-        if path is None:
-            continue
-        predicted = torch.from_numpy(np.array(Image.open(path)).astype(np.int32))
-        if meter is None:
-            meter = SegmentationMeter(255 if Image.open(path).mode in ("L", "P") else 65535)
-        truth = torch.zeros(image["height"], image["width"], dtype=torch.int32)
-        for a in sorted(gt.imgToAnns[image["id"]], key=lambda a: -a["area"]):  # small objects drawn last
-            truth[torch.from_numpy(mask_utils.decode(gt.annToRLE(a)).astype(bool))] = a["category_id"]
-        meter.accumulate(predicted, truth)
-    if meter is None:
-        raise EvaluationError(f"no PNG in {folder} matches an image of {gt_path}")
-    return meter.compute()

@@ -71,7 +71,8 @@ def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
 
 def test_map_meter_on_planted_maps():
     import torch
-    from camlabel.pipeline.evaluate import MapMeter
+
+    from bench.map_meter import MapMeter
 
     heatmap = torch.zeros(40, 40)
     heatmap[10:20, 10:30] = 1.0  # exactly the object

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from camlabel.pipeline.masks import SegmentationMeter, export_masks, label_map, png_bytes, voc_palette
+from camlabel.pipeline.evaluate import SegmentationMeter
+from camlabel.pipeline.masks import export_masks, label_map, png_bytes, voc_palette
 from camlabel.pipeline.writers import atomic_write_table
 from camlabel.schemas.tables import IMAGES
 from camlabel.workers.models import imagenet_class_names
