@@ -30,6 +30,8 @@ from .writers import write_part
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work
+GPU_BATCH = 32  # images per batch (and per part) on a GPU: enough to fill it at 448 px with MobileNetV2
+CPU_BATCH = 8  # on one CPU thread a batch takes seconds: small batches keep a crash's loss small
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: f
         gpus_per_actor = 1.0 if gpus else 0.0
     if gpus_per_actor:
         count = actors or max(1, int(gpus / gpus_per_actor))
-        return Resources(count, gpus_per_actor, 1.0, batch_size or 32, cpus, decode_stage=True)
+        return Resources(count, gpus_per_actor, 1.0, batch_size or GPU_BATCH, cpus, decode_stage=True)
     count = actors or cpus
-    return Resources(count, 0.0, min(1.0, cpus / count), batch_size or 8, cpus, decode_stage=False)
+    return Resources(count, 0.0, min(1.0, cpus / count), batch_size or CPU_BATCH, cpus, decode_stage=False)
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -100,7 +100,10 @@ def _refuse_unusable_gpus() -> None:
                        "image, or run without GPUs")
 
 
-def stored_heatmaps(maps: torch.Tensor, classes: torch.Tensor, max_side: int = 64) -> list[dict]:
+STORED_MAP_SIDE = 64  # the heatmaps kept in each row (float16): enough for export-masks' label maps, ~8 KB
+
+
+def stored_heatmaps(maps: torch.Tensor, classes: torch.Tensor, max_side: int = STORED_MAP_SIDE) -> list[dict]:
     """maps [K,h,w] -> float16 records, shrunk (area average) to at most max_side per side."""
     h, w = maps.shape[-2:]
     scale = min(1.0, max_side / max(h, w, 1))

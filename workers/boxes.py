@@ -17,8 +17,10 @@ from scipy import ndimage
 from torch import Tensor
 
 from .heatmaps import normalise
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 WORK_STRIDE = 4  # thresholds and components are computed at 1/4 of the network input's resolution
+COLOUR_PSEUDOCOUNT = 1e-3  # added to every colour cell of the refinement's histograms: unseen colours stay possible
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 16, it
     the posterior map * p(c|fg) / (map * p(c|fg) + (1 - map) * p(c|bg)), as GrabCut's colour term does.
     """
     b, k, h, w = maps.shape
-    rgb = image.float() * torch.tensor([0.229, 0.224, 0.225], device=image.device)[:, None, None]
-    rgb = rgb + torch.tensor([0.485, 0.456, 0.406], device=image.device)[:, None, None]
+    rgb = image.float() * torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
+    rgb = rgb + torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
     cell = (rgb.clamp(0, 1 - 1e-6) * bins).long()
     index = ((cell[:, 0] * bins + cell[:, 1]) * bins + cell[:, 2]).flatten(1)  # [B, hw]
     index = index[:, None].expand(b, k, h * w)
@@ -116,8 +118,8 @@ def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 16, it
     for _ in range(iterations):
         fg = torch.zeros(b, k, bins**3, device=maps.device).scatter_add_(2, index, prior * inside)
         bg = torch.zeros(b, k, bins**3, device=maps.device).scatter_add_(2, index, (1 - prior) * inside)
-        fg = (fg + 1e-3) / (fg.sum(2, keepdim=True) + 1e-3 * bins**3)
-        bg = (bg + 1e-3) / (bg.sum(2, keepdim=True) + 1e-3 * bins**3)
+        fg = (fg + COLOUR_PSEUDOCOUNT) / (fg.sum(2, keepdim=True) + COLOUR_PSEUDOCOUNT * bins**3)
+        bg = (bg + COLOUR_PSEUDOCOUNT) / (bg.sum(2, keepdim=True) + COLOUR_PSEUDOCOUNT * bins**3)
         pf, pb = fg.gather(2, index), bg.gather(2, index)
         prior = maps.flatten(2) * pf / (maps.flatten(2) * pf + (1 - maps.flatten(2)) * pb + 1e-7)
     return prior.view(b, k, h, w) * valid[:, None]

@@ -60,6 +60,9 @@ WEIGHTINGS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "hirescam": lambda a, g: g,
 }
 GRADIENT_METHODS = tuple(WEIGHTINGS)
+PERTURBATION_CHUNK = 64  # Score-CAM channels or occlusion positions per extra forward pass: bounds memory
+OCCLUSION_PATCH = 48  # Zeiler & Fergus' grey square, in input pixels (about an object part at 448)
+OCCLUSION_STRIDE = 24  # half a patch: every pixel is covered by four positions
 
 
 def normalise(maps: Tensor) -> Tensor:
@@ -196,9 +199,9 @@ def compute_heatmaps(
     method: str = "cam",
     targets: Tensor | None = None,
     top_k: int = 1,
-    chunk_size: int = 64,
-    patch: int = 48,
-    stride: int = 24,
+    chunk_size: int = PERTURBATION_CHUNK,
+    patch: int = OCCLUSION_PATCH,
+    stride: int = OCCLUSION_STRIDE,
 ) -> Heatmaps:
     """Heatmaps for `images` [B,3,H,W] (normalised, on the model's device).
 
