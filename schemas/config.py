@@ -138,6 +138,9 @@ class JobConfig(AnnotateSettings):
             fail("source", "give a folder, a glob, a .csv/.parquet manifest or a URI")
         if not self.out:
             fail("out", "give the run directory")
+        if "://" in self.out:  # the actors write parts with atomic renames, which object stores lack
+            fail("out", "a filesystem path every worker sees (a local disk, a shared volume); object-store "
+                 "outputs are not supported yet")
         for name in ("actors", "batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -148,3 +148,22 @@ def test_an_actor_given_a_gpu_it_cannot_use_refuses_to_start(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"GPU \[0\] but CUDA is unusable"):
         AnnotateActor({}, AnnotateSettings())
+
+
+def test_a_huge_photo_is_shrunk_in_uint8_first_to_nearly_the_same_input():
+    """Above SHRINK_FIRST times the network's size an image is first shrunk as uint8 (a 60 MP photo
+    never becomes 720 MB of floats); the network input differs from the direct path by rounding only."""
+    from camlabel.workers import preprocess
+
+    torch.manual_seed(0)
+    small = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16), size=(600, 800), mode="bicubic")[0]
+    image = (small.clamp(0, 1) * 255).to(torch.uint8)
+    shrunk, valid = preprocess.prepare_batch([image], 64, "cpu")
+    direct = image.float()[None] / 255
+    direct = torch.nn.functional.interpolate(direct, size=tuple(valid[0].tolist()), mode="bilinear", antialias=True)
+    mean = torch.tensor(preprocess.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(preprocess.IMAGENET_STD)[:, None, None]
+    assert image.shape[-2] >= preprocess.SHRINK_FIRST * valid[0, 0]
+    h, w = valid[0].tolist()
+    difference = (shrunk[0, :, :h, :w] - (direct[0] - mean) / std).abs()
+    assert difference.max() < 0.05 and difference.mean() < 0.01  # a few uint8 levels at most

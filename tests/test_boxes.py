@@ -227,3 +227,20 @@ def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
     one_part[0, 0, 30:36, 30:36] = 0
     (kept,) = labels_from_work(one_part, *args, rule=RULES["instances"], coarse=coarse)
     assert len(kept) == 2 and sorted(p.bbox[0] for p in kept) == [40.0, 200.0]  # one part only: fine maps
+
+
+def test_masks_in_chunks_equal_masks_all_at_once(monkeypatch):
+    """A photo too large for MASK_BUDGET goes a few instances at a time; the masks do not change."""
+    from camlabel.workers import boxes
+
+    torch.manual_seed(0)
+    maps, labels = torch.rand(3, 16, 24), torch.randint(0, 4, (3, 16, 24))
+    args = (maps, labels, torch.tensor([60, 90]), (64, 96), (150, 220), [0, 2, 1], torch.tensor([1, 2, 3]),
+            torch.tensor([0.3, 0.5, 0.7]))
+    whole = list(boxes.masks_at_original_size(*args))
+    monkeypatch.setattr(boxes, "MASK_BUDGET", 150 * 220)  # one instance at a time
+    chunks = list(boxes.masks_at_original_size(*args))
+    assert len(whole) == 1 and len(chunks) == 3
+    for i in (0, 1):
+        torch.testing.assert_close(torch.cat([c[i] for c in chunks]), whole[0][i])
+    assert whole[0][0].any() and not whole[0][0].all()  # real masks

@@ -164,6 +164,8 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     ({"scales": []}, "scales"),
     ({"scales": [1.0, 9.0]}, "scales"),
     ({"precision": "float16"}, "precision"),
+    ({"out": "s3://bucket/runs"}, "out"),
+    ({"top_k": 0}, "top_k"),
 ])
 def test_bad_config_values_fail_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"^{field}: "):

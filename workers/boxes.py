@@ -7,6 +7,7 @@ masks as COCO RLE (Fortran order, `counts` as str).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,13 +293,13 @@ def pseudo_labels(
         by_image.setdefault(o // m, []).append(j)
     for i, members in by_image.items():
         ranks = [owner[j] % m for j in members]
-        component, region = _masks_at_original_size(
-            maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid[i], input_size, original_sizes[i],
-            ranks, ids[members], mask_thresholds[members])
-        # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
-        results[i] = _encode(component, region if rule.name == "paper" else component,
-                             [int(classes[i, r % k]) for r in ranks],
-                             confidence[members].tolist())
+        names, scores_i = [int(classes[i, r % k]) for r in ranks], confidence[members].tolist()
+        for component, region, chunk in masks_at_original_size(
+                maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid[i], input_size, original_sizes[i],
+                ranks, ids[members], mask_thresholds[members]):
+            # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
+            results[i] += _encode(component, region if rule.name == "paper" else component, names[chunk],
+                                  scores_i[chunk])
     return results
 
 
@@ -326,24 +327,45 @@ def _extent_chosen(owner: Tensor, box: Tensor, cells: Tensor, large_share: float
     return torch.where(coarse, large[cls], ~large[cls])
 
 
-def _masks_at_original_size(map_i, labels_i, valid_i, input_size, original, ranks, ids, thresholds):
-    """Sample image i's maps and component labels at every original pixel (exact coordinate map);
-    thresholds [M]: each chosen map's mask threshold.
+MASK_BUDGET = 1 << 26  # instance-pixels sampled at once at original size (~400 MB): a 60 MP photo goes one
+# instance at a time, a 1 MP one all at once
 
-    Returns (component masks, thresholded-map masks), each [M, h0, w0] bool."""
-    height, width = input_size
+
+def _sampling_weights(original: int, valid: int, padded: int, cells: int, device) -> tuple[Tensor, Tensor]:
+    """Along one axis: bilinear weights [original, cells] and nearest cell [original] of each original
+    pixel's centre on a grid of `cells` over the padded input (the image fills `valid` of `padded`
+    pixels); exactly what grid_sample does (align_corners False, zero padding), one axis at a time."""
+    centre = (torch.arange(original, device=device, dtype=torch.float64) + 0.5) * (valid / original)
+    u = centre / padded * cells - 0.5
+    low = u.floor()
+    frac = (u - low).float()
+    weights = torch.zeros(original, cells + 2, device=device)  # one spare cell each side: zero padding
+    rows = torch.arange(original, device=device)
+    weights[rows, low.long() + 1] = 1 - frac
+    weights[rows, low.long() + 2] += frac
+    nearest = (centre / padded * cells).floor().long().clamp(0, cells - 1)
+    return weights[:, 1:-1], nearest
+
+
+def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: Tensor, input_size: tuple[int, int],
+                           original: tuple[int, int], ranks: list[int], ids: Tensor, thresholds: Tensor,
+                           ) -> Iterator[tuple[Tensor, Tensor, slice]]:
+    """Image i's chosen maps and components at every original pixel, in chunks that fit MASK_BUDGET:
+    yields (component masks, thresholded-map masks, which instances), each mask [c, h0, w0] bool.
+    Separable sampling (two small matrix products, one gather) instead of a full-size sampling grid."""
     h0, w0 = original
     vh, vw = valid_i.tolist()
-    # centre of each original pixel, in network-input pixels, then in grid_sample's [-1, 1] of the batch
-    ys = (torch.arange(h0, device=map_i.device) + 0.5) * (vh / h0)
-    xs = (torch.arange(w0, device=map_i.device) + 0.5) * (vw / w0)
-    grid = torch.stack(torch.meshgrid(xs / width * 2 - 1, ys / height * 2 - 1, indexing="xy"), -1)[None]
-    grid = grid.to(map_i.dtype)
-    chosen = map_i[ranks][None]  # [1, M, h, w]
-    values = F.grid_sample(chosen, grid, mode="bilinear", align_corners=False)[0]  # [M, h0, w0]
-    region = values >= thresholds[:, None, None]
-    comp = F.grid_sample(labels_i[ranks][None].float(), grid, mode="nearest", align_corners=False)[0]
-    return region & (comp.long() == ids[:, None, None]), region
+    wy, iy = _sampling_weights(h0, vh, input_size[0], map_i.shape[-2], map_i.device)
+    wx, ix = _sampling_weights(w0, vw, input_size[1], map_i.shape[-1], map_i.device)
+    step = max(1, MASK_BUDGET // max(h0 * w0, 1))
+    for start in range(0, len(ranks), step):
+        chunk = slice(start, start + step)
+        rank = torch.tensor(ranks[chunk], device=map_i.device)
+        values = wy @ map_i[rank].float() @ wx.T  # [c, h0, w0]
+        region = values >= thresholds[chunk, None, None]
+        del values
+        component = (labels_i[rank] == ids[chunk, None, None])[:, iy][:, :, ix]  # compare, then gather bools
+        yield region & component, region, chunk
 
 
 def _encode(box_masks: Tensor, masks: Tensor, class_indices: list[int], scores: list[float]) -> list[PseudoLabel]:

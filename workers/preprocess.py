@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms.v2.functional import resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MULTIPLE = 32  # the stride of the coarsest feature map of torchvision's CNNs
+SHRINK_FIRST = 4  # images this many times the network's size are first shrunk (to twice it) in uint8
 
 
 def scaled_size(height: int, width: int, short_side: int, max_side: int | None = None) -> tuple[int, int]:
@@ -42,7 +44,10 @@ def prepare_batch(
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
     for i, (img, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-        x = img.to(device, non_blocking=True).float()[None] / 255
+        x = img.to(device, non_blocking=True)
+        if x.shape[-2] >= SHRINK_FIRST * h and x.shape[-1] >= SHRINK_FIRST * w:  # a huge photo: shrink it in
+            x = resize(x, [2 * h, 2 * w], antialias=True)  # uint8 first, never as full-size floats (60 MP: 720 MB)
+        x = x.float()[None] / 255
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         batch[i, :, :h, :w] = (x[0] - mean) / std
     return batch, torch.tensor(sizes, device=device)
