@@ -148,18 +148,21 @@ def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier
 
 
 def stream_parts(items: list[dict], model: dict, settings: AnnotateSettings, run_dir: Path,
-                 earlier: list[Path], config: JobConfig, manifest: dict, progress: bool) -> None:
-    """Run the Ray plan; the actors write the parts, the driver counts them as they land."""
+                 annotated_before: dict[str, str], config: JobConfig, manifest: dict, progress: bool) -> None:
+    """Run the Ray plan; the actors write the parts, the driver counts them as they land and notes
+    every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
     connect(config.address)
     resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor)
     manifest["resources"] = resources.__dict__
     log.info("annotating %d images with %s", len(items), resources)
     bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
-    first_at, after_first = None, 0
+    first_at, after_first, devices = None, 0, set()
     try:
         with stopped_by_signals():
-            for status in annotate_stream(items, model, settings, resources, run_dir, annotated_contents(earlier)):
+            for status in annotate_stream(items, model, settings, resources, run_dir, annotated_before):
                 images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
+                devices.update(status.column("device").to_pylist())
+                manifest["devices"] = sorted(devices)
                 bar.update(images)
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -199,7 +202,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         atomic_write_json(run_dir / "manifest.json", manifest)
         start = time.perf_counter()
         if items:
-            stream_parts(items, model, settings, run_dir, earlier, config, manifest, progress)
+            stream_parts(items, model, settings, run_dir, annotated_contents(earlier), config, manifest, progress)
         manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
                          "seconds": round(time.perf_counter() - start, 2),
                          "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": len(items)}})

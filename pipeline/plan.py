@@ -107,7 +107,7 @@ class AnnotateAndWrite:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch = mark_duplicates(decode_batch(batch) if self.decodes else batch, self.annotated_before)
-        return pa.Table.from_pylist([write_part(self.run_dir, self.actor(batch))])
+        return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device}])
 
 
 def annotate_stream(
@@ -119,7 +119,7 @@ def annotate_stream(
     annotated_before: dict[str, str],
 ) -> Iterator[pa.Table]:
     """items: [{"path": str, "labels": "i j" or "-"}] -> parts under run_dir, and a stream of their counts
-    (tables of {"part", "annotated", "errors", "annotations"})."""
+    (tables of {"part", "annotated", "errors", "annotations", "device"})."""
     blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     if resources.decode_stage:

@@ -86,6 +86,7 @@ def test_annotate_export_and_resume(local_ray, collection, tmp_path, capsys):
     assert manifest["status"] == "finished"
     assert manifest["model"]["weights_sha256"].startswith("b0353104")
     assert manifest["config"]["method"] == "cam" and manifest["versions"]["torch"]
+    assert manifest["devices"] == ["cpu"]  # every actor's device, from the parts' counts
 
     # resume: a deleted part is recomputed, and nothing else is touched or duplicated
     parts = sorted((out / "annotations").glob("part-*.parquet"))
