@@ -267,3 +267,26 @@ def test_each_gradient_weighting_is_its_papers_formula(method):
     assert raw.max() > 0 and raw.min() < raw.max()  # a real map, not one an all-zero answer would match
     maps = compute_heatmaps(SquareNet(), A, target_layer="features", method=method, targets=[0]).maps
     torch.testing.assert_close(maps[0, 0], raw.clamp(min=0) / raw.max(), atol=1e-5, rtol=1e-4)
+
+
+def test_scorecam_passes_are_bounded_by_the_channels_that_fire_hardest(monkeypatch):
+    """With a bound of one channel, only the channel that fires hardest gets a pass (plus the baseline),
+    and its weight is what the unbounded call gives it; the other channel weighs 0."""
+    from camlabel.workers import heatmaps
+
+    model = RedDetector().eval()
+    x = planted() * 2  # the red channel peaks at 2, the constant channel at 1
+    calls = []
+    model.register_forward_pre_hook(lambda _m, inputs: calls.append(len(inputs[0])))
+    full = compute_heatmaps(model, x, target_layer="features", method="scorecam", targets=torch.tensor([[1]]))
+    assert calls[1:] == [1, 2]  # the plain pass, the baseline, both channels in one chunk
+    calls.clear()
+    monkeypatch.setattr(heatmaps, "SCORECAM_CHANNELS", 1)
+    bounded = compute_heatmaps(model, x, target_layer="features", method="scorecam", targets=torch.tensor([[1]]))
+    assert calls[1:] == [1, 1]
+    acts = model.features(x)[0]
+    hardest = int(acts.flatten(1).amax(1).argmax())
+    assert hardest == 0  # the red channel
+    expected = acts[hardest] / acts[hardest].max()  # one channel: the map is its activation, scaled
+    torch.testing.assert_close(bounded.maps[0, 0], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bounded.maps, full.maps)  # the dropped constant channel weighed 0 anyway
