@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
@@ -23,8 +24,8 @@ from ..workers.models import load_model
 from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
-from .sources import labels_for, list_images, read_labels
-from .writers import annotated_contents, atomic_write_json, done_paths, retire_read_errors, run_counts
+from .sources import image_listing, labels_for, read_labels
+from .writers import annotated_contents, atomic_write_json, retire_read_errors, run_counts, settled_paths
 
 log = logging.getLogger(__name__)
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
@@ -128,26 +129,26 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
     }
 
 
-def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, list[dict]]:
-    """(the number of inputs, the images still to annotate with their labels). Settled images of this
-    run and of earlier runs are skipped; this run's read errors are retried (I/O may mend)."""
-    labels = read_labels(config.labels, class_names) if config.labels else None
-    paths = list_images(config.source)
+def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, pa.Table]:
+    """(the number of inputs, the images still to annotate: a table of path and labels, "i j" or "-").
+    Settled images of this run and of earlier runs are left out by an Arrow anti-join; this run's read
+    errors are retried (I/O may mend)."""
+    paths = image_listing(config.source)
     retried = retire_read_errors(run_dir)
     if retried:
         log.info("retrying %d images whose read failed", retried)
-    done = done_paths(run_dir)
-    for previous in earlier:
-        done |= done_paths(previous)
-    items = []
-    for path in paths:
-        if path not in done:
-            found = labels_for(path, config.source, labels) if labels is not None else None
-            items.append({"path": path, "labels": " ".join(map(str, found)) if found is not None else "-"})
-    return len(paths), items
+    settled = pa.chunked_array([c for d in (run_dir, *earlier) for c in settled_paths(d).chunks], pa.string())
+    todo = paths.filter(pc.invert(pc.is_in(paths, value_set=settled.combine_chunks())))
+    if config.labels:
+        labels = read_labels(config.labels, class_names)
+        found = (labels_for(p, config.source, labels) for p in todo.to_pylist())
+        column = pa.array([" ".join(map(str, f)) if f is not None else "-" for f in found], pa.string())
+    else:
+        column = pa.array(["-"] * len(todo), pa.string())
+    return len(paths), pa.table({"path": todo, "labels": column})
 
 
-def stream_parts(items: list[dict], model: dict, settings: AnnotateSettings, run_dir: Path,
+def stream_parts(items: pa.Table, model: dict, settings: AnnotateSettings, run_dir: Path,
                  annotated_before: dict[str, str], config: JobConfig, manifest: dict, progress: bool) -> None:
     """Run the Ray plan; the actors write the parts, the driver counts them as they land and notes
     every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
@@ -201,7 +202,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         inputs, items = work_items(config, loaded.class_names, run_dir, earlier)
         atomic_write_json(run_dir / "manifest.json", manifest)
         start = time.perf_counter()
-        if items:
+        if len(items):
             stream_parts(items, model, settings, run_dir, annotated_contents(earlier), config, manifest, progress)
         manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
                          "seconds": round(time.perf_counter() - start, 2),

@@ -111,17 +111,18 @@ class AnnotateAndWrite:
 
 
 def annotate_stream(
-    items: list[dict],
+    items: pa.Table,
     model: dict,
     settings: AnnotateSettings,
     resources: Resources,
     run_dir: Path,
     annotated_before: dict[str, str],
 ) -> Iterator[pa.Table]:
-    """items: [{"path": str, "labels": "i j" or "-"}] -> parts under run_dir, and a stream of their counts
-    (tables of {"part", "annotated", "errors", "annotations", "device"})."""
+    """items: a table of path and labels ("i j", or "-" for none) -> parts under run_dir, and a stream of
+    their counts (tables of {"part", "annotated", "errors", "annotations", "device"})."""
     blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    size = -(-len(items) // blocks)
+    ds = ray.data.from_arrow([items.slice(start, size) for start in range(0, len(items), size)])
     if resources.decode_stage:
         ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
                             concurrency=resources.decoders)

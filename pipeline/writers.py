@@ -134,15 +134,16 @@ def retire_read_errors(run_dir: Path) -> int:
     return dropped
 
 
-def done_paths(run_dir: Path) -> set[str]:
-    """Paths of every image a run has settled: annotated, or failed for a reason a retry cannot mend."""
+def settled_paths(run_dir: Path) -> pa.ChunkedArray:
+    """Paths of every image a run has settled (annotated, or failed for a reason a retry cannot mend),
+    as Arrow strings: an anti-join's right side, never a Python set."""
     run_dir = Path(run_dir)
     quarantine_broken_parts(run_dir / "annotations")
     quarantine_broken_parts(run_dir / "errors")
     errors = read_parts(run_dir / "errors", ERRORS, ["path", "stage"])
     final = errors.filter(pc.not_equal(errors.column("stage"), "read")).column("path")
-    return set(read_parts(run_dir / "annotations", IMAGES, ["path"]).column("path").to_pylist()) | set(
-        final.to_pylist())
+    return pa.chunked_array([*read_parts(run_dir / "annotations", IMAGES, ["path"]).column("path").chunks,
+                             *final.chunks], pa.string())
 
 
 def annotated_contents(run_dirs: list[Path]) -> dict[str, str]:

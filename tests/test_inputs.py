@@ -125,6 +125,19 @@ def test_manifest_rejects_paths_that_climb_out(tmp_path):
         list_images(str(tmp_path / "n.csv"))
 
 
+def test_a_parquet_manifest_is_joined_to_its_folder_sorted_and_deduplicated(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": ["b/x.jpg", "/abs/y.jpg", "s3://bucket/z.jpg", "a.jpg", "b/x.jpg"],
+                             "other": [1, 2, 3, 4, 5]}), manifest)
+    assert list_images(str(manifest)) == ["/abs/y.jpg", f"{tmp_path}/a.jpg", f"{tmp_path}/b/x.jpg", "s3://bucket/z.jpg"]
+    pq.write_table(pa.table({"path": ["a.jpg", ""]}), manifest)
+    with pytest.raises(SourceError, match=r"list.parquet:3: empty path"):
+        list_images(str(manifest))
+
+
 def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
     (tmp_path / "a").mkdir()
     image = str(tmp_path / "a" / "x.jpg")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -270,7 +271,8 @@ def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(loc
     from camlabel.pipeline.sources import list_images
     from camlabel.schemas.config import AnnotateSettings
 
-    items = [{"path": p, "labels": "-"} for p in list_images(str(collection))]
+    paths = list_images(str(collection))
+    items = pa.table({"path": paths, "labels": ["-"] * len(paths)})
     settings = AnnotateSettings(input_size=96, scales=(1.0,), flip=False)
     written = {}
     for stage in (True, False):  # the GPU plan's decode tasks, on CPU here; the CPU plan's own decoding
@@ -279,7 +281,7 @@ def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(loc
                                                out, {}) for row in t.to_pylist()]
         assert sum(c["annotated"] for c in counts) == 5 and sum(c["errors"] for c in counts) == 1  # broken.jpg
         written[stage] = rows(out)
-    assert [r["path"] for r in written[True]] == sorted(p["path"] for p in items if "broken" not in p["path"])
+    assert [r["path"] for r in written[True]] == [p for p in paths if "broken" not in p]
     assert written[True] == written[False]
 
 
