@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import ray
 
 from ..schemas.config import AnnotateSettings
 from ..workers.actor import AnnotateActor
-from ..workers.decode import DecodeError, decode, image_size
+from ..workers.decode import DecodeError, decode_reduced, image_size
 from .sources import read_bytes
 from .writers import write_part
 
@@ -60,8 +61,10 @@ def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: f
     return Resources(count, 0.0, min(1.0, cpus / count), batch_size or CPU_BATCH, cpus, decode_stage=False)
 
 
-def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
-    """Read each path's bytes and decode them; a failure becomes an error row, never an exception."""
+def decode_batch(batch: dict[str, np.ndarray], shortest: int) -> dict[str, list]:
+    """Read each path's bytes and decode them, large JPEGs straight to about `shortest` px on their
+    shorter side (width and height stay the original's); a failure becomes an error row, never an
+    exception."""
     out: dict[str, list] = {k: [] for k in ("path", "labels", "image_id", "width", "height", "image",
                                             "error_stage", "error")}
     for path, labels in zip(batch["path"], batch["labels"], strict=True):
@@ -71,9 +74,8 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
             digest = hashlib.sha256(data).hexdigest()
             stage = "decode"
             size = image_size(data)
-            pixels = decode(data)
+            pixels, size = decode_reduced(data, shortest)
             image = pixels.permute(1, 2, 0).numpy()
-            size = (image.shape[1], image.shape[0])
         except (OSError, DecodeError) as exc:
             error = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a decoder bug must not take the job down
@@ -83,6 +85,12 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
         for key, value in zip(out, (str(path), labels, digest, size[0], size[1], image, stage, error), strict=True):
             out[key].append(value)
     return out
+
+
+def shortest_needed(settings: AnnotateSettings) -> int:
+    """The shorter side the largest input scale resizes an image to: decoding finer gains nothing."""
+    resolved = settings.resolved()
+    return math.ceil(resolved.input_size * max(resolved.scales))
 
 
 def mark_duplicates(batch: dict, annotated_before: dict[str, str]) -> dict:
@@ -104,9 +112,11 @@ class AnnotateAndWrite:
                  annotated_before: dict[str, str]) -> None:
         self.actor = AnnotateActor(model, settings)
         self.run_dir, self.decodes, self.annotated_before = Path(run_dir), decodes, annotated_before
+        self.shortest = shortest_needed(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        batch = mark_duplicates(decode_batch(batch) if self.decodes else batch, self.annotated_before)
+        batch = decode_batch(batch, self.shortest) if self.decodes else batch
+        batch = mark_duplicates(batch, self.annotated_before)
         return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device}])
 
 
@@ -125,7 +135,7 @@ def annotate_stream(
     ds = ray.data.from_arrow([items.slice(start, size) for start in range(0, len(items), size)])
     if resources.decode_stage:
         ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
-                            concurrency=resources.decoders)
+                            concurrency=resources.decoders, fn_kwargs={"shortest": shortest_needed(settings)})
     ds = ds.map_batches(
         AnnotateAndWrite,
         fn_constructor_kwargs={"model": model, "settings": settings, "run_dir": str(run_dir),

@@ -167,3 +167,29 @@ def test_a_huge_photo_is_shrunk_in_uint8_first_to_nearly_the_same_input():
     h, w = valid[0].tolist()
     difference = (shrunk[0, :, :h, :w] - (direct[0] - mean) / std).abs()
     assert difference.max() < 0.05 and difference.mean() < 0.01  # a few uint8 levels at most
+
+
+def test_an_image_decoded_smaller_gives_boxes_and_masks_in_original_pixels():
+    """A large JPEG decoded in draft mode (a quarter of each side) with its original size passed on
+    gives the boxes the full decode gives, in the original's pixels."""
+    import io
+
+    from camlabel.workers.decode import decode, decode_reduced
+    from PIL import Image
+    from torchvision.ops import box_iou
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).resize((1800, 1200)).save(buffer, "JPEG", quality=95)
+    full = decode(buffer.getvalue())
+    reduced, (width, height) = decode_reduced(buffer.getvalue(), shortest=160)
+    assert tuple(reduced.shape) == (3, 300, 450) and (width, height) == (1800, 1200)
+    annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=160, scales=(1.0,), flip=False))
+    cat = [[281, 282, 285]]
+    (whole,), (small,) = annotator([full], cat).labels, annotator([reduced], cat, [(height, width)]).labels
+
+    def top_box(labels):
+        p = max(labels, key=lambda p: p.score)
+        return torch.tensor([[p.bbox[0], p.bbox[1], p.bbox[0] + p.bbox[2], p.bbox[1] + p.bbox[3]]])
+
+    assert box_iou(top_box(whole), top_box(small)).item() > 0.9
+    assert all(p.rle["size"] == [1200, 1800] for p in small)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.plan import decode_batch
 from camlabel.pipeline.sources import SourceError, labels_for, list_images, read_labels, relative_path
@@ -70,6 +71,25 @@ def test_exif_orientation_gives_the_upright_image(orientation, fmt):
     np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), upright)
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decodes_straight_to_about_the_size_needed_keeping_its_original_size(orientation):
+    from camlabel.workers.decode import decode_reduced
+
+    upright = Image.fromarray(gradient(40, 30)).resize((2000, 1500))
+    stored = upright.transpose(Image.Transpose.ROTATE_90) if orientation == 6 else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "JPEG", exif=exif, quality=95)
+    image, size = decode_reduced(data, shortest=300)
+    assert size == (2000, 1500)  # upright (width, height) of the original
+    assert tuple(image.shape) == (3, 375, 500)  # libjpeg's 1/4: the smallest scale still >= 300 px
+    full = decode(data)
+    small = torch.nn.functional.interpolate(full[None].float(), size=(375, 500), mode="area")[0]
+    assert (image.float() - small).abs().mean() < 3  # the same picture, upright
+    same, size = decode_reduced(data, shortest=800)  # 1500 < 2 x 800: whole
+    assert tuple(same.shape) == (3, 1500, 2000) and size == (2000, 1500)
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "empty file"),
     (b"\x00\x01garbage" * 100, "not a readable image"),
@@ -97,7 +117,7 @@ def test_decode_stage_turns_every_failure_into_a_row(tmp_path):
     locked.write_bytes(encode(Image.fromarray(gradient()), "PNG"))
     locked.chmod(0)
     paths = [str(tmp_path / n) for n in ("ok.png", "bad.jpg", "missing.png", "locked.png")]
-    out = decode_batch({"path": np.array(paths), "labels": np.array(["-"] * 4)})
+    out = decode_batch({"path": np.array(paths), "labels": np.array(["-"] * 4)}, shortest=448)
     assert out["error"][0] == "" and out["image"][0].shape == (30, 40, 3)
     assert out["error_stage"][1] == "decode" and "not a readable image" in out["error"][1]
     assert out["error_stage"][2] == "read" and "FileNotFoundError" in out["error"][2]

@@ -60,7 +60,8 @@ class AnnotateActor:
     def _record(self, group: list[int], labels: dict, batch, rows: dict) -> None:
         images = [torch.from_numpy(np.array(batch["image"][i])).permute(2, 0, 1) for i in group]
         given = labels[group[0]] is not None
-        result = self.annotator(images, [labels[i] for i in group] if given else None)
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in group]  # original, however decoded
+        result = self.annotator(images, [labels[i] for i in group] if given else None, sizes)
         names = self.loaded.class_names
         for j, i in enumerate(group):
             rows["label_source"][i] = "labels" if given else "predicted"

@@ -99,15 +99,18 @@ class Annotator:
             self.precision = "bfloat16" if native_bfloat16(loaded.device) else "float32"
 
     @torch.no_grad()
-    def __call__(self, images: list[Tensor], labels: list[list[int]] | None = None) -> BatchResult:
-        """Images of one shape class are run together, so a portrait is never padded to a panorama."""
+    def __call__(self, images: list[Tensor], labels: list[list[int]] | None = None,
+                 sizes: list[tuple[int, int]] | None = None) -> BatchResult:
+        """Images of one shape class are run together, so a portrait is never padded to a panorama.
+        sizes: each image's original (height, width) when it was decoded smaller (boxes and masks are
+        given at that size); by default its own."""
         found: list[list[PseudoLabel]] = [[] for _ in images]
         top_k = min(self.settings.top_k, len(self.loaded.class_names))
         top_classes = torch.empty(len(images), top_k, dtype=torch.long)
         top_scores = torch.empty(len(images), top_k)
         maps: list[Tensor] = [torch.empty(0)] * len(images)
         classes: list[Tensor] = [torch.empty(0)] * len(images)
-        for group in self.work(images, labels):
+        for group in self.work(images, labels, sizes):
             found_here = group.labels(self.rule)
             for j, i in enumerate(group.members):
                 found[i], maps[i], classes[i] = found_here[j], group.crop(j), group.classes[j]
@@ -118,16 +121,20 @@ class Annotator:
         return BatchResult(found, top_classes, top_scores, maps, padded)
 
     @torch.no_grad()
-    def work(self, images: list[Tensor], labels: list[list[int]] | None = None) -> list[WorkingMaps]:
+    def work(self, images: list[Tensor], labels: list[list[int]] | None = None,
+             sizes: list[tuple[int, int]] | None = None) -> list[WorkingMaps]:
         """The refined maps of each shape group, before any threshold (what `camlabel calibrate` sweeps)."""
+        sizes = sizes or [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         groups = []
         for (rows, cols), members in shape_groups(images, self.settings.input_size).items():
             padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
             groups.append(self._work([images[i] for i in members],
-                                     None if labels is None else [labels[i] for i in members], padded_size, members))
+                                     None if labels is None else [labels[i] for i in members], padded_size, members,
+                                     [sizes[i] for i in members]))
         return groups
 
-    def _work(self, images: list[Tensor], labels: list[list[int]] | None, padded_size, members) -> WorkingMaps:
+    def _work(self, images: list[Tensor], labels: list[list[int]] | None, padded_size, members,
+              sizes: list[tuple[int, int]]) -> WorkingMaps:
         s = self.settings
         device = self.loaded.device
         batch, valid = prepare_batch(images, s.input_size, device, pad_to=padded_size)
@@ -147,7 +154,6 @@ class Annotator:
         both = heat.maps if coarse is None else torch.cat([heat.maps, coarse], 1)  # refined together
         work = working_maps(both, valid, input_size, guide=batch if s.refine else None)
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
-        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         namer = self.loaded.model if labels is None else None
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
