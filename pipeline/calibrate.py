@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from ..schemas.config import AnnotateSettings, JobConfig
 from ..workers.annotator import Annotator
-from ..workers.decode import DecodeError, decode
+from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.models import LoadedModel
 from .evaluate import EvaluationError, category_mapping, evaluate, load_ground_truth
-from .sources import list_images, read_bytes
+from .sources import list_images
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ batches in flight.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -24,9 +23,7 @@ import pyarrow as pa
 import ray
 
 from ..schemas.config import AnnotateSettings
-from ..workers.actor import AnnotateActor
-from ..workers.decode import DecodeError, decode_reduced, image_size
-from .sources import read_bytes
+from ..workers.actor import AnnotateActor, decode_batch
 from .writers import write_part
 
 log = logging.getLogger(__name__)
@@ -59,32 +56,6 @@ def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: f
         return Resources(count, gpus_per_actor, 1.0, batch_size or GPU_BATCH, cpus, decode_stage=True)
     count = actors or cpus
     return Resources(count, 0.0, min(1.0, cpus / count), batch_size or CPU_BATCH, cpus, decode_stage=False)
-
-
-def decode_batch(batch: dict[str, np.ndarray], shortest: int) -> dict[str, list]:
-    """Read each path's bytes and decode them, large JPEGs straight to about `shortest` px on their
-    shorter side (width and height stay the original's); a failure becomes an error row, never an
-    exception."""
-    out: dict[str, list] = {k: [] for k in ("path", "labels", "image_id", "width", "height", "image",
-                                            "error_stage", "error")}
-    for path, labels in zip(batch["path"], batch["labels"], strict=True):
-        stage, error, image, digest, size = "read", "", np.zeros((1, 1, 3), np.uint8), "", (0, 0)
-        try:
-            data = read_bytes(str(path))
-            digest = hashlib.sha256(data).hexdigest()
-            stage = "decode"
-            size = image_size(data)
-            pixels, size = decode_reduced(data, shortest)
-            image = pixels.permute(1, 2, 0).numpy()
-        except (OSError, DecodeError) as exc:
-            error = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # a decoder bug must not take the job down
-            error = f"{type(exc).__name__}: {exc}"
-        else:
-            stage = ""
-        for key, value in zip(out, (str(path), labels, digest, size[0], size[1], image, stage, error), strict=True):
-            out[key].append(value)
-    return out
 
 
 def shortest_needed(settings: AnnotateSettings) -> int:

@@ -25,10 +25,9 @@ from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..schemas.tables import ERRORS, IMAGES
-from ..workers.decode import DecodeError, decode
+from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.preprocess import scaled_size
 from .masks import decode_heatmaps
-from .sources import read_bytes
 from .writers import atomic_write_bytes, read_parts
 
 log = logging.getLogger(__name__)

@@ -94,15 +94,6 @@ def _from_manifest(manifest: str) -> pa.Array:
     return unique.take(pc.sort_indices(unique))
 
 
-def read_bytes(path: str) -> bytes:
-    if _is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(inner) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def read_labels(path: str, class_names: list[str]) -> dict[str, list[int]]:
     """file_name -> class indices, from a CSV with columns file_name and labels (space-separated
     indices or class names; a name with spaces is written with underscores)."""

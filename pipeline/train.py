@@ -24,11 +24,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from ..schemas.config import ConfigError
-from ..workers.decode import DecodeError, decode
+from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.localizer import GapLocalizer, localizer_loss
 from ..workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
 from ..workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .sources import SourceError, labels_for, list_images, read_bytes, read_labels
+from .sources import SourceError, labels_for, list_images, read_labels
 from .writers import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from camlabel.pipeline.cli import main
-from camlabel.pipeline.plan import decode_batch
 from camlabel.pipeline.sources import SourceError, labels_for, list_images, read_labels, relative_path
 from camlabel.schemas.config import ConfigError, load_config
+from camlabel.workers.actor import decode_batch
 from camlabel.workers.decode import DecodeError, decode
 from PIL import Image
 

@@ -1,7 +1,9 @@
-"""The Ray Data callable class: one model on one device, a batch of decoded images in, Arrow rows out."""
+"""The annotate actor's work: read and decode a batch of paths (`decode_batch`), then one model on one
+device turns the decoded images into Arrow rows (`AnnotateActor`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from ..schemas.config import AnnotateSettings
 from ..schemas.tables import RESULTS
 from .annotator import Annotator
+from .decode import DecodeError, decode_reduced, image_size, read_bytes
 from .models import load_model
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,32 @@ class AnnotateActor:
                  "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
                 for p in result.labels[j]]
             rows["heatmaps"][i] = stored_heatmaps(result.maps[j], result.classes[j])
+
+def decode_batch(batch: dict[str, np.ndarray], shortest: int) -> dict[str, list]:
+    """Read each path's bytes and decode them, large JPEGs straight to about `shortest` px on their
+    shorter side (width and height stay the original's); a failure becomes an error row, never an
+    exception."""
+    out: dict[str, list] = {k: [] for k in ("path", "labels", "image_id", "width", "height", "image",
+                                            "error_stage", "error")}
+    for path, labels in zip(batch["path"], batch["labels"], strict=True):
+        stage, error, image, digest, size = "read", "", np.zeros((1, 1, 3), np.uint8), "", (0, 0)
+        try:
+            data = read_bytes(str(path))
+            digest = hashlib.sha256(data).hexdigest()
+            stage = "decode"
+            size = image_size(data)
+            pixels, size = decode_reduced(data, shortest)
+            image = pixels.permute(1, 2, 0).numpy()
+        except (OSError, DecodeError) as exc:
+            error = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a decoder bug must not take the job down
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            stage = ""
+        for key, value in zip(out, (str(path), labels, digest, size[0], size[1], image, stage, error), strict=True):
+            out[key].append(value)
+    return out
+
 
 def device_name(device: torch.device) -> str:
     """"cpu", or "cuda:<GPU name> (CUDA <version>)": what every row records of where it was computed."""

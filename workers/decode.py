@@ -6,6 +6,7 @@ import io
 import math
 import warnings
 
+import pyarrow.fs as pafs
 import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
@@ -17,6 +18,16 @@ TORCHVISION_ORIENTS = ("JPEG", "PNG")  # the formats whose EXIF orientation torc
 
 class DecodeError(ValueError):
     pass
+
+
+def read_bytes(path: str) -> bytes:
+    """A local path's or a URI's bytes."""
+    if "://" in path:  # s3://, gs://, file://: pyarrow's filesystems
+        fs, inner = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def image_size(data: bytes) -> tuple[int, int]:
