@@ -13,10 +13,10 @@ import argparse
 import io
 import json
 import resource
-import subprocess
-import sys
 import time
 from datetime import date
+
+from bench import in_fresh_process
 
 
 def one(megapixels: float) -> dict:
@@ -58,8 +58,7 @@ def main() -> None:
     print("| megapixels | size | labels | seconds | peak MiB (before the work: the photo's JPEG, torch) |")
     print("|---|---|---|---|---|")
     for mp in (float(m) for m in args.megapixels.split(",")):
-        r = json.loads(subprocess.run([sys.executable, "-m", "bench.memory", "--one", str(mp)], capture_output=True,
-                                      text=True, check=True).stdout)
+        r = in_fresh_process("bench.memory", str(mp))
         print(f"| {r['megapixels']} | {r['size']} | {r['labels']} | {r['seconds']} | {r['peak_mib']} "
               f"({r['before_mib']}) |", flush=True)
 

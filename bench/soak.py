@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench import in_fresh_process
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-public/images"
 
 
@@ -76,8 +78,7 @@ def main() -> None:
     print("| images | annotated | errors | all accounted for | driver peak MiB | seconds |")
     print("|---|---|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
-        r = json.loads(subprocess.run([sys.executable, __file__, "--one", str(count), "--input-size",
-                                       str(args.input_size)], capture_output=True, text=True, check=True).stdout)
+        r = in_fresh_process("bench.soak", str(count), "--input-size", str(args.input_size))
         print(f"| {r['images']} | {r['annotated']} | {r['errors']} | {r['accounted']} | {r['driver_peak_mib']} | "
               f"{r['seconds']} |", flush=True)
 

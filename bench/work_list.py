@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bench import in_fresh_process
 
 
 def make(folder: Path, count: int) -> None:
@@ -63,8 +63,7 @@ def main() -> None:
     for count in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="camlabel-worklist-") as tmp:
             make(Path(tmp), count)
-            r = json.loads(subprocess.run([sys.executable, "-m", "bench.work_list", "--one", tmp],
-                                          capture_output=True, text=True, check=True).stdout)
+            r = in_fresh_process("bench.work_list", tmp)
         print(f"| {r['inputs']} | {r['todo']} | {r['seconds']} | {r['peak_mib']} ({r['before_mib']}) |", flush=True)
 
 

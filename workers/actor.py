@@ -13,7 +13,7 @@ import torch
 from ..schemas.config import AnnotateSettings
 from ..schemas.tables import RESULTS
 from .annotator import Annotator
-from .decode import DecodeError, decode_reduced, image_size, read_bytes
+from .decode import DecodeError, decode_reduced, read_bytes
 from .models import load_model
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,6 @@ def decode_batch(batch: dict[str, np.ndarray], shortest: int) -> dict[str, list]
             data = read_bytes(str(path))
             digest = hashlib.sha256(data).hexdigest()
             stage = "decode"
-            size = image_size(data)
             pixels, size = decode_reduced(data, shortest)
             image = pixels.permute(1, 2, 0).numpy()
         except (OSError, DecodeError) as exc:

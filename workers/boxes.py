@@ -332,9 +332,9 @@ MASK_BUDGET = 1 << 26  # instance-pixels sampled at once at original size (~400 
 
 
 def _sampling_weights(original: int, valid: int, padded: int, cells: int, device) -> tuple[Tensor, Tensor]:
-    """Along one axis: bilinear weights [original, cells] and nearest cell [original] of each original
-    pixel's centre on a grid of `cells` over the padded input (the image fills `valid` of `padded`
-    pixels); exactly what grid_sample does (align_corners False, zero padding), one axis at a time."""
+    """Along one axis: bilinear weights [original, cells] (grid_sample's, align_corners False, zero
+    padding) and the cell [original] holding each original pixel's centre, on a grid of `cells` over the
+    padded input (the image fills `valid` of `padded` pixels)."""
     centre = (torch.arange(original, device=device, dtype=torch.float64) + 0.5) * (valid / original)
     u = centre / padded * cells - 0.5
     low = u.floor()

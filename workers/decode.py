@@ -30,11 +30,6 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone; raises DecodeError for what is not an image."""
-    return _header(data)[:2]
-
-
 def _header(data: bytes) -> tuple[int, int, str | None, int]:
     """(width, height, format, EXIF orientation 1-8) from the header alone."""
     if not data:
@@ -55,7 +50,11 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
 
     torchvision decodes JPEG, PNG, WEBP and GIF (first frame); PIL handles the rest.
     """
-    width, height, fmt, orientation = _header(data)
+    return _decode(data, _header(data), max_pixels)
+
+
+def _decode(data: bytes, header: tuple[int, int, str | None, int], max_pixels: int) -> torch.Tensor:
+    width, height, fmt, orientation = header
     if width * height > max_pixels:
         raise DecodeError(f"refused: {width}x{height} is over the {max_pixels:,}-pixel limit")
     if orientation != 1 and fmt not in TORCHVISION_ORIENTS:  # a rotated WebP would come out sideways
@@ -80,20 +79,24 @@ def decode_reduced(data: bytes, shortest: int, max_pixels: int = MAX_PIXELS) -> 
     `shortest` (what the largest input scale needs) is decoded in PIL's draft mode: libjpeg's DCT
     scaling (1/2, 1/4, 1/8) straight to a shorter side of at least `shortest`, never at full size (a
     12 MP phone photo decodes several times faster; boxes stay in original pixels)."""
-    width, height, fmt, orientation = _header(data)
+    header = _header(data)
+    width, height, fmt, orientation = header
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if fmt != "JPEG" or min(width, height) < 2 * shortest or width * height > max_pixels:
-        return decode(data, max_pixels), upright
+        return _decode(data, header, max_pixels), upright
     scale = shortest / min(width, height)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-            image = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(
-                rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+            return _rgb_tensor(ImageOps.exif_transpose(im)), upright
     except Exception:  # a JPEG libjpeg cannot scale (progressive oddities): decode it whole
-        return decode(data, max_pixels), upright
-    return image, upright
+        return _decode(data, header, max_pixels), upright
+
+
+def _rgb_tensor(im: Image.Image) -> torch.Tensor:
+    rgb = im.convert("RGB")
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(
+        rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
 
 def _decode_with_pil(data: bytes) -> torch.Tensor:
@@ -102,8 +105,6 @@ def _decode_with_pil(data: bytes) -> torch.Tensor:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I", "F"):
                 im = im.point(lambda v: v / 256).convert("L")
-            rgb = im.convert("RGB")
-            return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(
-                rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+            return _rgb_tensor(im)
     except Exception as exc:
         raise DecodeError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
