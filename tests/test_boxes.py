@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from camlabel.workers import boxes
 from camlabel.workers.boxes import (
     PAPER_RULE,
     RULES,
@@ -155,7 +156,9 @@ def test_affinity_refinement_stops_at_colour_edges():
     assert refined[0, 0, :, 10:14].mean() > 0.3 * refined[0, 0, :, :4].mean() + 1e-3  # it spread
 
 
-def test_each_refinement_step_is_the_colour_weighted_mean_of_the_window():
+@pytest.mark.parametrize("spread", ["spread_shifted", "spread_unfolded"])  # the CPU's step, the GPU's
+def test_each_refinement_step_is_the_colour_weighted_mean_of_the_window(spread, monkeypatch):
+    monkeypatch.setattr(boxes, "spread_shifted", getattr(boxes, spread))  # what a CPU tensor runs
     torch.manual_seed(0)
     image, maps = torch.rand(2, 3, 9, 11), torch.rand(2, 2, 9, 11)
     valid = torch.ones(2, 9, 11, dtype=torch.bool)

@@ -125,6 +125,7 @@ class Annotator:
              sizes: list[tuple[int, int]] | None = None) -> list[WorkingMaps]:
         """The refined maps of each shape group, before any threshold (what `camlabel calibrate` sweeps)."""
         sizes = sizes or [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        images = upload(images, self.loaded.device)
         groups = []
         for (rows, cols), members in shape_groups(images, self.settings.input_size).items():
             padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
@@ -171,8 +172,19 @@ class Annotator:
         input_size batch, the same image point per cell). Scales above 1 resolve small objects that one
         coarse map blurs together with their surroundings; smaller ones see a large object whole. With a
         rule for large objects, returns (heatmaps with the mean map of all scales but the smallest, mean
-        map of all but the largest); else (heatmaps with the mean of all, None). Classes and
-        probabilities always come from input_size, nearer the resolution the classifier was trained at."""
+        map of all but the largest); else (heatmaps with the mean of all, None)."""
+        kept, per_scale = self.maps_per_scale(images, batch, valid, targets)
+        ordered = [per_scale[s] for s in sorted(per_scale)]
+        if self.rule.large is None or len(ordered) < 2:
+            kept.maps = mean_map(ordered)
+            return kept, None
+        kept.maps = mean_map(ordered[1:])
+        return kept, mean_map(ordered[:-1])
+
+    def maps_per_scale(self, images, batch, valid, targets):
+        """(heatmaps at input_size, {scale: maps [B,K,H/4,W/4] on the working grid of `batch`}). Classes
+        and probabilities always come from input_size, nearer the resolution the classifier was trained
+        at; every scale maps the same classes (bench/extents.py sweeps how scales are combined)."""
         scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
         kept = None
         if scales[0] != 1.0:
@@ -189,12 +201,7 @@ class Annotator:
             here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes)
             kept = here if kept is None else kept
             per_scale[scale] = resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
-        ordered = [per_scale[s] for s in sorted(per_scale)]
-        if self.rule.large is None or len(ordered) < 2:
-            kept.maps = _mean_map(ordered)
-            return kept, None
-        kept.maps = _mean_map(ordered[1:])
-        return kept, _mean_map(ordered[:-1])
+        return kept, per_scale
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
         s = self.settings
@@ -218,6 +225,14 @@ class Annotator:
         return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
 
+def upload(images: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Each uint8 image onto a GPU once per batch, from pinned memory so that the copies run async; every
+    scale then resizes it there (uploading per scale copied each image three times)."""
+    if device.type != "cuda":
+        return images
+    return [image.pin_memory().to(device, non_blocking=True) for image in images]
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16
     or AMX (Linux's CPU flags). Elsewhere bfloat16 is emulated, slower than float32."""
@@ -232,7 +247,7 @@ def native_bfloat16(device: torch.device) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
-def _mean_map(maps: list[Tensor]) -> Tensor:
+def mean_map(maps: list[Tensor]) -> Tensor:
     """The mean of maps [B,K,h,w], each result map divided by its max."""
     total = sum(maps)
     return total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]

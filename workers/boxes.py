@@ -89,16 +89,32 @@ def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2,
     distance = (colour - image.float()[:, :, None]).pow(2).sum(1)  # [B,window^2,h,w]
     weights = torch.exp(-distance / (2 * sigma**2)) * neighbours(valid[:, None].float())[:, 0]
     weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-7)
-    # each step adds up the window's shifted views in place: no window^2-sized copy of the maps per step
-    # (6x faster than unfolding them on a CPU core, the same sums)
-    offsets = [(dy, dx) for dy in range(window) for dx in range(window)]
+    spread = spread_unfolded if maps.is_cuda else spread_shifted
     for _ in range(steps):
-        padded = F.pad(maps, (radius, radius, radius, radius))
-        spread = torch.zeros_like(maps)
-        for j, (dy, dx) in enumerate(offsets):
-            spread.addcmul_(padded[:, :, dy : dy + h, dx : dx + w], weights[:, None, j])
-        maps = spread
+        maps = spread(maps, weights, radius)
     return maps
+
+
+def spread_shifted(maps: Tensor, weights: Tensor, radius: int) -> Tensor:
+    """One walk step on the CPU: the window's shifted views added up in place, no window^2-sized copy of
+    the maps (6x faster than unfolding them on a CPU core, the same sums; 25 small ops a step)."""
+    h, w = maps.shape[-2:]
+    window = 2 * radius + 1
+    padded = F.pad(maps, (radius, radius, radius, radius))
+    spread = torch.zeros_like(maps)
+    for j in range(window * window):
+        dy, dx = divmod(j, window)
+        spread.addcmul_(padded[:, :, dy : dy + h, dx : dx + w], weights[:, None, j])
+    return spread
+
+
+def spread_unfolded(maps: Tensor, weights: Tensor, radius: int) -> Tensor:
+    """One walk step on a GPU: the same sums as `spread_shifted` in three large ops (unfold, multiply,
+    sum) instead of 25 small launches; the window^2 copy is cheap on the device."""
+    b, k, h, w = maps.shape
+    window = 2 * radius + 1
+    cells = F.unfold(maps.reshape(b * k, 1, h, w), window, padding=radius).view(b, k, window * window, h, w)
+    return (cells * weights[:, None]).sum(2)
 
 
 def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 16, iterations: int = 2) -> Tensor:

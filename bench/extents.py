@@ -1,0 +1,145 @@
+"""Which maps each class's extent is cut from, swept in minutes: fine (larger scales) or coarse (smaller).
+
+    python -m bench.extents [--data DIR] [--fine 1.5,2.0] [--coarse 1.0,1.5 --coarse 0.75,1.0,1.5]
+
+With labels, the default cuts small objects from the mean map of its larger scales and large objects from
+the mean of its smaller ones, choosing per class (workers.boxes `_extent_chosen`). Every image's maps at
+each scale of --scales are computed once, with image-level labels and the default settings otherwise,
+and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
+
+Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
+all; box AP50, box AP, mask IoU, segm AP50, boxes per object), then CorLoc with the fine extent only,
+the coarse only, and the better of the two for each object (a perfect choice: where the next gain is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from camlabel.pipeline.evaluate import evaluate, load_ground_truth
+from camlabel.schemas.config import AnnotateSettings
+from camlabel.workers.annotator import GROUP_STEP, Annotator, mean_map, shape_groups
+from camlabel.workers.boxes import RULES, WORK_STRIDE, pseudo_labels, working_maps
+from camlabel.workers.models import load_model
+from camlabel.workers.preprocess import prepare_batch
+from pycocotools import mask as mask_utils
+from torchvision.io import ImageReadMode, decode_image
+
+from bench.localisation import DATA
+
+DEFAULT = RULES["instances"]
+FINE_ONLY = replace(DEFAULT, large=None)
+
+
+class CachedSet:
+    """A benchmark set's images with their per-scale maps (computed once, then read from `cache`)."""
+
+    def __init__(self, data: Path, cache: Path, scales: tuple[float, ...]) -> None:
+        self.data, self.cache, self.scales = data, cache, scales
+        self.gt = load_ground_truth(data / "gt.json")
+        self.ids = {im["file_name"]: im["id"] for im in self.gt.dataset["images"]}
+        self.names = sorted(self.ids)
+        with open(data / "labels.csv") as f:
+            self.labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+        self.annotator = Annotator(load_model(), AnnotateSettings(scales=scales))
+        self.input_size = self.annotator.settings.input_size
+        self.refined: dict[tuple[str, tuple[float, ...]], torch.Tensor] = {}
+
+    def _input(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the image, its padded network input, valid), padded as the annotator pads its shape group."""
+        image = decode_image(str(self.data / "images" / name), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        (rows, cols), = shape_groups([image], self.input_size)
+        batch, valid = prepare_batch([image], self.input_size, "cpu", pad_to=(rows * GROUP_STEP, cols * GROUP_STEP))
+        return image, batch, valid
+
+    def maps(self, name: str) -> dict:
+        path = self.cache / f"{name}.pt"
+        if not path.exists():
+            image, batch, valid = self._input(name)
+            kept, per_scale = self.annotator.maps_per_scale([image], batch, valid, torch.tensor([self.labels[name]]))
+            self.cache.mkdir(parents=True, exist_ok=True)
+            torch.save({"maps": {s: m.half() for s, m in per_scale.items()}, "classes": kept.classes,
+                        "valid": valid, "size": tuple(image.shape[-2:])}, path)
+        return torch.load(path, weights_only=True)
+
+    def work(self, name: str, scales: tuple[float, ...]) -> torch.Tensor:
+        """The refined mean map of `scales`, as the annotator refines it (kept in memory per variant)."""
+        if (name, scales) not in self.refined:
+            cached = self.maps(name)
+            _, batch, valid = self._input(name)
+            maps = mean_map([cached["maps"][s].float() for s in scales])
+            self.refined[name, scales] = working_maps(maps, valid, tuple(batch.shape[-2:]), guide=batch)
+        return self.refined[name, scales]
+
+    def predictions(self, fine: tuple[float, ...], coarse: tuple[float, ...] | None, rule) -> list[dict]:
+        found = []
+        for name in self.names:
+            cached = self.maps(name)
+            work = self.work(name, fine)
+            classes = cached["classes"]
+            labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
+                                   tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
+                                   None if coarse is None else self.work(name, coarse))[0]
+            found += [{"image_id": self.ids[name], "category_id": p.class_index + 1, "bbox": p.bbox,
+                       "score": p.score, "segmentation": p.rle, "area": p.area} for p in labels]
+        return found
+
+
+def hits(gt, preds: list[dict]) -> dict[int, bool]:
+    """Ground-truth object id -> whether the top box of its class on its image has IoU >= 0.5 with it."""
+    best: dict[tuple[int, int], dict] = {}
+    for p in preds:
+        key = (p["image_id"], p["category_id"])
+        if key not in best or p["score"] > best[key]["score"]:
+            best[key] = p
+    found = {}
+    for g in gt.dataset["annotations"]:
+        if g.get("iscrowd", 0):
+            continue
+        p = best.get((g["image_id"], g["category_id"]))
+        found[g["id"]] = p is not None and mask_utils.iou([p["bbox"]], [g["bbox"]], [0])[0, 0] >= 0.5
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--cache", type=Path, help="default: /tmp/camlabel-extents/<set's folder name>")
+    parser.add_argument("--scales", default="0.5,0.75,1.0,1.5,2.0", help="computed and cached once")
+    parser.add_argument("--fine", default="1.5,2.0", help="the scales small objects are cut from")
+    parser.add_argument("--coarse", action="append", help="scales large objects are cut from (repeatable; "
+                        "default 1.0,1.5)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    scales = tuple(float(x) for x in args.scales.split(","))
+    data = CachedSet(args.data, args.cache or Path("/tmp/camlabel-extents") / args.data.name, scales)
+    fine = tuple(float(x) for x in args.fine.split(","))
+    half = len(data.names) // 2
+    halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
+    print(f"{args.data.name}, fine extent from scales {args.fine}\n")
+    print("| coarse scales | CorLoc first / second half | CorLoc | box AP50 | box AP | mask IoU | segm AP50 | "
+          "boxes/object | CorLoc fine only / coarse only / better of the two |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant in args.coarse or ["1.0,1.5"]:
+        coarse = tuple(float(x) for x in variant.split(","))
+        chosen = data.predictions(fine, coarse, DEFAULT)
+        r = evaluate(data.gt, chosen)
+        by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
+                            [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
+        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY))
+        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large))
+        n = len(fine_hits)
+        either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
+        print(f"| {variant} | {by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | {r['bbox_AP50']:.3f} | "
+              f"{r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | {r.get('segm_AP50', 0):.3f} | "
+              f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"
+              f" / {either / n:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
