@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -25,9 +26,12 @@ from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
 from .sources import image_listing, labels_for, read_labels
-from .writers import annotated_contents, atomic_write_json, retire_read_errors, run_counts, settled_paths
+from .writers import atomic_write_json, atomic_write_table, retire_read_errors, run_counts, settled_paths
 
 log = logging.getLogger(__name__)
+WORK_LIST = "work-list.parquet"  # the run's plan: path and labels of each image to do, removed when it finishes
+WORK_ROW_GROUP = 4096  # rows per row group of the work list: a block reads only the groups that hold it
+PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
 
 
@@ -148,19 +152,35 @@ def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier
     return len(paths), pa.table({"path": todo, "labels": column})
 
 
-def stream_parts(items: pa.Table, model: dict, settings: AnnotateSettings, run_dir: Path,
-                 annotated_before: dict[str, str], config: JobConfig, manifest: dict, progress: bool) -> None:
-    """Run the Ray plan; the actors write the parts, the driver counts them as they land and notes
-    every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
-    connect(config.address)
+def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:
+    """work_items written to run_dir/WORK_LIST; returns (inputs, images to do). Runs as a Ray task
+    (`planned`): the listing, the anti-join and the labels take memory on a worker for a moment, and
+    the driver's stays the same for ten images or a hundred million."""
+    inputs, items = work_items(config, class_names, run_dir, earlier)
+    atomic_write_table(run_dir / WORK_LIST, items, row_group_size=WORK_ROW_GROUP)
+    return inputs, len(items)
+
+
+def planned(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:
+    """plan_work on a Ray worker; its errors (a bad manifest or labels file) are raised here as they are."""
+    try:
+        return ray.get(ray.remote(num_cpus=PLAN_CPUS)(plan_work).remote(config, class_names, run_dir, earlier))
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.cause from None
+
+
+def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Path, earlier: list[Path],
+                 config: JobConfig, manifest: dict, progress: bool) -> None:
+    """Run the Ray plan over the work list; the actors write the parts, the driver counts them as they
+    land and notes every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
     resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor)
     manifest["resources"] = resources.__dict__
-    log.info("annotating %d images with %s", len(items), resources)
-    bar = tqdm(total=len(items), unit="img", disable=not progress, desc="annotate")
+    log.info("annotating %d images with %s", todo, resources)
+    bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")
     first_at, after_first, devices = None, 0, set()
     try:
         with stopped_by_signals():
-            for status in annotate_stream(items, model, settings, resources, run_dir, annotated_before):
+            for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir, earlier):
                 images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
                 devices.update(status.column("device").to_pylist())
                 manifest["devices"] = sorted(devices)
@@ -194,18 +214,29 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     model["target_layer"] = loaded.target_layer
     settings = config.resolved()
     with lease(Path(config.out)):
-        run_dir, earlier = Path(config.out), []
+        run_dir, earlier = Path(config.out).absolute(), []
         if config.incremental:
             run_dir, earlier = incremental_run(run_dir, series_of(loaded, settings))
         manifest = run_manifest(config, loaded, settings, earlier)
         check_resumable(run_dir, manifest)
-        inputs, items = work_items(config, loaded.class_names, run_dir, earlier)
+        connect(config.address)
+        inputs, todo = planned(absolute(config), loaded.class_names, run_dir, earlier)
         atomic_write_json(run_dir / "manifest.json", manifest)
         start = time.perf_counter()
-        if len(items):
-            stream_parts(items, model, settings, run_dir, annotated_contents(earlier), config, manifest, progress)
+        if todo:
+            stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
+        (run_dir / WORK_LIST).unlink()
         manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
                          "seconds": round(time.perf_counter() - start, 2),
-                         "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": len(items)}})
+                         "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo}})
         atomic_write_json(run_dir / "manifest.json", manifest)
     return manifest
+
+
+def absolute(config: JobConfig) -> JobConfig:
+    """config with its local source and labels paths made absolute: a Ray worker plans the run, in a
+    working directory of its own."""
+    def local(path: str | None) -> str | None:
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    return replace(config, source=local(config.source), labels=local(config.labels))

@@ -1,4 +1,4 @@
-"""The Ray Data plan, top to bottom: read the paths, read and decode the bytes, annotate on actors.
+"""The Ray Data plan, top to bottom: read the work list, read and decode the bytes, annotate on actors.
 
 With GPUs, CPU tasks decode while the GPU actors annotate. Without, each actor decodes its own batch:
 handing decoded pixels from one process to another through the object store costs more than decoding
@@ -16,20 +16,26 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from ..schemas.config import AnnotateSettings
 from ..workers.actor import AnnotateActor, decode_batch
-from .writers import write_part
+from .writers import annotated_contents, write_part
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work
 GPU_BATCH = 32  # images per batch (and per part) on a GPU: enough to fill it at 448 px with MobileNetV2
 CPU_BATCH = 8  # on one CPU thread a batch takes seconds: small batches keep a crash's loss small
+MAX_BLOCKS = 10_000  # blocks of the work list planned at once: the driver's memory is bounded at any size
 
 
 @dataclass(frozen=True)
@@ -64,53 +70,91 @@ def shortest_needed(settings: AnnotateSettings) -> int:
     return math.ceil(resolved.input_size * max(resolved.scales))
 
 
-def mark_duplicates(batch: dict, annotated_before: dict[str, str]) -> dict:
-    """Images whose content an earlier run of the series annotated become error rows that name the
-    earlier image (stage "duplicate"): never annotated twice, never silently dropped."""
+def mark_duplicates(batch: dict, earlier: pa.Table) -> dict:
+    """Images whose content an earlier run of the series annotated (earlier: its image_id and path
+    columns) become error rows that name the earlier image (stage "duplicate"): never annotated twice,
+    never silently dropped."""
     batch = {k: list(v) for k, v in batch.items()}  # numpy string columns would truncate a longer reason
-    for i, digest in enumerate(batch["image_id"]):
-        if not batch["error"][i] and digest in annotated_before:
+    found = pc.index_in(pa.array(batch["image_id"], pa.string()), value_set=earlier.column("image_id")).to_pylist()
+    for i, j in enumerate(found):
+        if j is not None and not batch["error"][i]:
             batch["error_stage"][i] = "duplicate"
-            batch["error"][i] = f"same content as {annotated_before[digest]}, annotated by an earlier run"
+            batch["error"][i] = f"same content as {earlier.column('path')[j].as_py()}, annotated by an earlier run"
     return batch
 
 
 class AnnotateAndWrite:
     """The annotate stage: an AnnotateActor (decoding its own batches when there is no decode stage)
-    that writes each batch's rows as a part itself and returns only the part's counts."""
+    that writes each batch's rows as a part itself and returns only the part's counts. Each actor reads
+    the earlier runs' content index itself."""
 
     def __init__(self, model: dict, settings: AnnotateSettings, run_dir: str, decodes: bool,
-                 annotated_before: dict[str, str]) -> None:
+                 earlier_runs: list[str]) -> None:
         self.actor = AnnotateActor(model, settings)
-        self.run_dir, self.decodes, self.annotated_before = Path(run_dir), decodes, annotated_before
+        self.run_dir, self.decodes = Path(run_dir), decodes
+        self.earlier = annotated_contents([Path(d) for d in earlier_runs])
         self.shortest = shortest_needed(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
-        batch = mark_duplicates(batch, self.annotated_before)
+        batch = mark_duplicates(batch, self.earlier)
         return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device}])
 
 
+class WorkList(Datasource):
+    """The run's work list (path and labels of each image to do, a Parquet file the planning task wrote)
+    read in row ranges: the driver holds the ranges, never the paths. Its read tasks ask for no CPU:
+    on CPU machines the annotate actors hold every core."""
+
+    def __init__(self, path: Path, rows: int, block_rows: int) -> None:
+        self.path, self.rows, self.block_rows = str(path), rows, block_rows
+
+    def estimate_inmemory_data_size(self) -> None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        return [ReadTask(partial(read_rows, self.path, start, min(start + self.block_rows, self.rows)),
+                         BlockMetadata(num_rows=min(self.block_rows, self.rows - start), size_bytes=None,
+                                       exec_stats=None, input_files=None))
+                for start in range(0, self.rows, self.block_rows)]
+
+
+def read_rows(path: str, start: int, stop: int) -> list[pa.Table]:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+    file = pq.ParquetFile(path)
+    groups, first, offset = [], None, 0
+    for i in range(file.num_row_groups):
+        rows = file.metadata.row_group(i).num_rows
+        if offset < stop and offset + rows > start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += rows
+    return [file.read_row_groups(groups).slice(start - first, stop - start)] if groups else []
+
+
 def annotate_stream(
-    items: pa.Table,
+    work_list: Path,
+    count: int,
     model: dict,
     settings: AnnotateSettings,
     resources: Resources,
     run_dir: Path,
-    annotated_before: dict[str, str],
+    earlier_runs: list[Path],
 ) -> Iterator[pa.Table]:
-    """items: a table of path and labels ("i j", or "-" for none) -> parts under run_dir, and a stream of
-    their counts (tables of {"part", "annotated", "errors", "annotations", "device"})."""
-    blocks = max(1, min(len(items), max(len(items) // resources.batch_size, 2 * resources.actors)))
-    size = -(-len(items) // blocks)
-    ds = ray.data.from_arrow([items.slice(start, size) for start in range(0, len(items), size)])
+    """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
+    "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
+    "errors", "annotations", "device"}). Blocks of about a batch, so that every actor gets work, and at
+    most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
+    blocks = max(1, min(count, max(count // resources.batch_size, 2 * resources.actors), MAX_BLOCKS))
+    work = WorkList(work_list, count, -(-count // blocks))  # one read task at a time: reads take milliseconds
+    ds = ray.data.read_datasource(work, num_cpus=0, concurrency=1, override_num_blocks=blocks)
     if resources.decode_stage:
         ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
                             concurrency=resources.decoders, fn_kwargs={"shortest": shortest_needed(settings)})
     ds = ds.map_batches(
         AnnotateAndWrite,
         fn_constructor_kwargs={"model": model, "settings": settings, "run_dir": str(run_dir),
-                               "decodes": not resources.decode_stage, "annotated_before": annotated_before},
+                               "decodes": not resources.decode_stage, "earlier_runs": [str(d) for d in earlier_runs]},
         batch_size=resources.batch_size,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,

@@ -55,10 +55,10 @@ def atomic_write_json(path: Path, value) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:
     """table as one Parquet file (zstd), its schema's metadata in the footer."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
@@ -146,10 +146,9 @@ def settled_paths(run_dir: Path) -> pa.ChunkedArray:
                              *final.chunks], pa.string())
 
 
-def annotated_contents(run_dirs: list[Path]) -> dict[str, str]:
-    """image_id (content hash) -> path, over the annotated images of earlier runs."""
-    found: dict[str, str] = {}
-    for run_dir in run_dirs:
-        table = read_parts(Path(run_dir) / "annotations", IMAGES, ["image_id", "path"])
-        found.update(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(), strict=True))
-    return found
+def annotated_contents(run_dirs: list[Path]) -> pa.Table:
+    """image_id (content hash) and path of every image the runs annotated: read by each actor, which
+    marks later copies of those contents (pipeline.plan.mark_duplicates); never held by the driver."""
+    columns = ["image_id", "path"]
+    return pa.concat_tables([read_parts(Path(d) / "annotations", IMAGES, columns) for d in run_dirs]
+                            or [IMAGES.empty_table().select(columns)])

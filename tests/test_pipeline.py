@@ -273,12 +273,15 @@ def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(loc
 
     paths = list_images(str(collection))
     items = pa.table({"path": paths, "labels": ["-"] * len(paths)})
+    work_list = tmp_path / "work-list.parquet"
+    pq.write_table(items, work_list, row_group_size=4)  # blocks read across row groups
     settings = AnnotateSettings(input_size=96, scales=(1.0,), flip=False)
     written = {}
     for stage in (True, False):  # the GPU plan's decode tasks, on CPU here; the CPU plan's own decoding
         out = tmp_path / str(stage)
-        counts = [row for t in annotate_stream(items, {}, settings, Resources(2, 0.0, 0.9, 2, 2, decode_stage=stage),
-                                               out, {}) for row in t.to_pylist()]
+        resources = Resources(2, 0.0, 0.9, 2, 2, decode_stage=stage)
+        counts = [row for t in annotate_stream(work_list, len(items), {}, settings, resources, out, [])
+                  for row in t.to_pylist()]
         assert sum(c["annotated"] for c in counts) == 5 and sum(c["errors"] for c in counts) == 1  # broken.jpg
         written[stage] = rows(out)
     assert [r["path"] for r in written[True]] == [p for p in paths if "broken" not in p]
@@ -340,3 +343,13 @@ def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(
     assert main(["runs", str(out)]) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(runs) == 3 and runs[2]["series"] != runs[0]["series"] and runs[2]["this_run"] == 4
+
+
+def test_a_block_of_the_work_list_reads_exactly_its_rows(tmp_path):
+    from camlabel.pipeline.plan import read_rows
+
+    path = tmp_path / "work-list.parquet"
+    pq.write_table(pa.table({"path": [str(i) for i in range(100)]}), path, row_group_size=7)
+    for start, stop in [(0, 10), (5, 9), (7, 14), (13, 50), (95, 100), (0, 100)]:  # inside, across, at edges
+        rows = pa.concat_tables(read_rows(str(path), start, stop)).column("path").to_pylist()
+        assert rows == [str(i) for i in range(start, stop)]
