@@ -7,6 +7,7 @@ import importlib.resources
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -68,6 +69,9 @@ def connect(address: str | None) -> None:
     if not verbose:  # read by Ray Data on each execution, here and in local workers
         quiet = importlib.resources.files(__package__).joinpath("ray_data_logging.yaml")
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(quiet))
+        if "ray.data" in sys.modules:  # imported already (pipeline.plan): it read its config then, read it again
+            from ray.data._internal.logging import configure_logging
+            configure_logging()
     ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
              log_to_driver=True, include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
