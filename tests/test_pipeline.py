@@ -317,6 +317,12 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "method: " in err and "'cam', not 'gradcam'" in err
 
+    # a manifest the planning task (a Ray task) refuses: exit 2 and its one line, not a remote traceback
+    manifest.write_text("path\ncat.png\n../etc/passwd\n")
+    assert main(["annotate", str(manifest), "--out", str(out), "--input-size", "160", "--no-flip"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "list.csv:3: path '../etc/passwd' climbs out" in err, err
+
 
 def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(local_ray, collection, tmp_path,
                                                                                  capsys):
