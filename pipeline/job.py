@@ -1,4 +1,5 @@
-"""The annotate job's driver: list the source, skip what is done, stream through Ray, write parts."""
+"""The annotate job's driver: a Ray task plans the run (list, leave out what is done), the Ray plan streams it
+through the actors, which write the parts; the driver counts them."""
 
 from __future__ import annotations
 
