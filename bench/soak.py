@@ -1,11 +1,13 @@
 """Soak: annotate N images (a small real set repeated under different names) and report the driver's
 peak memory, side by side for two sizes, and that every image is accounted for.
 
-    python -m bench.soak [--sizes 1000,20000] [--input-size 64]
+    python -m bench.soak [--sizes 1000,20000] [--input-size 64] [--unreadable]
 
 The images are stamps-public photos shrunk to 96 px (or scikit-image's photos when that set is
 absent) with one distinguishing byte appended, so every file has its own content hash. The model runs
-at a small input size: this measures the driver's streaming, not the model.
+at a small input size: this measures the driver's streaming, not the model. With --unreadable the
+source is a Parquet manifest of N paths that do not exist: every image becomes a read error, so the whole
+data plane (planning, streaming, parts, counting) runs at sizes the model could not reach on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from bench import in_fresh_process
@@ -48,11 +52,15 @@ def make_collection(folder: Path, count: int) -> None:
         (sub / f"img{i:06d}.jpg").write_bytes(blobs[i % len(blobs)] + i.to_bytes(4, "big"))
 
 
-def run(count: int, input_size: int) -> dict:
+def run(count: int, input_size: int, unreadable: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="camlabel-soak-") as tmp:
         source, out = Path(tmp) / "src", Path(tmp) / "out"
         source.mkdir()
-        make_collection(source, count)
+        if unreadable:
+            source = source / "manifest.parquet"
+            pq.write_table(pa.table({"path": [f"missing/{i // 10000:04d}/{i:09d}.jpg" for i in range(count)]}), source)
+        else:
+            make_collection(source, count)
         start = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out), "--input-size",
@@ -69,16 +77,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,20000")
     parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--unreadable", action="store_true", help="a manifest of paths that do not exist")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a fresh process per size, so its children's peak is that driver's alone
-        print(json.dumps(run(args.one, args.input_size)))
+        print(json.dumps(run(args.one, args.input_size, args.unreadable)))
         return
     print(f"{date.today()}: driver peak RSS (ru_maxrss of the `camlabel annotate` process)\n")
     print("| images | annotated | errors | all accounted for | driver peak MiB | seconds |")
     print("|---|---|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
-        r = in_fresh_process("bench.soak", str(count), "--input-size", str(args.input_size))
+        r = in_fresh_process("bench.soak", str(count), "--input-size", str(args.input_size),
+                             *(["--unreadable"] if args.unreadable else []))
         print(f"| {r['images']} | {r['annotated']} | {r['errors']} | {r['accounted']} | {r['driver_peak_mib']} | "
               f"{r['seconds']} |", flush=True)
 
