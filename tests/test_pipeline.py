@@ -188,10 +188,11 @@ def annotate_command(source, out) -> list[str]:
 
 
 def camlabel_lines(err: str) -> list[str]:
-    """stderr without what Ray's log monitor forwards from its processes (late lines of an earlier run
-    among them, e.g. the GCS reporting the last run's actors gone): one line each, or a traceback fails."""
+    """camlabel's own lines on stderr, apart from what Ray's log monitor forwards from its processes at
+    any time (late lines of an earlier run among them, e.g. the GCS or a raylet reporting the last run's
+    actors gone); no traceback anywhere."""
     assert "Traceback" not in err, err
-    return [line for line in err.splitlines() if "(pid=" not in line]
+    return [line for line in err.splitlines() if line.startswith("camlabel ")]
 
 
 def without_ray_address() -> dict:
