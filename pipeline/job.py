@@ -3,12 +3,14 @@ through the actors, which write the parts; the driver counts them."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.resources
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 WORK_LIST = "work-list.parquet"  # the run's plan: path and labels of each image to do, removed when it finishes
 WORK_ROW_GROUP = 4096  # rows per row group of the work list: a block reads only the groups that hold it
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
+RAY_FALSE_ALARM = b"has constructor arguments in the object store"  # ray-project/ray#57733, see drop_false_alarm
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
 
 
@@ -76,6 +79,37 @@ def connect(address: str | None) -> None:
     ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
              log_to_driver=True, include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if not verbose:
+        drop_false_alarm()
+
+
+def drop_false_alarm() -> None:
+    """Ray's C++ core logs an error in this process for every Ray Data actor pool, whose constructor
+    arguments Ray Data itself keeps in the object store (ray-project/ray#57733): a false alarm no user can
+    act on. Our stderr (fd 2, where C++ writes) becomes a pipe whose reader forwards everything else as it
+    comes. Installed after Ray started its processes, so none of them inherits the pipe; undone at exit,
+    once the reader has forwarded the last byte."""
+    read, write = os.pipe()
+    original = os.dup(2)
+    os.dup2(write, 2)
+    os.close(write)
+    out = os.fdopen(original, "wb")
+
+    def forward() -> None:
+        while chunk := os.read(read, 1 << 16):
+            lines = chunk.split(b"\n")  # a log line arrives whole: C++ writes it with one write()
+            out.write(b"".join(line + b"\n" for line in lines[:-1] if RAY_FALSE_ALARM not in line) + lines[-1])
+            out.flush()
+
+    reader = threading.Thread(target=forward, name="camlabel-stderr", daemon=True)
+    reader.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # the pipe's only writer is gone: the reader drains it and stops
+        reader.join(timeout=5)
+
+    atexit.register(restore)
 
 
 def series_of(loaded, settings: AnnotateSettings) -> str:

@@ -159,6 +159,6 @@ def annotate_stream(
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,
         num_cpus=resources.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=resources.actors),  # Ray Data restarts a dead actor and
-    )  # retries its batch (max_restarts and max_task_retries default to -1 for actor pools)
+        compute=ray.data.ActorPoolStrategy(size=min(resources.actors, blocks)),  # none idle in a tiny run
+    )  # Ray Data restarts a dead actor and retries its batch (max_restarts, max_task_retries -1 for actor pools)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
