@@ -86,28 +86,35 @@ def connect(address: str | None) -> None:
 def drop_false_alarm() -> None:
     """Ray's C++ core logs an error in this process for every Ray Data actor pool, whose constructor
     arguments Ray Data itself keeps in the object store (ray-project/ray#57733): a false alarm no user can
-    act on. Our stderr (fd 2, where C++ writes) becomes a pipe whose reader forwards everything else as it
-    comes. Installed after Ray started its processes, so none of them inherits the pipe; undone at exit,
-    once the reader has forwarded the last byte."""
+    act on. When stderr is the process's own (a console, not pytest's capture or a notebook's stream),
+    fd 2, where C++ writes, becomes a pipe whose reader forwards everything else as it comes. Installed
+    after Ray started its processes, so none of them inherits the pipe; undone at exit, once the reader
+    has forwarded the last byte."""
+    if sys.stderr is not sys.__stderr__:
+        return
+    sys.stderr.flush()
     read, write = os.pipe()
-    original = os.dup(2)
+    original, pipe = os.dup(2), os.fstat(write)
     os.dup2(write, 2)
     os.close(write)
-    out = os.fdopen(original, "wb")
 
     def forward() -> None:
         while chunk := os.read(read, 1 << 16):
             lines = chunk.split(b"\n")  # a log line arrives whole: C++ writes it with one write()
-            out.write(b"".join(line + b"\n" for line in lines[:-1] if RAY_FALSE_ALARM not in line) + lines[-1])
-            out.flush()
+            data = memoryview(b"".join(line + b"\n" for line in lines[:-1] if RAY_FALSE_ALARM not in line)
+                              + lines[-1])
+            while data:
+                data = data[os.write(original, data):]
 
     reader = threading.Thread(target=forward, name="camlabel-stderr", daemon=True)
     reader.start()
 
     def restore() -> None:
         sys.stderr.flush()
-        os.dup2(original, 2)  # the pipe's only writer is gone: the reader drains it and stops
-        reader.join(timeout=5)
+        now = os.fstat(2)
+        if (now.st_dev, now.st_ino) == (pipe.st_dev, pipe.st_ino):  # nobody else has replaced it since
+            os.dup2(original, 2)  # the pipe's only writer is gone: the reader drains it and stops
+            reader.join(timeout=5)
 
     atexit.register(restore)
 

@@ -214,6 +214,26 @@ def test_a_large_object_is_one_instance_not_its_parts():
     assert [p.bbox for p in fine_kept] == [p.bbox for p in parts]
 
 
+def test_a_wide_components_mask_reaches_lower_than_a_narrow_ones():
+    # two objects of one class, each with a rim at 0.47: between the wide mask threshold (0.45) and the
+    # mask threshold (0.5); only the object whose box covers over 15% of the image keeps its rim
+    work = torch.zeros(1, 1, 32, 32)
+    work[0, 0, 4:16, 4:16] = 1.0
+    work[0, 0, 4:16, 16:18] = 0.47  # box of 12 x 14 cells: 16% of the image's 1024
+    work[0, 0, 22:26, 22:26] = 1.0
+    work[0, 0, 22:26, 26:28] = 0.47
+    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
+    rule = replace(RULES["instances"], large=None)
+    assert rule.wide_mask_threshold == 0.45 and rule.wide_share == 0.15
+    found = sorted(labels_from_work(work, *args, rule=rule)[0], key=lambda p: p.bbox[0])
+    plain = sorted(labels_from_work(work, *args, rule=replace(rule, wide_mask_threshold=None))[0],
+                   key=lambda p: p.bbox[0])
+    assert [len(found), len(plain)] == [2, 2]
+    assert found[0].bbox[2] >= plain[0].bbox[2] + 4  # the wide object's rim (the outer pixels sample 0 beyond)
+    assert found[0].area > plain[0].area
+    assert found[1].bbox == plain[1].bbox and found[1].area == plain[1].area  # the narrow one's: not
+
+
 def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
     # a mid-sized object (a fifth of the image): the fine maps split it into two parts, the coarse map
     # holds both in one instance, so the class takes the coarse instance although it is not "large"
@@ -238,7 +258,7 @@ def test_masks_in_chunks_equal_masks_all_at_once(monkeypatch):
 
     torch.manual_seed(0)
     maps, labels = torch.rand(3, 16, 24), torch.randint(0, 4, (3, 16, 24))
-    args = (maps, labels, torch.tensor([60, 90]), (64, 96), (150, 220), [0, 2, 1], torch.tensor([1, 2, 3]),
+    args = (maps, labels, [60, 90], (64, 96), (150, 220), [0, 2, 1], torch.tensor([1, 2, 3]),
             torch.tensor([0.3, 0.5, 0.7]))
     whole = list(boxes.masks_at_original_size(*args))
     monkeypatch.setattr(boxes, "MASK_BUDGET", 150 * 220)  # one instance at a time

@@ -137,9 +137,8 @@ def stored_heatmaps(maps: torch.Tensor, classes: torch.Tensor, max_side: int = S
     h, w = maps.shape[-2:]
     scale = min(1.0, max_side / max(h, w, 1))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    small = torch.nn.functional.interpolate(maps[None].float(), size=size, mode="area")[0]
-    return [{"category_id": int(c) + 1, "height": size[0], "width": size[1],
-             "values": small[k].to(torch.float16).cpu().numpy().tobytes()}
+    small = torch.nn.functional.interpolate(maps[None].float(), size=size, mode="area")[0].half().cpu()  # one copy
+    return [{"category_id": int(c) + 1, "height": size[0], "width": size[1], "values": small[k].numpy().tobytes()}
             for k, c in enumerate(classes.tolist()) if c >= 0]
 
 

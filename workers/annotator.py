@@ -74,10 +74,10 @@ class WorkingMaps:
             renamed[i].append(replace(p, class_index=named[j], score=scores[j]))
         return renamed
 
-    def crop(self, j: int) -> Tensor:
-        """Image j's maps over the image only (the padding cut off)."""
-        h, w = self.valid[j].tolist()
-        return self.work[j, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)]
+    def crops(self) -> list[Tensor]:
+        """Each image's maps over the image only (the padding cut off)."""
+        return [self.work[j, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)]
+                for j, (h, w) in enumerate(self.valid.tolist())]
 
 
 class Annotator:
@@ -88,9 +88,10 @@ class Annotator:
         self.settings = settings = settings.resolved()
         rule = RULES[settings.rule]
         if settings.threshold is not None:  # masks follow a threshold given alone
-            rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
+            rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold,
+                           wide_mask_threshold=None)
         if settings.mask_threshold is not None:
-            rule = replace(rule, mask_threshold=settings.mask_threshold)
+            rule = replace(rule, mask_threshold=settings.mask_threshold, wide_mask_threshold=None)
         if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):  # the method's own thresholds, one extent
             rule = replace(rule, grow=None, large=None)
         self.rule = rule
@@ -112,12 +113,13 @@ class Annotator:
         classes: list[Tensor] = [torch.empty(0)] * len(images)
         for group in self.work(images, labels, sizes):
             found_here = group.labels(self.rule)
-            for j, i in enumerate(group.members):
-                found[i], maps[i], classes[i] = found_here[j], group.crop(j), group.classes[j]
+            group_classes = group.classes.cpu()
+            for j, (i, crop) in enumerate(zip(group.members, group.crops(), strict=True)):
+                found[i], maps[i], classes[i] = found_here[j], crop, group_classes[j]
             top_classes[group.members] = group.top_classes.cpu()
             top_scores[group.members] = group.top_scores.float().cpu()
         width = max(len(c) for c in classes)
-        padded = torch.stack([F.pad(c.cpu(), (0, width - len(c)), value=-1) for c in classes])
+        padded = torch.stack([F.pad(c, (0, width - len(c)), value=-1) for c in classes])
         return BatchResult(found, top_classes, top_scores, maps, padded)
 
     @torch.no_grad()

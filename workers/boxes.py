@@ -7,6 +7,7 @@ masks as COCO RLE (Fortran order, `counts` as str).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,9 +32,11 @@ class BoxRule:
     paper: Zhou et al. 2016: keep pixels >= 20% of the max, box the largest connected component,
     mask = every kept pixel. instances: seeded region growing. A component of the pixels above `grow`
     (of the refined map's max) is an instance when it holds a seed, a pixel above `threshold`, and covers
-    `min_area`; its mask is the component's pixels above `mask_threshold`, its box that mask's, its score
-    class probability x peak x share of the map's evidence. Seeds say where an object is, the lower
-    extent how far it reaches: a large object's weaker parts join its most telling one.
+    `min_area`; its mask is the component's pixels above `mask_threshold` (`wide_mask_threshold` when
+    the component's box covers over `wide_share` of the image: a wide object's evidence is spread
+    thinner), its box that mask's, its score class probability x peak x share of the map's evidence.
+    Seeds say where an object is, the lower extent how far it reaches: a large object's weaker parts join
+    its most telling one.
 
     large: the rule for objects whose box covers over `large_share` of the image, applied to maps from
     smaller input scales (`pseudo_labels`' `coarse`): there a large object shows whole, where the larger
@@ -46,6 +49,8 @@ class BoxRule:
     grow: float | None = None  # extent threshold; None: threshold (no growing)
     min_area: float = 0.002  # of the image, to drop specks
     max_instances: int = 3
+    wide_mask_threshold: float | None = None  # None: mask_threshold for every component
+    wide_share: float = 0.15
     large: BoxRule | None = None
     large_share: float = 0.4
 
@@ -55,11 +60,13 @@ class BoxRule:
 
 
 PAPER_RULE = BoxRule("paper", threshold=0.2, mask_threshold=0.2, min_area=0.0, max_instances=1)
-# Seeds at 0.45 of the max; objects reach down to 0.3, large ones (on the coarse maps) to 0.25. Chosen on
-# the first half of stamps-public and of stamps-large, checked on the second (bench/README.md).
+# Seeds at 0.45 of the max; objects reach down to 0.3, large ones (on the coarse maps) to 0.25; masks at
+# 0.5, 0.45 for components wider than 15% of the image. Chosen on the first half of stamps-public and of
+# stamps-large, checked on the second (bench/README.md).
 LARGE_OBJECT_RULE = BoxRule(threshold=0.45, mask_threshold=0.35, grow=0.25)
 RULES = {"paper": PAPER_RULE,
-         "instances": BoxRule(threshold=0.45, mask_threshold=0.5, grow=0.3, large=LARGE_OBJECT_RULE, large_share=0.4)}
+         "instances": BoxRule(threshold=0.45, mask_threshold=0.5, grow=0.3, wide_mask_threshold=0.45,
+                              large=LARGE_OBJECT_RULE, large_share=0.4)}
 
 
 @dataclass
@@ -286,8 +293,9 @@ def pseudo_labels(
     maps = work if len(rules) == 1 else torch.cat([work, coarse], 1)
     m = maps.shape[1]  # k maps per image, or 2k: first work's, then coarse's
 
-    def per_map(field: str) -> Tensor:  # [B*m], each map's rule's value
-        return torch.tensor([getattr(r, field) for r in rules], device=work.device).repeat_interleave(k).repeat(b)
+    def per_map(field: str) -> Tensor:  # [B*m], each map's rule's value (None: NaN)
+        values = [math.nan if getattr(r, field) is None else getattr(r, field) for r in rules]
+        return torch.tensor(values, device=work.device).repeat_interleave(k).repeat(b)
 
     live = (classes >= 0).repeat(1, len(rules)).flatten()
     kept_pixels = (maps.flatten(0, 1) >= per_map("extent")[:, None, None]) & live[:, None, None]
@@ -302,16 +310,21 @@ def pseudo_labels(
     if len(rules) == 2:
         kept = kept[_extent_chosen(owner[kept], box[kept], cells[owner[kept]], rule.large_share, b, k)]
     mask_thresholds = per_map("mask_threshold")[owner[kept]]
-    owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept]
+    wide = per_map("wide_mask_threshold")[owner[kept]]  # NaN where a rule has none: the comparison fails
+    wider = (box[kept, 2:] - box[kept, :2]).prod(1) > per_map("wide_share")[owner[kept]] * cells[owner[kept]]
+    mask_thresholds = torch.where(wider & (wide < mask_thresholds), wide, mask_thresholds)
+    # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
+    owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
+    class_of, valid_hw = classes.tolist(), valid.tolist()
     results: list[list[PseudoLabel]] = [[] for _ in range(b)]
     by_image: dict[int, list[int]] = {}
     for j, o in enumerate(owner):
         by_image.setdefault(o // m, []).append(j)
     for i, members in by_image.items():
         ranks = [owner[j] % m for j in members]
-        names, scores_i = [int(classes[i, r % k]) for r in ranks], confidence[members].tolist()
+        names, scores_i = [class_of[i][r % k] for r in ranks], [confidence[j] for j in members]
         for component, region, chunk in masks_at_original_size(
-                maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid[i], input_size, original_sizes[i],
+                maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid_hw[i], input_size, original_sizes[i],
                 ranks, ids[members], mask_thresholds[members]):
             # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
             results[i] += _encode(component, region if rule.name == "paper" else component, names[chunk],
@@ -363,14 +376,14 @@ def _sampling_weights(original: int, valid: int, padded: int, cells: int, device
     return weights[:, 1:-1], nearest
 
 
-def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: Tensor, input_size: tuple[int, int],
+def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: list[int], input_size: tuple[int, int],
                            original: tuple[int, int], ranks: list[int], ids: Tensor, thresholds: Tensor,
                            ) -> Iterator[tuple[Tensor, Tensor, slice]]:
     """Image i's chosen maps and components at every original pixel, in chunks that fit MASK_BUDGET:
     yields (component masks, thresholded-map masks, which instances), each mask [c, h0, w0] bool.
     Separable sampling (two small matrix products, one gather) instead of a full-size sampling grid."""
     h0, w0 = original
-    vh, vw = valid_i.tolist()
+    vh, vw = valid_i
     wy, iy = _sampling_weights(h0, vh, input_size[0], map_i.shape[-2], map_i.device)
     wx, ix = _sampling_weights(w0, vw, input_size[1], map_i.shape[-1], map_i.device)
     step = max(1, MASK_BUDGET // max(h0 * w0, 1))
@@ -385,19 +398,20 @@ def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: Tensor, inp
 
 
 def _encode(box_masks: Tensor, masks: Tensor, class_indices: list[int], scores: list[float]) -> list[PseudoLabel]:
-    """Masks [M,H,W] -> PseudoLabels with pycocotools RLE; boxes are box_masks' tight boxes."""
+    """Masks [M,H,W] -> PseudoLabels with pycocotools RLE; boxes are box_masks' tight boxes. Two copies to
+    the host: each mask's (non-empty, box, area), then the masks."""
     nonempty = box_masks.flatten(1).any(1)
-    masks = masks[nonempty]
-    keep = nonempty.nonzero()[:, 0].tolist()
+    areas = masks.flatten(1).sum(1)[:, None]  # float64 below: exact past float32's 2^24 pixels
+    stats = torch.cat([nonempty[:, None], _boxes(box_masks), areas], 1).double().tolist()
+    keep = [j for j, row in enumerate(stats) if row[0]]
     if not keep:
         return []
-    boxes = _boxes(box_masks[nonempty]).tolist()
-    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
-    areas = masks.flatten(1).sum(1).tolist()
+    pixels = masks.cpu().numpy()[keep].astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(pixels.transpose(1, 2, 0)))
     labels = []
-    for j, box, rle, area in zip(keep, boxes, rles, areas, strict=True):
+    for j, rle in zip(keep, rles, strict=True):
         rle["counts"] = rle["counts"].decode("ascii")
-        labels.append(PseudoLabel(class_indices[j], box, float(scores[j]), int(area), rle))
+        labels.append(PseudoLabel(class_indices[j], stats[j][1:5], float(scores[j]), int(stats[j][5]), rle))
     return labels
 
 
