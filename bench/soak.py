@@ -109,7 +109,7 @@ def main() -> None:
     if args.one:  # a fresh process per size, so its children's peak is that driver's alone
         print(json.dumps(run(args.one, args.input_size, args.unreadable, args.series)))
         return
-    print(f"{date.today()}: driver peak RSS (ru_maxrss of the `camlabel annotate` process)\n")
+    print(f"{date.today()}: driver peak RSS (ru_maxrss of the largest camlabel process of each size)\n")
     print("| images | annotated | errors | all accounted for | driver peak MiB | seconds |")
     print("|---|---|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
