@@ -1,6 +1,6 @@
 """The driver's memory for planning a run: listing a Parquet manifest and leaving out what is settled.
 
-    python -m bench.work_list [--sizes 100000,1000000]
+    python -m bench.work_list [--sizes 100000,1000000] [--labels] [--worker]
 
 For N paths in a Parquet manifest, half of them settled by an earlier run's parts (error rows, which
 settle an image as annotation rows do), each size in a fresh process with a private local Ray: the
@@ -8,7 +8,9 @@ driver's peak RSS after `pipeline.job.planned` had a Ray task write the work lis
 plan that reads it was cut into blocks. The listing, the anti-join and the labels take their memory in
 the worker that runs the planning task (about 0.4 KB an input, as they took in the driver before). No
 model runs. Issue 15's goal: the
-driver's peak for 1M within 1.2x of 100k.
+driver's peak for 1M within 1.2x of 100k. --labels: a labels CSV names a class for every path (the
+planning task joins it). --worker: the planning itself (`pipeline.job.plan_work`) in the measured
+process, no Ray: what the planning task's worker holds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from bench import in_fresh_process
@@ -33,22 +36,28 @@ def make(folder: Path, count: int) -> None:
 
     paths = [f"/data/collection/{i // 10000:04d}/image-{i:09d}.jpg" for i in range(count)]
     pq.write_table(pa.table({"path": paths}), folder / "manifest.parquet")
+    pacsv.write_csv(pa.table({"file_name": [p.rsplit("/", 1)[1] for p in paths],
+                              "labels": [str(i % 1000) for i in range(count)]}), folder / "labels.csv")
     (folder / "earlier" / "errors").mkdir(parents=True)
     half = paths[::2]
     pq.write_table(pa.table({"path": half, "stage": ["decode"] * len(half), "reason": ["x"] * len(half)},
                             schema=ERRORS), folder / "earlier" / "errors" / "part-0.parquet")
 
 
-def one(folder: Path) -> dict:
-    from camlabel.pipeline.job import WORK_LIST, connect, planned
+def one(folder: Path, labels: bool, worker: bool) -> dict:
+    from camlabel.pipeline.job import WORK_LIST, connect, plan_work, planned
     from camlabel.pipeline.plan import MAX_BLOCKS, WorkList
     from camlabel.schemas.config import JobConfig
 
-    connect(None)
+    if not worker:
+        connect(None)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = JobConfig(source=str(folder / "manifest.parquet"), out=str(folder / "run"))
+    config = JobConfig(source=str(folder / "manifest.parquet"), out=str(folder / "run"),
+                       labels=str(folder / "labels.csv") if labels else None)
     start = time.perf_counter()
-    inputs, todo = planned(config, [], folder / "run", [folder / "earlier"])
+    (folder / "run").mkdir()
+    plan = plan_work if worker else planned
+    inputs, todo = plan(config, [str(i) for i in range(1000)], folder / "run", [folder / "earlier"])
     seconds = time.perf_counter() - start
     planned_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     blocks = WorkList(folder / "run" / WORK_LIST, todo, max(8, -(-todo // MAX_BLOCKS))).get_read_tasks(1)
@@ -61,18 +70,22 @@ def one(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--labels", action="store_true", help="a labels CSV for every path")
+    parser.add_argument("--worker", action="store_true", help="measure the planning itself, without Ray")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    flags = [*(["--labels"] if args.labels else []), *(["--worker"] if args.worker else [])]
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.labels, args.worker)))
         return
-    print(f"{date.today()}: peak RSS of the driver while a Ray task plans the run, one process per size\n")
+    who = "the planning itself, in-process" if args.worker else "the driver while a Ray task plans the run"
+    print(f"{date.today()}: peak RSS of {who}, one process per size{', labels for every path' * args.labels}\n")
     print("| inputs | to do | seconds | driver MiB before / planned / blocks cut | blocks |")
     print("|---|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="camlabel-worklist-") as tmp:
             make(Path(tmp), count)
-            r = in_fresh_process("bench.work_list", tmp)
+            r = in_fresh_process("bench.work_list", tmp, *flags)
         print(f"| {r['inputs']} | {r['todo']} | {r['seconds']} | {r['before_mib']} / {r['planned_mib']} / "
               f"{r['peak_mib']} | {r['blocks']} |", flush=True)
 

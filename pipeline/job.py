@@ -29,7 +29,7 @@ from ..workers.models import load_model
 from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
-from .sources import image_listing, labels_for, read_labels
+from .sources import image_listing, labels_column, read_labels
 from .writers import atomic_write_json, atomic_write_table, retire_read_errors, run_counts, settled_paths
 
 log = logging.getLogger(__name__)
@@ -190,9 +190,8 @@ def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier
     settled = pa.chunked_array([c for d in (run_dir, *earlier) for c in settled_paths(d).chunks], pa.string())
     todo = paths.filter(pc.invert(pc.is_in(paths, value_set=settled.combine_chunks())))
     if config.labels:
-        labels = read_labels(config.labels, class_names)
-        found = (labels_for(p, config.source, labels) for p in todo.to_pylist())
-        column = pa.array([" ".join(map(str, f)) if f is not None else "-" for f in found], pa.string())
+        found = labels_column(todo, config.source, read_labels(config.labels, class_names))
+        column = pc.fill_null(pc.binary_join(pc.cast(found, pa.list_(pa.string())), " "), "-")
     else:
         column = pa.array(["-"] * len(todo), pa.string())
     return len(paths), pa.table({"path": todo, "labels": column})

@@ -5,12 +5,12 @@ Local paths and any URI that pyarrow's filesystems open (s3://, gs://, file://).
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import glob
 import os
 from pathlib import PurePosixPath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -76,15 +76,10 @@ def _from_manifest(manifest: str) -> pa.Array:
     if "path" not in table.column_names:
         raise SourceError(f"manifest {manifest} has no 'path' column (columns: {', '.join(table.column_names)})")
     paths = pc.cast(table.column("path").combine_chunks(), pa.string())
-
-    def first(bad: pa.Array) -> int | None:
-        index = pc.index(pc.fill_null(bad, True), True).as_py()
-        return None if index < 0 else index
-
-    empty = first(pc.equal(pc.utf8_length(paths), 0))
+    empty = _first(pc.equal(pc.utf8_length(paths), 0))
     if empty is not None:
         raise SourceError(f"{manifest}:{empty + 2}: empty path")
-    climbing = first(pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)"))
+    climbing = _first(pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)"))
     if climbing is not None:
         raise SourceError(f"{manifest}:{climbing + 2}: path {paths[climbing].as_py()!r} climbs out with '..'")
     base = os.path.dirname(os.path.abspath(manifest)) if not _is_uri(manifest) else manifest.rsplit("/", 1)[0]
@@ -94,53 +89,79 @@ def _from_manifest(manifest: str) -> pa.Array:
     return unique.take(pc.sort_indices(unique))
 
 
-def read_labels(path: str, class_names: list[str]) -> dict[str, list[int]]:
-    """file_name -> class indices, from a CSV with columns file_name and labels (space-separated
-    indices or class names; a name with spaces is written with underscores)."""
-    lookup = {n.lower(): i for i, n in enumerate(class_names)}
-    lookup.update({n.lower().replace(" ", "_"): i for i, n in enumerate(class_names)})
-    labels: dict[str, list[int]] = {}
+def read_labels(path: str, class_names: list[str]) -> pa.Table:
+    """A labels CSV (columns file_name and labels: space-separated class indices or names, a name with
+    spaces written with underscores) as a table of file_name and labels (sorted class indices), read and
+    checked in Arrow compute: a million rows never become Python objects. A file_name listed twice keeps
+    its last row."""
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"file_name", "labels"} - set(reader.fieldnames or [])
-            if missing:
-                raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            for line, row in enumerate(reader, start=2):
-                name = (row.get("file_name") or "").strip()
-                if not name or ".." in PurePosixPath(name).parts or os.path.isabs(name):
-                    raise SourceError(f"{path}:{line}: file_name {name!r} must be a relative path without '..'")
-                classes = []
-                for token in (row.get("labels") or "").split():
-                    index = int(token) if token.isdigit() else lookup.get(token.lower())
-                    if index is None or not 0 <= index < len(class_names):
-                        raise SourceError(f"{path}:{line}: unknown class {token!r} (use an index below "
-                                          f"{len(class_names)} or a class name)")
-                    classes.append(index)
-                labels[name] = sorted(set(classes))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={"file_name": pa.string(), "labels": pa.string()}, strings_can_be_null=False))
+    except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read labels {path}: {exc}") from exc
-    return labels
+    missing = {"file_name", "labels"} - set(table.column_names)
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    names = pc.utf8_trim_whitespace(table.column("file_name").combine_chunks())
+    bad = _first(pc.or_(pc.or_(pc.equal(pc.utf8_length(names), 0), pc.starts_with(names, "/")),
+                        pc.match_substring_regex(names, r"(^|/)\.\.(/|$)")))
+    if bad is not None:
+        raise SourceError(f"{path}:{bad + 2}: file_name {names[bad].as_py()!r} must be a relative path without '..'")
+    tokens = pc.split_pattern_regex(pc.utf8_trim_whitespace(table.column("labels").combine_chunks()), r"\s+")
+    flat, row = pc.list_flatten(tokens), pc.list_parent_indices(tokens)
+    some = pc.greater(pc.utf8_length(flat), 0)
+    flat, row = flat.filter(some), row.filter(some)
+    vocabulary = [str(i) for i in range(len(class_names))] + [n.lower() for n in class_names] + [
+        n.lower().replace(" ", "_") for n in class_names]
+    found = pc.index_in(pc.replace_substring_regex(pc.utf8_lower(flat), "^0+([0-9])", r"\1"),
+                        value_set=pa.array(vocabulary))
+    unknown = _first(pc.is_null(found))
+    if unknown is not None:
+        raise SourceError(f"{path}:{row[unknown].as_py() + 2}: unknown class {flat[unknown].as_py()!r} (use an "
+                          f"index below {len(class_names)} or a class name)")
+    rows = np.asarray(row, np.int64)
+    classes = np.asarray(pc.cast(found, pa.int64())) % len(class_names)  # position in the vocabulary -> index
+    order = np.lexsort((classes, rows))
+    rows, classes = rows[order], classes[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = (rows[1:] != rows[:-1]) | (classes[1:] != classes[:-1])  # each class once per row
+    rows, classes = rows[new], classes[new]
+    offsets = np.searchsorted(rows, np.arange(len(names) + 1)).astype(np.int32)
+    labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes, pa.int32()))
+    last_first = pa.array(np.arange(len(names))[::-1])  # the join takes the first match: a name's last row
+    return pa.table({"file_name": names.take(last_first), "labels": labels.take(last_first)})
+
+
+def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:
+    """Each path's labels (a list of class indices; null where labels has no row for it), matched by its
+    path relative to the source, else by its bare file name: a join in Arrow compute."""
+    names = labels.column("file_name").combine_chunks()
+    at = pc.coalesce(pc.index_in(relative_paths(paths, source), value_set=names),
+                     pc.index_in(pc.replace_substring_regex(paths, r"^.*/", ""), value_set=names))
+    return labels.column("labels").combine_chunks().take(at)
+
+
+def _first(bad: pa.Array) -> int | None:
+    index = pc.index(pc.fill_null(bad, True), True).as_py()
+    return None if index < 0 else index
 
 
 def relative_path(path: str, source: str) -> str:
     """The image's path below its source's folder (a folder, a glob's folder, a manifest's folder); for a
     path outside it or a URI, the whole path without scheme or leading '/'. Never climbs out with '..',
     so outputs named after it stay inside their folder and two images never share a name."""
-    if _is_uri(path):
-        return path.split("://", 1)[1].lstrip("/")
+    return relative_paths(pa.array([path if _is_uri(path) else os.path.abspath(path)]), source)[0].as_py()
+
+
+def relative_paths(paths: pa.Array, source: str) -> pa.Array:
+    """relative_path of each of a listing's paths (absolute, or URIs), in Arrow compute."""
     if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
         root = os.path.dirname(os.path.abspath(source))
     else:
         root = source.split("*")[0] if any(c in source for c in "*?[") else source
         root = root if os.path.isdir(root) else os.path.dirname(root)
-    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-    return relative if relative != ".." and not relative.startswith("../") else os.path.abspath(path).lstrip("/")
-
-
-def labels_for(path: str, source: str, labels: dict[str, list[int]]) -> list[int] | None:
-    """The image's labels, matched by its path relative to the source, else by its bare file name."""
-    for key in (relative_path(path, source), PurePosixPath(path).name):
-        if key in labels:
-            return labels[key]
-    return None
+    root = os.path.abspath(root).rstrip("/") + "/"
+    local = pc.if_else(pc.starts_with(paths, root), pc.utf8_slice_codeunits(paths, len(root)),
+                       pc.utf8_ltrim(paths, "/"))
+    return pc.if_else(pc.match_substring(paths, "://"),
+                      pc.utf8_ltrim(pc.replace_substring_regex(paths, "^[^/]*://", ""), "/"), local)

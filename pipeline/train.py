@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
@@ -28,7 +29,7 @@ from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.localizer import GapLocalizer, localizer_loss
 from ..workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
 from ..workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .sources import SourceError, labels_for, list_images, read_labels
+from .sources import SourceError, labels_column, list_images, read_labels
 from .writers import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def labelled_images(images: str, labels: str | None, class_names: list[str]
         except SourceError:
             class_names = sorted({t for names in _label_tokens(labels) for t in names})
             table = read_labels(labels, class_names)
-        found = [labels_for(p, images, table) for p in paths]
+        found = labels_column(pa.array(paths, pa.string()), images, table).to_pylist()
     else:
         folders = [PurePosixPath(os.path.relpath(p, images)).parts for p in paths]
         class_names = sorted({parts[0] for parts in folders if len(parts) > 1})

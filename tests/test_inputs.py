@@ -4,10 +4,18 @@ import io
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from camlabel.pipeline.cli import main
-from camlabel.pipeline.sources import SourceError, labels_for, list_images, read_labels, relative_path
+from camlabel.pipeline.sources import (
+    SourceError,
+    labels_column,
+    list_images,
+    read_labels,
+    relative_path,
+    relative_paths,
+)
 from camlabel.schemas.config import ConfigError, load_config
 from camlabel.workers.actor import decode_batch
 from camlabel.workers.decode import DecodeError, decode
@@ -167,16 +175,24 @@ def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
     assert relative_path(image, str(tmp_path / "list.parquet")) == "a/x.jpg"  # below the manifest's folder
     assert relative_path("/elsewhere/b/x.jpg", str(tmp_path / "list.csv")) == "elsewhere/b/x.jpg"
     assert relative_path("s3://bucket/b/x.jpg", "s3://bucket/list.csv") == "bucket/b/x.jpg"
+    (tmp_path / "é").mkdir()
+    listing = [str(tmp_path / "é" / "ü.jpg"), "/elsewhere/b/x.jpg", "gs://b/c/x.jpg", str(tmp_path / "a" / "x.jpg")]
+    assert relative_paths(pa.array(listing), str(tmp_path / "é")).to_pylist() == [
+        "ü.jpg", "elsewhere/b/x.jpg", "b/c/x.jpg", str(tmp_path / "a" / "x.jpg").lstrip("/")]
 
 
 def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     names = ["cat", "great white shark", "dog"]
     good = tmp_path / "good.csv"
-    good.write_text("file_name,labels\na/x.jpg,cat 2\ny.jpg,great_white_shark\nz.jpg,\n")
+    good.write_text("file_name,labels\na/x.jpg,cat 2 CAT 002\ny.jpg,great_white_shark\nz.jpg,\nw.jpg,0\nw.jpg,dog\n")
     labels = read_labels(str(good), names)
-    assert labels == {"a/x.jpg": [0, 2], "y.jpg": [1], "z.jpg": []}
-    assert labels_for(str(tmp_path / "a" / "x.jpg"), str(tmp_path), labels) == [0, 2]
-    assert labels_for("/elsewhere/y.jpg", str(tmp_path), labels) == [1]
+    assert sorted(zip(*labels.to_pydict().values(), strict=True)) == [
+        ("a/x.jpg", [0, 2]), ("w.jpg", [0]), ("w.jpg", [2]), ("y.jpg", [1]), ("z.jpg", [])]
+    paths = [str(tmp_path / "a" / "x.jpg"), "/elsewhere/y.jpg", str(tmp_path / "x.jpg"), "s3://b/z.jpg",
+             str(tmp_path / "b" / "w.jpg"), str(tmp_path / "q.jpg")]
+    found = labels_column(pa.array(paths), str(tmp_path), labels).to_pylist()
+    # by the path below the source, else the bare name (x.jpg at the top is not a/x.jpg); w.jpg's last row
+    assert found == [[0, 2], [1], None, [], [2], None]
     bad = tmp_path / "bad.csv"
     bad.write_text("file_name,labels\nx.jpg,cat\ny.jpg,unicorn\n")
     with pytest.raises(SourceError, match=r"bad.csv:3: unknown class 'unicorn'"):
