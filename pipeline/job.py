@@ -99,12 +99,16 @@ def drop_false_alarm() -> None:
     os.close(write)
 
     def forward() -> None:
-        while chunk := os.read(read, 1 << 16):
+        readable = True
+        while chunk := os.read(read, 1 << 16):  # read on even when stderr's reader has gone: writers never block
             lines = chunk.split(b"\n")  # a log line arrives whole: C++ writes it with one write()
             data = memoryview(b"".join(line + b"\n" for line in lines[:-1] if RAY_FALSE_ALARM not in line)
                               + lines[-1])
-            while data:
-                data = data[os.write(original, data):]
+            try:
+                while readable and data:
+                    data = data[os.write(original, data):]
+            except OSError:  # e.g. `2>&1 | head` has exited: what follows is lost, as it would be unfiltered
+                readable = False
 
     reader = threading.Thread(target=forward, name="camlabel-stderr", daemon=True)
     reader.start()
