@@ -10,11 +10,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, load_config
-from ..workers.models import ModelError
-from .evaluate import EvaluationError, evaluate, evaluate_label_maps
+from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, UserError, load_config
+from .evaluate import evaluate, evaluate_label_maps
 from .signals import Stopped
-from .sources import SourceError
 
 log = logging.getLogger("camlabel")
 
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SourceError, ModelError, EvaluationError) as exc:
+    except UserError as exc:
         print(f"camlabel {args.command}: {exc}", file=sys.stderr)
         return 2
     except Stopped as stop:

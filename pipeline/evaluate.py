@@ -18,8 +18,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..schemas.config import UserError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(UserError):
     """Predictions that cannot be scored; the message says which."""
 
 

@@ -17,10 +17,12 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..schemas.config import UserError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source, manifest or labels file that cannot be used; the message names the file and line."""
 
 

@@ -15,7 +15,12 @@ RULES = ("paper", "instances")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Input the user can fix (a config, a source, a model, predictions): the CLI prints its message in
+    one line and exits 2, no traceback."""
+
+
+class ConfigError(UserError):
     """A configuration value that is not allowed; str() names the field."""
 
 

@@ -35,12 +35,14 @@ def test_installed_as_camlabel_namespace():
     assert Path(camlabel.workers.annotator.__file__).resolve() == ROOT / "workers" / "annotator.py"
 
 
-def test_parsing_a_config_imports_no_torch():
+def test_parsing_a_config_and_the_cli_import_no_torch():
+    """Config parsing, `camlabel --help` and the commands that need no model start in a fraction of a
+    second: torch (seconds to import) loads only where a model runs."""
     import subprocess
     import sys
 
     code = ("import sys, camlabel.schemas.config as c; c.load_config(None, {'source': 'x', 'out': 'y'}); "
-            "print('torch' in sys.modules)")
+            "import camlabel.pipeline.cli; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..schemas.config import UserError
 from .heatmaps import HeatmapError, classifier_layer
 from .localizer import TARGET_LAYER, GapLocalizer
 
@@ -26,7 +27,7 @@ DEFAULT_WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
 DEFAULT_WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model, weights file or layer name that cannot be used; the message says what to do."""
 
 
