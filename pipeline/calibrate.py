@@ -78,8 +78,7 @@ class CalibrationSet:
         return len(self.gt.getImgIds())
 
     def score(self, threshold: float, mask_threshold: float) -> dict:
-        rule = replace(self.annotator.rule, threshold=threshold, mask_threshold=mask_threshold,
-                       wide_mask_threshold=None)  # what a config with these thresholds gives
+        rule = replace(self.annotator.rule, threshold=threshold, mask_threshold=mask_threshold)
         preds = []
         for ids, group in self.groups:  # classes the ground truth does not have cannot be scored
             for image_id, found in zip(ids, group.labels(rule), strict=True):

@@ -224,9 +224,9 @@ def test_a_wide_components_mask_reaches_lower_than_a_narrow_ones():
     work[0, 0, 22:26, 26:28] = 0.47
     args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
     rule = replace(RULES["instances"], large=None)
-    assert rule.wide_mask_threshold == 0.45 and rule.wide_share == 0.15
+    assert rule.mask_threshold - rule.wide_drop == 0.45 and rule.wide_share == 0.15
     found = sorted(labels_from_work(work, *args, rule=rule)[0], key=lambda p: p.bbox[0])
-    plain = sorted(labels_from_work(work, *args, rule=replace(rule, wide_mask_threshold=None))[0],
+    plain = sorted(labels_from_work(work, *args, rule=replace(rule, wide_drop=0.0))[0],
                    key=lambda p: p.bbox[0])
     assert [len(found), len(plain)] == [2, 2]
     assert found[0].bbox[2] >= plain[0].bbox[2] + 4  # the wide object's rim (the outer pixels sample 0 beyond)

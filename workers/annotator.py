@@ -88,12 +88,11 @@ class Annotator:
         self.settings = settings = settings.resolved()
         rule = RULES[settings.rule]
         if settings.threshold is not None:  # masks follow a threshold given alone
-            rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold,
-                           wide_mask_threshold=None)
+            rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
         if settings.mask_threshold is not None:
-            rule = replace(rule, mask_threshold=settings.mask_threshold, wide_mask_threshold=None)
+            rule = replace(rule, mask_threshold=settings.mask_threshold)
         if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):  # the method's own thresholds, one extent
-            rule = replace(rule, grow=None, large=None)
+            rule = replace(rule, grow=None, large=None, wide_drop=0.0)
         self.rule = rule
         self.precision = settings.precision
         if self.precision == "auto":

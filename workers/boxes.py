@@ -7,7 +7,6 @@ masks as COCO RLE (Fortran order, `counts` as str).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,11 +31,11 @@ class BoxRule:
     paper: Zhou et al. 2016: keep pixels >= 20% of the max, box the largest connected component,
     mask = every kept pixel. instances: seeded region growing. A component of the pixels above `grow`
     (of the refined map's max) is an instance when it holds a seed, a pixel above `threshold`, and covers
-    `min_area`; its mask is the component's pixels above `mask_threshold` (`wide_mask_threshold` when
-    the component's box covers over `wide_share` of the image: a wide object's evidence is spread
-    thinner), its box that mask's, its score class probability x peak x share of the map's evidence.
-    Seeds say where an object is, the lower extent how far it reaches: a large object's weaker parts join
-    its most telling one.
+    `min_area`; its mask is the component's pixels above `mask_threshold` (less `wide_drop` when the
+    component's box covers over `wide_share` of the image: a wide object's evidence is spread thinner),
+    its box that mask's, its score class probability x peak x share of the map's evidence. Seeds say
+    where an object is, the lower extent how far it reaches: a large object's weaker parts join its most
+    telling one.
 
     large: the rule for objects whose box covers over `large_share` of the image, applied to maps from
     smaller input scales (`pseudo_labels`' `coarse`): there a large object shows whole, where the larger
@@ -49,7 +48,7 @@ class BoxRule:
     grow: float | None = None  # extent threshold; None: threshold (no growing)
     min_area: float = 0.002  # of the image, to drop specks
     max_instances: int = 3
-    wide_mask_threshold: float | None = None  # None: mask_threshold for every component
+    wide_drop: float = 0.0
     wide_share: float = 0.15
     large: BoxRule | None = None
     large_share: float = 0.4
@@ -65,7 +64,7 @@ PAPER_RULE = BoxRule("paper", threshold=0.2, mask_threshold=0.2, min_area=0.0, m
 # stamps-large, checked on the second (bench/README.md).
 LARGE_OBJECT_RULE = BoxRule(threshold=0.45, mask_threshold=0.35, grow=0.25)
 RULES = {"paper": PAPER_RULE,
-         "instances": BoxRule(threshold=0.45, mask_threshold=0.5, grow=0.3, wide_mask_threshold=0.45,
+         "instances": BoxRule(threshold=0.45, mask_threshold=0.5, grow=0.3, wide_drop=0.05,
                               large=LARGE_OBJECT_RULE, large_share=0.4)}
 
 
@@ -293,9 +292,8 @@ def pseudo_labels(
     maps = work if len(rules) == 1 else torch.cat([work, coarse], 1)
     m = maps.shape[1]  # k maps per image, or 2k: first work's, then coarse's
 
-    def per_map(field: str) -> Tensor:  # [B*m], each map's rule's value (None: NaN)
-        values = [math.nan if getattr(r, field) is None else getattr(r, field) for r in rules]
-        return torch.tensor(values, device=work.device).repeat_interleave(k).repeat(b)
+    def per_map(field: str) -> Tensor:  # [B*m], each map's rule's value
+        return torch.tensor([getattr(r, field) for r in rules], device=work.device).repeat_interleave(k).repeat(b)
 
     live = (classes >= 0).repeat(1, len(rules)).flatten()
     kept_pixels = (maps.flatten(0, 1) >= per_map("extent")[:, None, None]) & live[:, None, None]
@@ -310,9 +308,8 @@ def pseudo_labels(
     if len(rules) == 2:
         kept = kept[_extent_chosen(owner[kept], box[kept], cells[owner[kept]], rule.large_share, b, k)]
     mask_thresholds = per_map("mask_threshold")[owner[kept]]
-    wide = per_map("wide_mask_threshold")[owner[kept]]  # NaN where a rule has none: the comparison fails
     wider = (box[kept, 2:] - box[kept, :2]).prod(1) > per_map("wide_share")[owner[kept]] * cells[owner[kept]]
-    mask_thresholds = torch.where(wider & (wide < mask_thresholds), wide, mask_thresholds)
+    mask_thresholds = mask_thresholds - wider * per_map("wide_drop")[owner[kept]]
     # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
     class_of, valid_hw = classes.tolist(), valid.tolist()
