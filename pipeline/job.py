@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig
+from ..workers.annotator import box_rule
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
 from .lease import lease
@@ -124,9 +125,10 @@ def drop_false_alarm() -> None:
 
 
 def series_of(loaded, settings: AnnotateSettings) -> str:
-    """Runs whose results may be merged: same model, weights, layer, method and settings."""
+    """Runs whose results may be merged: same model, weights, layer, method, settings and box rule (a
+    camlabel whose default rule changed starts a new series: its labels differ)."""
     key = json.dumps([loaded.name, loaded.weights_sha256 or loaded.weights_source, loaded.target_layer,
-                      settings.__dict__], sort_keys=True, default=str)
+                      settings.__dict__, asdict(box_rule(settings))], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -149,8 +151,9 @@ def incremental_run(root: Path, series: str) -> tuple[Path, list[Path]]:
 
 
 def check_resumable(run_dir: Path, manifest: dict) -> None:
-    """A run directory holds one series: resuming it with another model, weights, layer, method or
-    setting would mix labels of two kinds under one manifest. Refuse, naming the first field that differs."""
+    """A run directory holds one series: resuming it with another model, weights, layer, method, setting
+    or box rule (another camlabel's default) would mix labels of two kinds under one manifest. Refuse,
+    naming the first field that differs."""
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         return
@@ -160,6 +163,7 @@ def check_resumable(run_dir: Path, manifest: dict) -> None:
     fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k]) for k in ("name", "weights_sha256",
                                                                                    "target_layer")]
     fields += [(k, old["settings"].get(k), v) for k, v in json.loads(json.dumps(manifest["settings"])).items()]
+    fields += [(f"rule.{k}", old.get("rule", {}).get(k), v) for k, v in manifest["rule"].items()]
     field, was, now = next(((f, a, b) for f, a, b in fields if a != b), ("series", old.get("series"),
                                                                          manifest["series"]))
     raise ConfigError(f"{field}: {run_dir} holds a run made with {was!r}, not {now!r}; resume it with the same "
@@ -174,6 +178,7 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
                   "target_layer": loaded.target_layer, "classes": len(loaded.class_names),
                   "class_names": loaded.class_names},
         "settings": settings.__dict__,
+        "rule": asdict(box_rule(settings)),  # thresholds as run, the defaults included
         "versions": versions(),
         "source": config.source,
         "series": series_of(loaded, settings),

@@ -343,6 +343,15 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
     (line,) = camlabel_lines(capsys.readouterr().err)
     assert "list.csv:3: path '../etc/passwd' climbs out" in line
 
+    # a run made by a camlabel whose default box rule differed (no wide drop): its labels are of another kind
+    made = json.loads((out / "manifest.json").read_text())
+    assert made["rule"]["wide_drop"] == 0.05 and made["rule"]["large"]["mask_threshold"] == 0.35
+    made["rule"]["wide_drop"], made["series"] = 0.0, "an older camlabel's"
+    (out / "manifest.json").write_text(json.dumps(made))
+    assert main(["annotate", str(manifest), "--out", str(out), "--input-size", "160", "--no-flip"]) == 2
+    (line,) = camlabel_lines(capsys.readouterr().err)
+    assert "rule.wide_drop: " in line and "0.0, not 0.05" in line
+
 
 def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(local_ray, collection, tmp_path,
                                                                                  capsys):

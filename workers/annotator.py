@@ -86,14 +86,7 @@ class Annotator:
     def __init__(self, loaded: LoadedModel, settings: AnnotateSettings) -> None:
         self.loaded = loaded
         self.settings = settings = settings.resolved()
-        rule = RULES[settings.rule]
-        if settings.threshold is not None:  # masks follow a threshold given alone
-            rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
-        if settings.mask_threshold is not None:
-            rule = replace(rule, mask_threshold=settings.mask_threshold)
-        if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):  # the method's own thresholds, one extent
-            rule = replace(rule, grow=None, large=None, wide_drop=0.0)
-        self.rule = rule
+        self.rule = box_rule(settings)
         self.precision = settings.precision
         if self.precision == "auto":
             self.precision = "bfloat16" if native_bfloat16(loaded.device) else "float32"
@@ -224,6 +217,20 @@ class Annotator:
     def _precision(self):
         """Autocast for the model's passes only (a no-op in float32)."""
         return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+
+
+def box_rule(settings: AnnotateSettings) -> BoxRule:
+    """The rule that turns the maps of these settings into labels: the named rule with the thresholds
+    given (masks follow a threshold given alone); a method with thresholds of its own gets one extent."""
+    settings = settings.resolved()
+    rule = RULES[settings.rule]
+    if settings.threshold is not None:
+        rule = replace(rule, threshold=settings.threshold, mask_threshold=settings.threshold)
+    if settings.mask_threshold is not None:
+        rule = replace(rule, mask_threshold=settings.mask_threshold)
+    if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):
+        rule = replace(rule, grow=None, large=None, wide_drop=0.0)
+    return rule
 
 
 def upload(images: list[Tensor], device: torch.device) -> list[Tensor]:
