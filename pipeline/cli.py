@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 from dataclasses import fields
@@ -149,6 +150,9 @@ def cmd_demo(args) -> int:
     manifest_path = out / "demo_manifest.csv"
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text("path\n" + "".join(f"{data / p}\n" for p in photos))
+    earlier = out / "run" / "manifest.json"
+    if earlier.is_file() and Path(json.loads(earlier.read_text())["source"]).resolve() == manifest_path.resolve():
+        shutil.rmtree(out / "run")  # an earlier demo's run: made again (seconds), so it shows this camlabel's labels
     config = load_config(None, {"source": str(manifest_path), "out": str(out / "run")})
     manifest = annotate(config)
     export_coco([out / "run"], out / "coco.json")
