@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .sources import relative_path
+from .sources import relative_paths
 from .writers import atomic_write_bytes, atomic_write_json
 
 MASK_BATCH = 16  # rows per mask-writing task: a row's label map is full size
@@ -89,10 +89,11 @@ def voc_palette() -> list[int]:
 def write_label_maps(batch: pa.Table, out: str, source: str, low: float, high: float, ignore: int,
                      palette: list[int] | None) -> dict[str, list[int]]:
     """A batch of annotated rows -> one PNG each under out, named by the image's path below the source."""
-    for row in batch.to_pylist():
+    names = relative_paths(batch.column("path").combine_chunks(), source).to_pylist()  # the batch's at once
+    for row, relative in zip(batch.to_pylist(), names, strict=True):
         maps, categories = decode_heatmaps(row["heatmaps"])
         labels = label_map(maps, categories, row["height"], row["width"], low, high, ignore=ignore)
-        name = Path(out) / Path(relative_path(row["path"], source)).with_suffix(".png")
+        name = Path(out) / Path(relative).with_suffix(".png")
         atomic_write_bytes(name, png_bytes(labels, ignore, palette), durable=False)  # re-made by a rerun
     return {"written": [batch.num_rows]}
 

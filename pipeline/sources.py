@@ -148,15 +148,11 @@ def _first(bad: pa.Array) -> int | None:
     return None if index < 0 else index
 
 
-def relative_path(path: str, source: str) -> str:
-    """The image's path below its source's folder (a folder, a glob's folder, a manifest's folder); for a
-    path outside it or a URI, the whole path without scheme or leading '/'. Never climbs out with '..',
-    so outputs named after it stay inside their folder and two images never share a name."""
-    return relative_paths(pa.array([path if _is_uri(path) else os.path.abspath(path)]), source)[0].as_py()
-
-
 def relative_paths(paths: pa.Array, source: str) -> pa.Array:
-    """relative_path of each of a listing's paths (absolute, or URIs), in Arrow compute."""
+    """Each of a listing's paths (absolute, or URIs) below its source's folder (a folder, a glob's folder,
+    a manifest's folder); for a path outside it or a URI, the whole path without scheme or leading '/'.
+    Never climbs out with '..', so outputs named after it stay inside their folder and two images never
+    share a name. In Arrow compute: a batch at a time."""
     if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
         root = os.path.dirname(os.path.abspath(source))
     else:

@@ -13,7 +13,6 @@ from camlabel.pipeline.sources import (
     labels_column,
     list_images,
     read_labels,
-    relative_path,
     relative_paths,
 )
 from camlabel.schemas.config import ConfigError, load_config
@@ -164,6 +163,10 @@ def test_a_parquet_manifest_is_joined_to_its_folder_sorted_and_deduplicated(tmp_
     pq.write_table(pa.table({"path": ["a.jpg", ""]}), manifest)
     with pytest.raises(SourceError, match=r"list.parquet:3: empty path"):
         list_images(str(manifest))
+
+
+def relative_path(path: str, source: str) -> str:
+    return relative_paths(pa.array([path]), source)[0].as_py()
 
 
 def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
