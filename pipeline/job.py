@@ -227,7 +227,7 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Pa
                  config: JobConfig, manifest: dict, progress: bool) -> None:
     """Run the Ray plan over the work list; the actors write the parts, the driver counts them as they
     land and notes every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
-    resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor)
+    resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor, config.part_size)
     manifest["resources"] = resources.__dict__
     log.info("annotating %d images with %s", todo, resources)
     bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")

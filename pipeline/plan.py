@@ -4,10 +4,10 @@ With GPUs, CPU tasks decode while the GPU actors annotate. Without, each actor d
 handing decoded pixels from one process to another through the object store costs more than decoding
 them on the core that then annotates them (bench/README.md measures both).
 
-The annotate actors write each batch's rows as a Parquet part themselves, atomically, under a name
-fixed by the batch's paths (a retried batch rewrites the same part), and the driver (pipeline.job)
-receives only each part's counts: no image row passes through it, and a crash loses at most the
-batches in flight.
+The annotate actors take a part's images at a time (several model batches) and write its rows as one
+Parquet file themselves, atomically, under a name fixed by the part's paths (a retried part rewrites the
+same file), and the driver (pipeline.job) receives only each part's counts: no image row passes through
+it, and a crash loses at most the parts in flight.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from .writers import annotated_contents, write_part
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work
-GPU_BATCH = 32  # images per batch (and per part) on a GPU: enough to fill it at 448 px with MobileNetV2
-CPU_BATCH = 8  # on one CPU thread a batch takes seconds: small batches keep a crash's loss small
+GPU_BATCH = 32  # images the model takes at once on a GPU: enough to fill it at 448 px with MobileNetV2
+CPU_BATCH = 8  # on one CPU thread: more gains nothing
+GPU_PART = 256  # images per part on a GPU: seconds of its work, a few MB of Parquet
+CPU_PART = 32  # on one CPU core about a minute of work, the most a crash should lose
 MAX_BLOCKS = 10_000  # blocks of the work list planned at once: the driver's memory is bounded at any size
 
 
@@ -45,23 +47,29 @@ class Resources:
     actors: int
     gpus_per_actor: float
     cpus_per_actor: float
-    batch_size: int
+    batch_size: int  # images per model call
+    part_size: int  # images per Ray Data batch and per part: the unit a crash loses and a retry redoes
     decoders: int  # decode tasks at once: one per core (their 0.1 CPU reservation alone would allow ten)
     decode_stage: bool  # decode in tasks of their own (GPU actors), else in the annotate actors
 
 
-def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None) -> Resources:
+def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None,
+                   part_size: int | None = None) -> Resources:
     """One actor per GPU when the cluster has GPUs, fed by decode tasks; otherwise one per CPU core,
-    each with one torch thread, decoding its own batches."""
+    each with one torch thread, decoding its own batches. Parts are never smaller than a batch."""
     cluster = ray.cluster_resources()
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus else 0.0
     if gpus_per_actor:
         count = actors or max(1, int(gpus / gpus_per_actor))
-        return Resources(count, gpus_per_actor, 1.0, batch_size or GPU_BATCH, cpus, decode_stage=True)
+        batch = batch_size or GPU_BATCH
+        return Resources(count, gpus_per_actor, 1.0, batch, max(batch, part_size or GPU_PART), cpus,
+                         decode_stage=True)
     count = actors or cpus
-    return Resources(count, 0.0, min(1.0, cpus / count), batch_size or CPU_BATCH, cpus, decode_stage=False)
+    batch = batch_size or CPU_BATCH
+    return Resources(count, 0.0, min(1.0, cpus / count), batch, max(batch, part_size or CPU_PART), cpus,
+                     decode_stage=False)
 
 
 def shortest_needed(settings: AnnotateSettings) -> int:
@@ -88,9 +96,9 @@ class AnnotateAndWrite:
     that writes each batch's rows as a part itself and returns only the part's counts. Each actor reads
     the earlier runs' content index itself."""
 
-    def __init__(self, model: dict, settings: AnnotateSettings, run_dir: str, decodes: bool,
+    def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: str, decodes: bool,
                  earlier_runs: list[str]) -> None:
-        self.actor = AnnotateActor(model, settings)
+        self.actor = AnnotateActor(model, settings, batch_size)
         self.run_dir, self.decodes = Path(run_dir), decodes
         self.earlier = annotated_contents([Path(d) for d in earlier_runs])
         self.shortest = shortest_needed(settings)
@@ -143,9 +151,9 @@ def annotate_stream(
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
-    "errors", "annotations", "device"}). Blocks of about a batch, so that every actor gets work, and at
+    "errors", "annotations", "device"}). Blocks of about a part, so that every actor gets work, and at
     most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
-    blocks = max(1, min(count, max(count // resources.batch_size, 2 * resources.actors), MAX_BLOCKS))
+    blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
     work = WorkList(work_list, count, -(-count // blocks))  # one read task at a time: reads take milliseconds
     ds = ray.data.read_datasource(work, num_cpus=0, concurrency=1, override_num_blocks=blocks)
     if resources.decode_stage:
@@ -153,9 +161,10 @@ def annotate_stream(
                             concurrency=resources.decoders, fn_kwargs={"shortest": shortest_needed(settings)})
     ds = ds.map_batches(
         AnnotateAndWrite,
-        fn_constructor_kwargs={"model": model, "settings": settings, "run_dir": str(run_dir),
-                               "decodes": not resources.decode_stage, "earlier_runs": [str(d) for d in earlier_runs]},
-        batch_size=resources.batch_size,
+        fn_constructor_kwargs={"model": model, "settings": settings, "batch_size": resources.batch_size,
+                               "run_dir": str(run_dir), "decodes": not resources.decode_stage,
+                               "earlier_runs": [str(d) for d in earlier_runs]},
+        batch_size=resources.part_size,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,
         num_cpus=resources.cpus_per_actor,

@@ -128,7 +128,9 @@ class JobConfig(AnnotateSettings):
     target_layer: str | None = setting(None, "layer whose maps are used (default: found automatically)")
     actors: int | None = setting(None, "annotate actors (default: one per GPU, else one per core)")
     gpus_per_actor: float | None = setting(None, "GPUs per actor (default 1 with GPUs; 0.5 puts two on one GPU)")
-    batch_size: int | None = setting(None, "images per batch, and per part (default 32 on GPU, 8 on CPU)")
+    batch_size: int | None = setting(None, "images the model takes at once (default 32 on GPU, 8 on CPU)")
+    part_size: int | None = setting(None, "images per part, the most a crash loses (default 256 on GPU, 32 on "
+                                    "CPU; at least batch_size)")
     incremental: bool = setting(False, "out is a root of runs/<run-id>/; annotate only what earlier runs of "
                                 "the same model, weights, method and settings have not")
     address: str | None = setting(None, "Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
@@ -146,7 +148,7 @@ class JobConfig(AnnotateSettings):
         if "://" in self.out:  # the actors write parts with atomic renames, which object stores lack
             fail("out", "a filesystem path every worker sees (a local disk, a shared volume); object-store "
                  "outputs are not supported yet")
-        for name in ("actors", "batch_size"):
+        for name in ("actors", "batch_size", "part_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 fail(name, "an integer >= 1")

@@ -193,3 +193,33 @@ def test_an_image_decoded_smaller_gives_boxes_and_masks_in_original_pixels():
 
     assert box_iou(top_box(whole), top_box(small)).item() > 0.9
     assert all(p.rle["size"] == [1200, 1800] for p in small)
+
+
+def test_a_part_is_annotated_a_model_batch_at_a_time_and_written_as_one_file(tmp_path):
+    """A part (what a crash loses) holds several model batches: the model sees batch_size images at a
+    time, the part lands as one file per table, and the driver gets its counts."""
+    import pyarrow.parquet as pq
+    from camlabel.pipeline.plan import AnnotateAndWrite
+    from PIL import Image
+
+    paths = []
+    for i in range(5):
+        Image.fromarray(data.chelsea()).resize((96 + 8 * i, 64)).save(tmp_path / f"cat{i}.png")
+        paths.append(str(tmp_path / f"cat{i}.png"))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths.append(str(tmp_path / "broken.jpg"))
+    stage = AnnotateAndWrite({}, AnnotateSettings(input_size=64, scales=(1.0,), flip=False), batch_size=2,
+                             run_dir=str(tmp_path / "run"), decodes=True, earlier_runs=[])
+    model_batches = []
+
+    class Counted(Annotator):
+        def __call__(self, images, *args):
+            model_batches.append(len(images))
+            return super().__call__(images, *args)
+
+    stage.actor.annotator.__class__ = Counted
+    status = stage({"path": paths, "labels": ["281"] * 4 + ["-"] * 2}).to_pylist()
+    assert model_batches == [2, 2, 1]  # four labelled images in two batches, then the unlabelled one
+    assert [(s["annotated"], s["errors"]) for s in status] == [(5, 1)]
+    assert [pq.read_metadata(p).num_rows for p in (tmp_path / "run" / "annotations").glob("part-*.parquet")] == [5]
+    assert [pq.read_metadata(p).num_rows for p in (tmp_path / "run" / "errors").glob("part-*.parquet")] == [1]

@@ -52,7 +52,7 @@ def collection(tmp_path_factory):
 
 def annotate(source, out, *extra):
     assert main(["annotate", str(source), "--out", str(out), "--input-size", "160", "--no-flip",
-                 "--batch-size", "2", *extra]) == 0
+                 "--batch-size", "2", "--part-size", "2", *extra]) == 0
 
 
 def rows(run_dir):
@@ -184,7 +184,7 @@ def many_cats(collection, tmp_path):
 def annotate_command(source, out) -> list[str]:
     """`camlabel annotate` as its own process, in small parts, so it can be killed or stopped half way."""
     return [sys.executable, "-m", "camlabel.pipeline.cli", "annotate", str(source), "--out", str(out),
-            "--input-size", "160", "--no-flip", "--batch-size", "2", "--actors", "1"]
+            "--input-size", "160", "--no-flip", "--batch-size", "2", "--part-size", "2", "--actors", "1"]
 
 
 def camlabel_lines(err: str) -> list[str]:
@@ -300,7 +300,7 @@ def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(loc
     written = {}
     for stage in (True, False):  # the GPU plan's decode tasks, on CPU here; the CPU plan's own decoding
         out = tmp_path / str(stage)
-        resources = Resources(2, 0.0, 0.9, 2, 2, decode_stage=stage)
+        resources = Resources(2, 0.0, 0.9, 2, 4, 2, decode_stage=stage)  # parts of two model batches
         counts = [row for t in annotate_stream(work_list, len(items), {}, settings, resources, out, [])
                   for row in t.to_pylist()]
         assert sum(c["annotated"] for c in counts) == 5 and sum(c["errors"] for c in counts) == 1  # broken.jpg

@@ -19,15 +19,17 @@ from .models import load_model
 log = logging.getLogger(__name__)
 
 class AnnotateActor:
-    """Loads the model once; each call annotates one batch (columns of the decode stage)."""
+    """Loads the model once; each call annotates one part (columns of the decode stage), batch_size images
+    at a time."""
 
-    def __init__(self, model: dict, settings: AnnotateSettings) -> None:
+    def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int = 8) -> None:
         _refuse_unusable_gpus()
         if not torch.cuda.is_available():
             torch.set_num_threads(1)  # one actor per core, one thread each: no OpenMP oversubscription
         self.loaded = load_model(**model)
         self.annotator = Annotator(self.loaded, settings)
         self.method = settings.method
+        self.batch_size = batch_size
         self.device = device_name(self.loaded.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -44,21 +46,23 @@ class AnnotateActor:
         return pa.Table.from_pydict(rows, schema=RESULTS)
 
     def _annotate(self, batch, ok: list[int], rows: dict) -> None:
-        """Images with labels and images without are annotated as two sub-batches; a sub-batch that
+        """Images with labels and images without are annotated in separate model batches; a batch that
         fails is retried one image at a time so only the image at fault becomes an error row."""
         labels = {i: _parse_labels(batch["labels"][i]) for i in ok}
-        for group in ([i for i in ok if labels[i] is not None], [i for i in ok if labels[i] is None]):
-            if not group:
-                continue
-            try:
-                self._record(group, labels, batch, rows)
-            except Exception:
-                log.exception("batch of %d failed; retrying one image at a time", len(group))
-                for i in group:
-                    try:
-                        self._record([i], labels, batch, rows)
-                    except Exception as exc:
-                        rows["error_stage"][i], rows["error"][i] = "annotate", f"{type(exc).__name__}: {exc}"
+        for kind in ([i for i in ok if labels[i] is not None], [i for i in ok if labels[i] is None]):
+            for group in (kind[start : start + self.batch_size] for start in range(0, len(kind), self.batch_size)):
+                self._record_or_isolate(group, labels, batch, rows)
+
+    def _record_or_isolate(self, group: list[int], labels: dict, batch, rows: dict) -> None:
+        try:
+            self._record(group, labels, batch, rows)
+        except Exception:
+            log.exception("batch of %d failed; retrying one image at a time", len(group))
+            for i in group:
+                try:
+                    self._record([i], labels, batch, rows)
+                except Exception as exc:
+                    rows["error_stage"][i], rows["error"][i] = "annotate", f"{type(exc).__name__}: {exc}"
 
     def _record(self, group: list[int], labels: dict, batch, rows: dict) -> None:
         images = [torch.from_numpy(np.array(batch["image"][i])).permute(2, 0, 1) for i in group]
