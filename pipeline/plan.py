@@ -51,6 +51,7 @@ class Resources:
     part_size: int  # images per Ray Data batch and per part: the unit a crash loses and a retry redoes
     decoders: int  # decode tasks at once: one per core (their 0.1 CPU reservation alone would allow ten)
     decode_stage: bool  # decode in tasks of their own (GPU actors), else in the annotate actors
+    grows: bool = False  # the pool takes nodes that join during the run (the user did not fix `actors`)
 
 
 def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: float | None = None,
@@ -65,11 +66,11 @@ def plan_resources(actors: int | None, batch_size: int | None, gpus_per_actor: f
         count = actors or max(1, int(gpus / gpus_per_actor))
         batch = batch_size or GPU_BATCH
         return Resources(count, gpus_per_actor, 1.0, batch, max(batch, part_size or GPU_PART), cpus,
-                         decode_stage=True)
+                         decode_stage=True, grows=actors is None)
     count = actors or cpus
     batch = batch_size or CPU_BATCH
     return Resources(count, 0.0, min(1.0, cpus / count), batch, max(batch, part_size or CPU_PART), cpus,
-                     decode_stage=False)
+                     decode_stage=False, grows=actors is None)
 
 
 def shortest_needed(settings: AnnotateSettings) -> int:
@@ -102,11 +103,13 @@ class AnnotateAndWrite:
         self.run_dir, self.decodes = Path(run_dir), decodes
         self.earlier = annotated_contents([Path(d) for d in earlier_runs])
         self.shortest = shortest_needed(settings)
+        self.actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None  # same on restart
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
         batch = mark_duplicates(batch, self.earlier)
-        return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device}])
+        return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device,
+                                      "actor": self.actor_id}])
 
 
 class WorkList(Datasource):
@@ -151,8 +154,8 @@ def annotate_stream(
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
-    "errors", "annotations", "device"}). Blocks of about a part, so that every actor gets work, and at
-    most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
+    "errors", "annotations", "device", "actor"}). Blocks of about a part, so that every actor gets work,
+    and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
     work = WorkList(work_list, count, -(-count // blocks))  # one read task at a time: reads take milliseconds
     ds = ray.data.read_datasource(work, num_cpus=0, concurrency=1, override_num_blocks=blocks)
@@ -168,6 +171,9 @@ def annotate_stream(
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,
         num_cpus=resources.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=min(resources.actors, blocks)),  # none idle in a tiny run
+        # as many actors as the cluster holds now (none idle in a tiny run), more as nodes join, unless fixed
+        compute=ray.data.ActorPoolStrategy(min_size=1 if resources.grows else min(resources.actors, blocks),
+                                           max_size=blocks if resources.grows else min(resources.actors, blocks),
+                                           initial_size=min(resources.actors, blocks)),
     )  # Ray Data restarts a dead actor and retries its batch (max_restarts, max_task_retries -1 for actor pools)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -1,6 +1,7 @@
-"""A real two-node Ray cluster on this machine: `ray job submit` runs the RayJob's entrypoint, twice.
+"""A real two-node Ray cluster on this machine: `ray job submit` runs the RayJob's entrypoint.
 
-The second submission, over a grown source, must annotate only the new images (incremental runs).
+A run started on the head alone takes the second node when it joins (the actor pool grows); two nightly
+submissions, the second over a grown source, annotate only the new images (incremental runs).
 Also checks the deploy/ manifests for the fields the cluster relies on.
 """
 
@@ -35,7 +36,8 @@ def ray_cli(*args, env, timeout=300, check=True):
 
 @pytest.fixture
 def cluster(tmp_path):
-    """`ray start --head` plus one worker node joined with `ray start --address`; stopped afterwards."""
+    """`ray start --head`; the test joins a worker node with cluster["join"]() (`ray start --address`).
+    Both are stopped afterwards."""
     import ray
 
     ray.shutdown()
@@ -47,20 +49,25 @@ def cluster(tmp_path):
     try:
         ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", env=env)
-        ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats", env=env)
         deadline = time.time() + 120  # the dashboard's job server comes up after `ray start` returns
         while ray_cli("job", "list", "--address", f"http://127.0.0.1:{dashboard}", env=env, check=False).returncode:
             assert time.time() < deadline, "the Ray job server did not come up"
             time.sleep(2)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}"}
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "join": lambda: ray_cli(
+            "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats", env=env)}
     finally:
         ray_cli("stop", "--force", env=env, check=False)
 
 
-def submit(cluster, submission_id: str, config: Path) -> None:
+def submit(cluster, submission_id: str, config: Path, *flags: str, wait: bool = True) -> None:
     """Submit without tailing logs (a busy dashboard may drop that stream), then poll the status."""
     ray_cli("job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id, "--no-wait",
-            "--", "camlabel", "annotate", "--config", str(config), "--incremental", env=cluster["env"])
+            "--", "camlabel", "annotate", "--config", str(config), *flags, env=cluster["env"])
+    if wait:
+        finished(cluster, submission_id)
+
+
+def finished(cluster, submission_id: str) -> None:
     deadline = time.time() + 600
     while time.time() < deadline:
         status = ray_cli("job", "status", "--address", cluster["dashboard"], submission_id, env=cluster["env"],
@@ -73,7 +80,24 @@ def submit(cluster, submission_id: str, config: Path) -> None:
     assert "succeeded" in status, logs[-3000:]
 
 
-def test_scheduled_job_on_a_two_node_cluster_is_incremental(cluster, tmp_path):
+def test_a_run_grows_onto_a_joining_node_and_scheduled_jobs_are_incremental(cluster, tmp_path):
+    many, grown = tmp_path / "many", tmp_path / "grown"
+    many.mkdir()
+    for i in range(40):
+        Image.fromarray(data.chelsea()).resize((160 + i, 120)).save(many / f"cat{i:02d}.png")
+    config = tmp_path / "grow.yaml"
+    config.write_text(yaml.safe_dump({"source": str(many), "out": str(grown), "input_size": 160,
+                                      "batch_size": 1, "part_size": 1}))
+    submit(cluster, "camlabel-grow", config, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(grown.glob("annotations/part-*.parquet")):
+        time.sleep(0.5)
+    cluster["join"]()  # a node that registers once the run is under way, as a late GPU node would
+    finished(cluster, "camlabel-grow")
+    manifest = json.loads((grown / "manifest.json").read_text())
+    assert manifest["resources"]["actors"] == 1 and manifest["actors"] == 2, manifest  # one actor per node
+    assert manifest["counts"]["annotated"] == 40
+
     source, out = tmp_path / "incoming", tmp_path / "output"
     source.mkdir()
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
@@ -82,11 +106,11 @@ def test_scheduled_job_on_a_two_node_cluster_is_incremental(cluster, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"source": str(source), "out": str(out), "input_size": 128, "flip": False,
                                       "scales": [1.0], "batch_size": 2}))
-    submit(cluster, "camlabel-night1", config)
+    submit(cluster, "camlabel-night1", config, "--incremental")
     for i, photo in enumerate(photos[2:]):
         Image.fromarray(photo).resize((128, 96)).save(source / f"night2_{i}.png")
     shutil.copy(source / "night1_0.png", source / "night2_renamed_copy.png")  # same content, new name
-    submit(cluster, "camlabel-night2", config)
+    submit(cluster, "camlabel-night2", config, "--incremental")
 
     listing = subprocess.run([str(BIN / "camlabel"), "runs", str(out)], capture_output=True, text=True, check=True)
     runs = [json.loads(line) for line in listing.stdout.splitlines()]
