@@ -132,6 +132,27 @@ def test_decode_stage_turns_every_failure_into_a_row(tmp_path):
         assert out["error_stage"][3] == "read"
 
 
+def test_fifos_devices_and_huge_files_are_refused_without_reading_them(tmp_path):
+    """A FIFO named like a photo would block its worker for ever, /dev/zero in a manifest would fill it:
+    each becomes a read error row at once."""
+    import threading
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(600 * 2**20)  # sparse: nothing is written, the size alone must refuse it
+    paths = [str(tmp_path / "pipe.jpg"), "/dev/zero", str(tmp_path / "huge.png"), str(tmp_path)]
+    out = {}
+    reader = threading.Thread(target=lambda: out.update(decode_batch(
+        {"path": np.array(paths), "labels": np.array(["-"] * 4)}, shortest=448)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "a read blocked"
+    assert out["error_stage"] == ["read"] * 4
+    assert [e.split(":")[0] for e in out["error"]] == ["OSError"] * 3 + ["IsADirectoryError"]
+    assert "not a regular file" in out["error"][0] and "not a regular file" in out["error"][1]
+    assert "byte limit" in out["error"][2]
+
+
 def test_listing_skips_symlink_loops_and_keeps_duplicates_by_name(tmp_path):
     (tmp_path / "a").mkdir()
     data = encode(Image.fromarray(gradient()), "PNG")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 
 import pyarrow.fs as pafs
@@ -12,6 +14,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
 MAX_PIXELS = 64_000_000  # larger headers are refused unread (decompression bombs)
+MAX_BYTES = 512 * 2**20  # larger files are refused unread: a 64 MP image needs less even as 16-bit TIFF
 EXIF_ORIENTATION = 0x0112
 TORCHVISION_ORIENTS = ("JPEG", "PNG")  # the formats whose EXIF orientation torchvision applies itself
 
@@ -21,13 +24,27 @@ class DecodeError(ValueError):
 
 
 def read_bytes(path: str) -> bytes:
-    """A local path's or a URI's bytes."""
+    """A local path's or a URI's bytes. Only a regular file of at most MAX_BYTES is read: a FIFO, a device
+    (/dev/zero in a manifest) or a huge file would block or fill the worker."""
     if "://" in path:  # s3://, gs://, file://: pyarrow's filesystems
         fs, inner = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such object: {path}")
+        _check_readable(info.type == pafs.FileType.File, info.size)
         with fs.open_input_stream(inner) as f:
             return f.read()
-    with open(path, "rb") as f:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a FIFO opens without blocking
+        found = os.fstat(f.fileno())
+        _check_readable(stat.S_ISREG(found.st_mode), found.st_size)
         return f.read()
+
+
+def _check_readable(regular: bool, size: int | None) -> None:
+    if not regular:
+        raise OSError("not a regular file (a FIFO or a device)")
+    if size is not None and size > MAX_BYTES:
+        raise OSError(f"refused: {size:,} bytes is over the {MAX_BYTES:,}-byte limit")
 
 
 def _header(data: bytes) -> tuple[int, int, str | None, int]:
