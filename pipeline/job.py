@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig
+from ..schemas.tables import RESULTS
 from ..workers.annotator import box_rule
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
@@ -31,7 +32,7 @@ from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
 from .sources import image_listing, labels_column, read_labels
-from .writers import atomic_write_json, atomic_write_table, retire_read_errors, run_counts, settled_paths
+from .writers import atomic_write_json, atomic_write_table, retire_read_errors, run_counts, settled_paths, write_part
 
 log = logging.getLogger(__name__)
 WORK_LIST = "work-list.parquet"  # the run's plan: path and labels of each image to do, removed when it finishes
@@ -191,8 +192,13 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
 def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, pa.Table]:
     """(the number of inputs, the images still to annotate: a table of path and labels, "i j" or "-").
     Settled images of this run and of earlier runs are left out by an Arrow anti-join; this run's read
-    errors are retried (I/O may mend)."""
-    paths = image_listing(config.source)
+    errors are retried (I/O may mend). Files whose names are not UTF-8 are settled here, as error rows."""
+    paths, unnamed = image_listing(config.source)
+    if len(unnamed):
+        rows = {field.name: pa.nulls(len(unnamed), field.type) for field in RESULTS}
+        rows.update(path=unnamed, error_stage=pa.array(["list"] * len(unnamed)), error=pa.array(
+            ["file name is not valid UTF-8 (escaped here): rename the file to annotate it"] * len(unnamed)))
+        write_part(run_dir, pa.table(rows, schema=RESULTS))
     retried = retire_read_errors(run_dir)
     if retried:
         log.info("retrying %d images whose read failed", retried)
@@ -203,7 +209,7 @@ def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier
         column = pc.fill_null(pc.binary_join(pc.cast(found, pa.list_(pa.string())), " "), "-")
     else:
         column = pa.array(["-"] * len(todo), pa.string())
-    return len(paths), pa.table({"path": todo, "labels": column})
+    return len(paths) + len(unnamed), pa.table({"path": todo, "labels": column})
 
 
 def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:

@@ -32,14 +32,16 @@ def _is_uri(path: str) -> bool:
 
 def list_images(source: str) -> list[str]:
     """Sorted, de-duplicated image paths under a directory (recursive), a glob, or a manifest's `path` column."""
-    return image_listing(source).to_pylist()
+    return image_listing(source)[0].to_pylist()
 
 
-def image_listing(source: str) -> pa.Array:
-    """list_images as an Arrow string array: a manifest's paths never become Python objects."""
+def image_listing(source: str) -> tuple[pa.Array, pa.Array]:
+    """list_images as an Arrow string array (a manifest's paths never become Python objects), and the
+    names found that are not valid UTF-8, backslash-escaped: Arrow cannot hold them, so they cannot be
+    read by name; the job records each as an error row instead of failing on one."""
     suffix = PurePosixPath(source).suffix.lower()
     if suffix in (".csv", ".parquet"):
-        return _from_manifest(source)
+        return _from_manifest(source), pa.array([], pa.string())
     if _is_uri(source):
         fs, root = pafs.FileSystem.from_uri(source)
         prefix = source[: len(source) - len(root)] if source.endswith(root) else ""
@@ -62,8 +64,19 @@ def image_listing(source: str) -> pa.Array:
     return _sorted(found)
 
 
-def _sorted(paths) -> pa.Array:
-    return pa.array(sorted(paths), pa.string())
+def _sorted(paths) -> tuple[pa.Array, pa.Array]:
+    named = [p for p in paths if _is_utf8(p)]
+    unnamed = [os.fsencode(p).decode("utf-8", "backslashreplace") for p in paths if not _is_utf8(p)]
+    return pa.array(sorted(named), pa.string()), pa.array(sorted(unnamed), pa.string())
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python holds them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _from_manifest(manifest: str) -> pa.Array:

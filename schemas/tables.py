@@ -35,7 +35,7 @@ IMAGES = pa.schema([
 
 ERRORS = pa.schema([
     ("path", pa.string()),
-    ("stage", pa.string()),  # read | decode | annotate
+    ("stage", pa.string()),  # list | read | decode | annotate | duplicate
     ("reason", pa.string()),
 ])
 

@@ -153,6 +153,26 @@ def test_fifos_devices_and_huge_files_are_refused_without_reading_them(tmp_path)
     assert "byte limit" in out["error"][2]
 
 
+def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_job(tmp_path):
+    """Arrow strings cannot hold such a name (it failed the whole run's planning): it is settled as an
+    error row, escaped, and counted among the inputs; the other images are planned as usual."""
+    import pyarrow.parquet as pq
+    from camlabel.pipeline.job import work_items
+    from camlabel.schemas.config import JobConfig
+
+    photo = encode(Image.fromarray(gradient()), "PNG")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "ok.png").write_bytes(photo)
+    with open(os.path.join(os.fsencode(tmp_path / "src"), b"bad\xff.png"), "wb") as f:
+        f.write(photo)
+    config = JobConfig(source=str(tmp_path / "src"), out=str(tmp_path / "run"))
+    inputs, todo = work_items(config, ["a"], tmp_path / "run", [])
+    assert inputs == 2 and todo.column("path").to_pylist() == [str(tmp_path / "src" / "ok.png")]
+    errors = pq.read_table(tmp_path / "run" / "errors").to_pylist()
+    assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "src" / "bad\\xff.png"), "list")]
+    assert "not valid UTF-8" in errors[0]["reason"]
+
+
 def test_listing_skips_symlink_loops_and_keeps_duplicates_by_name(tmp_path):
     (tmp_path / "a").mkdir()
     data = encode(Image.fromarray(gradient()), "PNG")
