@@ -107,6 +107,18 @@ def test_non_images_are_refused_with_a_reason(data, reason):
         decode(data)
 
 
+def test_an_animated_gif_decodes_its_first_frame_only(monkeypatch):
+    """torchvision decodes every frame of a GIF: thousands of cheap frames are gigabytes of pixels."""
+    import camlabel.workers.decode as decode_module
+
+    frames = [Image.fromarray(gradient(40, 30) // (i + 1)).convert("P") for i in range(5)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    monkeypatch.setattr(decode_module, "decode_image", lambda *a, **k: pytest.fail("all frames decoded"))
+    image = decode(buf.getvalue())
+    assert torch.equal(image, torch.from_numpy(np.array(frames[0].convert("RGB"))).permute(2, 0, 1))
+
+
 def test_truncated_jpeg_and_decompression_bomb_are_refused():
     whole = encode(Image.fromarray(gradient(200, 200)), "JPEG")
     with pytest.raises(DecodeError):

@@ -65,7 +65,7 @@ def _header(data: bytes) -> tuple[int, int, str | None, int]:
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 [3, H, W], EXIF orientation applied; grey, palette, alpha, CMYK and 16-bit made RGB.
 
-    torchvision decodes JPEG, PNG, WEBP and GIF (first frame); PIL handles the rest.
+    torchvision decodes JPEG, PNG and WEBP; PIL handles the rest, GIF's first frame among them.
     """
     return _decode(data, _header(data), max_pixels)
 
@@ -74,7 +74,9 @@ def _decode(data: bytes, header: tuple[int, int, str | None, int], max_pixels: i
     width, height, fmt, orientation = header
     if width * height > max_pixels:
         raise DecodeError(f"refused: {width}x{height} is over the {max_pixels:,}-pixel limit")
-    if orientation != 1 and fmt not in TORCHVISION_ORIENTS:  # a rotated WebP would come out sideways
+    if fmt == "GIF" or (orientation != 1 and fmt not in TORCHVISION_ORIENTS):
+        # torchvision decodes every frame of a GIF (a small file of many frames fills the worker); a rotated
+        # WebP would come out sideways
         image = _decode_with_pil(data)
     else:
         try:
