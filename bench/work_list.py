@@ -9,7 +9,7 @@ plan that reads it was cut into blocks. The listing, the anti-join and the label
 the worker that runs the planning task (about 0.4 KB an input, as they took in the driver before). No
 model runs. Issue 15's goal: the
 driver's peak for 1M within 1.2x of 100k. --labels: a labels CSV names a class for every path (the
-planning task joins it). --worker: the planning itself (`pipeline.job.plan_work`) in the measured
+planning task joins it). --worker: the planning itself (`pipeline.worklist.plan_work`) in the measured
 process, no Ray: what the planning task's worker holds.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -45,8 +47,9 @@ def make(folder: Path, count: int) -> None:
 
 
 def one(folder: Path, labels: bool, worker: bool) -> dict:
-    from camlabel.pipeline.job import WORK_LIST, connect, plan_work, planned
+    from camlabel.pipeline.job import connect, planned
     from camlabel.pipeline.plan import MAX_BLOCKS, WorkList
+    from camlabel.pipeline.worklist import WORK_LIST, plan_work
     from camlabel.schemas.config import JobConfig
 
     if not worker:
@@ -73,10 +76,15 @@ def main() -> None:
     parser.add_argument("--labels", action="store_true", help="a labels CSV for every path")
     parser.add_argument("--worker", action="store_true", help="measure the planning itself, without Ray")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     flags = [*(["--labels"] if args.labels else []), *(["--worker"] if args.worker else [])]
     if args.one:
         print(json.dumps(one(args.one, args.labels, args.worker)))
+        return
+    if args.make:
+        make(args.make, args.count)
         return
     who = "the planning itself, in-process" if args.worker else "the driver while a Ray task plans the run"
     print(f"{date.today()}: peak RSS of {who}, one process per size{', labels for every path' * args.labels}\n")
@@ -84,7 +92,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="camlabel-worklist-") as tmp:
-            make(Path(tmp), count)
+            # made in a process of its own: a child inherits its parent's peak RSS across fork and exec
+            subprocess.run([sys.executable, "-m", "bench.work_list", "--make", tmp, "--count", str(count)], check=True)
             r = in_fresh_process("bench.work_list", tmp, *flags)
         print(f"| {r['inputs']} | {r['todo']} | {r['seconds']} | {r['before_mib']} / {r['planned_mib']} / "
               f"{r['peak_mib']} | {r['blocks']} |", flush=True)

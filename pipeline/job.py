@@ -17,26 +17,22 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
 from tqdm import tqdm
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig
-from ..schemas.tables import RESULTS
 from ..workers.annotator import box_rule
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
 from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
-from .sources import image_listing, labels_column, read_labels
-from .writers import atomic_write_json, atomic_write_table, retire_read_errors, run_counts, settled_paths, write_part
+from .worklist import WORK_LIST, plan_work
+from .writers import atomic_write_json, run_counts
 
 log = logging.getLogger(__name__)
-WORK_LIST = "work-list.parquet"  # the run's plan: path and labels of each image to do, removed when it finishes
-WORK_ROW_GROUP = 4096  # rows per row group of the work list: a block reads only the groups that hold it
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
 RAY_FALSE_ALARM = b"has constructor arguments in the object store"  # ray-project/ray#57733, see drop_false_alarm
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
@@ -187,38 +183,6 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
         "started": datetime.now(UTC).isoformat(),
         "status": "running",
     }
-
-
-def work_items(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, pa.Table]:
-    """(the number of inputs, the images still to annotate: a table of path and labels, "i j" or "-").
-    Settled images of this run and of earlier runs are left out by an Arrow anti-join; this run's read
-    errors are retried (I/O may mend). Files whose names are not UTF-8 are settled here, as error rows."""
-    paths, unnamed = image_listing(config.source)
-    if len(unnamed):
-        rows = {field.name: pa.nulls(len(unnamed), field.type) for field in RESULTS}
-        rows.update(path=unnamed, error_stage=pa.array(["list"] * len(unnamed)), error=pa.array(
-            ["file name is not valid UTF-8 (escaped here): rename the file to annotate it"] * len(unnamed)))
-        write_part(run_dir, pa.table(rows, schema=RESULTS))
-    retried = retire_read_errors(run_dir)
-    if retried:
-        log.info("retrying %d images whose read failed", retried)
-    settled = pa.chunked_array([c for d in (run_dir, *earlier) for c in settled_paths(d).chunks], pa.string())
-    todo = paths.filter(pc.invert(pc.is_in(paths, value_set=settled.combine_chunks())))
-    if config.labels:
-        found = labels_column(todo, config.source, read_labels(config.labels, class_names))
-        column = pc.fill_null(pc.binary_join(pc.cast(found, pa.list_(pa.string())), " "), "-")
-    else:
-        column = pa.array(["-"] * len(todo), pa.string())
-    return len(paths) + len(unnamed), pa.table({"path": todo, "labels": column})
-
-
-def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:
-    """work_items written to run_dir/WORK_LIST; returns (inputs, images to do). Runs as a Ray task
-    (`planned`): the listing, the anti-join and the labels take memory on a worker for a moment, and
-    the driver's stays the same for ten images or a hundred million."""
-    inputs, items = work_items(config, class_names, run_dir, earlier)
-    atomic_write_table(run_dir / WORK_LIST, items, row_group_size=WORK_ROW_GROUP)
-    return inputs, len(items)
 
 
 def planned(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:

@@ -93,9 +93,9 @@ def mark_duplicates(batch: dict, earlier: pa.Table) -> dict:
 
 
 class AnnotateAndWrite:
-    """The annotate stage: an AnnotateActor (decoding its own batches when there is no decode stage)
-    that writes each batch's rows as a part itself and returns only the part's counts. Each actor reads
-    the earlier runs' content index itself."""
+    """The annotate stage: an AnnotateActor (decoding its own parts when there is no decode stage) that
+    writes each part's rows itself and returns only the part's counts. Each actor reads the earlier
+    runs' content index itself."""
 
     def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: str, decodes: bool,
                  earlier_runs: list[str]) -> None:
@@ -157,6 +157,7 @@ def annotate_stream(
     "errors", "annotations", "device", "actor"}). Blocks of about a part, so that every actor gets work,
     and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
+    start = min(resources.actors, blocks)  # as many actors as the cluster holds now, none idle in a tiny run
     work = WorkList(work_list, count, -(-count // blocks))  # one read task at a time: reads take milliseconds
     ds = ray.data.read_datasource(work, num_cpus=0, concurrency=1, override_num_blocks=blocks)
     if resources.decode_stage:
@@ -171,9 +172,8 @@ def annotate_stream(
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,
         num_cpus=resources.cpus_per_actor,
-        # as many actors as the cluster holds now (none idle in a tiny run), more as nodes join, unless fixed
-        compute=ray.data.ActorPoolStrategy(min_size=1 if resources.grows else min(resources.actors, blocks),
-                                           max_size=blocks if resources.grows else min(resources.actors, blocks),
-                                           initial_size=min(resources.actors, blocks)),
+        # more as nodes join (up to one per block), unless the user fixed the number
+        compute=ray.data.ActorPoolStrategy(min_size=1 if resources.grows else start,
+                                           max_size=blocks if resources.grows else start, initial_size=start),
     )  # Ray Data restarts a dead actor and retries its batch (max_restarts, max_task_retries -1 for actor pools)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -80,28 +81,53 @@ def _is_utf8(name: str) -> bool:
 
 
 def _from_manifest(manifest: str) -> pa.Array:
-    """The manifest's `path` column, checked, joined to the manifest's folder, sorted and de-duplicated,
-    in Arrow compute throughout (a 100M-row manifest stays columnar)."""
+    """The manifest's paths (`manifest_batches`), sorted and de-duplicated."""
+    unique = pc.unique(pa.chunked_array(list(manifest_batches(manifest)), pa.string()))
+    return unique.take(pc.sort_indices(unique))
+
+
+def manifest_batches(manifest: str, rows: int = 1 << 17) -> Iterator[pa.Array]:
+    """The manifest's `path` column about `rows` at a time, checked (errors name the line) and joined to
+    the manifest's folder, in Arrow compute throughout (a 100M-row manifest is never held whole)."""
+    base = os.path.dirname(os.path.abspath(manifest)) if not _is_uri(manifest) else manifest.rsplit("/", 1)[0]
+    line = 2  # the first data row's line in a CSV (Parquet rows are counted the same way)
     try:
-        columns = pq.read_schema(manifest).names if manifest.endswith(".parquet") else None
-        table = pq.read_table(manifest, columns=["path"] if "path" in columns else None) if columns else (
-            pacsv.read_csv(manifest))
-    except Exception as exc:
+        file = _open(manifest)
+        if PurePosixPath(manifest).suffix.lower() == ".parquet":
+            reader = pq.ParquetFile(file)
+            columns = reader.schema_arrow.names
+            batches = reader.iter_batches(batch_size=rows, columns=["path"]) if "path" in columns else iter(())
+        else:
+            reader = pacsv.open_csv(file, read_options=pacsv.ReadOptions(block_size=64 * rows),
+                                    convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+            columns, batches = reader.schema.names, reader
+        if "path" not in columns:
+            raise SourceError(f"manifest {manifest} has no 'path' column (columns: {', '.join(columns)})")
+        for batch in batches:
+            paths = pc.cast(batch.column("path"), pa.string())
+            yield _checked_paths(paths, manifest, line, base)
+            line += len(paths)
+    except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
-    if "path" not in table.column_names:
-        raise SourceError(f"manifest {manifest} has no 'path' column (columns: {', '.join(table.column_names)})")
-    paths = pc.cast(table.column("path").combine_chunks(), pa.string())
+
+
+def _open(path: str):
+    """A local file or a URI (pyarrow's filesystems), opened for random access."""
+    if _is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.open_input_file(inner)
+    return pa.OSFile(path)
+
+
+def _checked_paths(paths: pa.Array, manifest: str, line: int, base: str) -> pa.Array:
     empty = _first(pc.equal(pc.utf8_length(paths), 0))
     if empty is not None:
-        raise SourceError(f"{manifest}:{empty + 2}: empty path")
+        raise SourceError(f"{manifest}:{line + empty}: empty path")
     climbing = _first(pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)"))
     if climbing is not None:
-        raise SourceError(f"{manifest}:{climbing + 2}: path {paths[climbing].as_py()!r} climbs out with '..'")
-    base = os.path.dirname(os.path.abspath(manifest)) if not _is_uri(manifest) else manifest.rsplit("/", 1)[0]
+        raise SourceError(f"{manifest}:{line + climbing}: path {paths[climbing].as_py()!r} climbs out with '..'")
     whole = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
-    joined = pc.if_else(whole, paths, pc.binary_join_element_wise(base, paths, "/"))
-    unique = pc.unique(joined)
-    return unique.take(pc.sort_indices(unique))
+    return pc.if_else(whole, paths, pc.binary_join_element_wise(base, paths, "/"))
 
 
 def read_labels(path: str, class_names: list[str]) -> pa.Table:
@@ -109,42 +135,62 @@ def read_labels(path: str, class_names: list[str]) -> pa.Table:
     spaces written with underscores) as a table of file_name and labels (sorted class indices), read and
     checked in Arrow compute: a million rows never become Python objects. A file_name listed twice keeps
     its last row."""
+    return last_row_first(pa.concat_tables(labels_batches(path, class_names)))
+
+
+def last_row_first(labels: pa.Table) -> pa.Table:
+    """labels_batches' rows, the last of the file first (a join takes the first match: a name's last
+    row), without the row column."""
+    return labels.take(pc.sort_indices(labels, [("row", "descending")])).drop_columns(["row"])
+
+
+def labels_batches(path: str, class_names: list[str], rows: int = 1 << 17) -> Iterator[pa.Table]:
+    """The labels CSV about `rows` at a time as tables of file_name, labels and row (its place in the
+    file); every error names its line."""
+    vocabulary = pa.array([str(i) for i in range(len(class_names))] + [n.lower() for n in class_names] + [
+        n.lower().replace(" ", "_") for n in class_names])
+    first = 0
     try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={"file_name": pa.string(), "labels": pa.string()}, strings_can_be_null=False))
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 * rows),
+                                convert_options=pacsv.ConvertOptions(
+                                    column_types={"file_name": pa.string(), "labels": pa.string()},
+                                    strings_can_be_null=False))
+        missing = {"file_name", "labels"} - set(reader.schema.names)
+        if missing:
+            raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        for batch in reader:
+            yield _parsed_labels(batch, path, len(class_names), vocabulary, first)
+            first += batch.num_rows
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read labels {path}: {exc}") from exc
-    missing = {"file_name", "labels"} - set(table.column_names)
-    if missing:
-        raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    names = pc.utf8_trim_whitespace(table.column("file_name").combine_chunks())
+
+
+def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: pa.Array, first: int) -> pa.Table:
+    names = pc.utf8_trim_whitespace(batch.column("file_name"))
     bad = _first(pc.or_(pc.or_(pc.equal(pc.utf8_length(names), 0), pc.starts_with(names, "/")),
                         pc.match_substring_regex(names, r"(^|/)\.\.(/|$)")))
     if bad is not None:
-        raise SourceError(f"{path}:{bad + 2}: file_name {names[bad].as_py()!r} must be a relative path without '..'")
-    tokens = pc.split_pattern_regex(pc.utf8_trim_whitespace(table.column("labels").combine_chunks()), r"\s+")
+        raise SourceError(f"{path}:{first + bad + 2}: file_name {names[bad].as_py()!r} must be a relative path "
+                          "without '..'")
+    tokens = pc.split_pattern_regex(pc.utf8_trim_whitespace(batch.column("labels")), r"\s+")
     flat, row = pc.list_flatten(tokens), pc.list_parent_indices(tokens)
     some = pc.greater(pc.utf8_length(flat), 0)
     flat, row = flat.filter(some), row.filter(some)
-    vocabulary = [str(i) for i in range(len(class_names))] + [n.lower() for n in class_names] + [
-        n.lower().replace(" ", "_") for n in class_names]
-    found = pc.index_in(pc.replace_substring_regex(pc.utf8_lower(flat), "^0+([0-9])", r"\1"),
-                        value_set=pa.array(vocabulary))
+    found = pc.index_in(pc.replace_substring_regex(pc.utf8_lower(flat), "^0+([0-9])", r"\1"), value_set=vocabulary)
     unknown = _first(pc.is_null(found))
     if unknown is not None:
-        raise SourceError(f"{path}:{row[unknown].as_py() + 2}: unknown class {flat[unknown].as_py()!r} (use an "
-                          f"index below {len(class_names)} or a class name)")
+        raise SourceError(f"{path}:{first + row[unknown].as_py() + 2}: unknown class {flat[unknown].as_py()!r} "
+                          f"(use an index below {classes} or a class name)")
     rows = np.asarray(row, np.int64)
-    classes = np.asarray(pc.cast(found, pa.int64())) % len(class_names)  # position in the vocabulary -> index
-    order = np.lexsort((classes, rows))
-    rows, classes = rows[order], classes[order]
+    indices = np.asarray(pc.cast(found, pa.int64())) % classes  # position in the vocabulary -> class index
+    order = np.lexsort((indices, rows))
+    rows, indices = rows[order], indices[order]
     new = np.ones(len(rows), bool)
-    new[1:] = (rows[1:] != rows[:-1]) | (classes[1:] != classes[:-1])  # each class once per row
-    rows, classes = rows[new], classes[new]
+    new[1:] = (rows[1:] != rows[:-1]) | (indices[1:] != indices[:-1])  # each class once per row
+    rows, indices = rows[new], indices[new]
     offsets = np.searchsorted(rows, np.arange(len(names) + 1)).astype(np.int32)
-    labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes, pa.int32()))
-    last_first = pa.array(np.arange(len(names))[::-1])  # the join takes the first match: a name's last row
-    return pa.table({"file_name": names.take(last_first), "labels": labels.take(last_first)})
+    labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(indices, pa.int32()))
+    return pa.table({"file_name": names, "labels": labels, "row": pa.array(np.arange(first, first + len(names)))})
 
 
 def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:

@@ -137,13 +137,23 @@ def retire_read_errors(run_dir: Path) -> int:
 def settled_paths(run_dir: Path) -> pa.ChunkedArray:
     """Paths of every image a run has settled (annotated, or failed for a reason a retry cannot mend),
     as Arrow strings: an anti-join's right side, never a Python set."""
+    return pa.chunked_array(list(settled_batches(run_dir)), pa.string())
+
+
+def settled_batches(run_dir: Path) -> Iterator[pa.Array]:
+    """settled_paths a record batch at a time (parts read by pyarrow's dataset scanner, never all at once)."""
     run_dir = Path(run_dir)
     quarantine_broken_parts(run_dir / "annotations")
     quarantine_broken_parts(run_dir / "errors")
-    errors = read_parts(run_dir / "errors", ERRORS, ["path", "stage"])
-    final = errors.filter(pc.not_equal(errors.column("stage"), "read")).column("path")
-    return pa.chunked_array([*read_parts(run_dir / "annotations", IMAGES, ["path"]).column("path").chunks,
-                             *final.chunks], pa.string())
+    for folder, schema in (("annotations", IMAGES), ("errors", ERRORS)):
+        parts = sorted((run_dir / folder).glob("part-*.parquet")) if (run_dir / folder).is_dir() else []
+        if not parts:
+            continue
+        columns = ["path"] if folder == "annotations" else ["path", "stage"]
+        for batch in pads.dataset([str(p) for p in parts], schema=schema, format="parquet").to_batches(columns=columns):
+            if folder == "errors":
+                batch = batch.filter(pc.not_equal(batch.column("stage"), "read"))
+            yield batch.column("path")
 
 
 def annotated_contents(run_dirs: list[Path]) -> pa.Table:

@@ -169,7 +169,7 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_job(tmp_path)
     """Arrow strings cannot hold such a name (it failed the whole run's planning): it is settled as an
     error row, escaped, and counted among the inputs; the other images are planned as usual."""
     import pyarrow.parquet as pq
-    from camlabel.pipeline.job import work_items
+    from camlabel.pipeline.worklist import WORK_LIST, plan_work
     from camlabel.schemas.config import JobConfig
 
     photo = encode(Image.fromarray(gradient()), "PNG")
@@ -178,8 +178,9 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_job(tmp_path)
     with open(os.path.join(os.fsencode(tmp_path / "src"), b"bad\xff.png"), "wb") as f:
         f.write(photo)
     config = JobConfig(source=str(tmp_path / "src"), out=str(tmp_path / "run"))
-    inputs, todo = work_items(config, ["a"], tmp_path / "run", [])
-    assert inputs == 2 and todo.column("path").to_pylist() == [str(tmp_path / "src" / "ok.png")]
+    (tmp_path / "run").mkdir()
+    assert plan_work(config, ["a"], tmp_path / "run", []) == (2, 1)
+    assert pq.read_table(tmp_path / "run" / WORK_LIST).column("path").to_pylist() == [str(tmp_path / "src" / "ok.png")]
     errors = pq.read_table(tmp_path / "run" / "errors").to_pylist()
     assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "src" / "bad\\xff.png"), "list")]
     assert "not valid UTF-8" in errors[0]["reason"]

@@ -1,0 +1,150 @@
+"""The run's work list: every listed image that no run of the series has settled, with its labels.
+
+A Ray task (`pipeline.job.planned`) writes it into the run directory before the actors start. Up to
+BUCKET_ROWS inputs are planned in memory. A larger collection is first spilled, a record batch at a
+time, into hash buckets of about BUCKET_ROWS images by file name: the listing, the paths this run and
+earlier runs settled, and the labels. Each bucket is then anti-joined and labelled on its own (a path,
+its settled copy and its labels row share a file name, so they share a bucket): the planning worker's
+memory follows the bucket, not the collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..schemas.config import JobConfig
+from ..schemas.tables import RESULTS
+from .sources import image_listing, labels_batches, labels_column, last_row_first, manifest_batches
+from .writers import retire_read_errors, settled_batches, write_part
+
+log = logging.getLogger(__name__)
+WORK_LIST = "work-list.parquet"  # the run's plan: path and labels of each image to do, removed when it finishes
+WORK_ROW_GROUP = 4096  # rows per row group of the work list: a block reads only the groups that hold it
+BUCKET_ROWS = 1_000_000  # inputs planned at once: about 0.4 KB each on the planning worker
+SPILL_ROWS = 1 << 17  # rows read at a time while spilling
+SCHEMA = pa.schema([("path", pa.string()), ("labels", pa.string())])
+
+
+def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:
+    """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
+    read errors are retried: I/O may mend), with its labels ("i j", or "-" for none). Returns (inputs,
+    images to do). Files whose names are not UTF-8 are settled here, as error rows."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    retried = retire_read_errors(run_dir)
+    if retried:
+        log.info("retrying %d images whose read failed", retried)
+    listing, expected, unnamed = _listing(config.source)
+    buckets = max(1, math.ceil(expected / BUCKET_ROWS))
+    labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
+    settled = (batch for d in (run_dir, *earlier) for batch in settled_batches(d))
+    inputs = todo = 0
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".plan-") as spill:
+        out = Path(spill) / WORK_LIST
+        with pq.ParquetWriter(out, SCHEMA, compression="zstd") as writer:
+            if buckets == 1:
+                inputs, todo = _plan_bucket(writer, config.source, _concat(listing, pa.string()),
+                                            _concat(settled, pa.string()),
+                                            None if labels is None else pa.concat_tables(labels))
+            else:
+                log.info("planning %d inputs in %d buckets", expected, buckets)
+                for name, batches, key in (("listing", listing, None), ("settled", settled, None),
+                                           ("labels", labels or (), "file_name")):
+                    _spill(Path(spill), name, batches, key, buckets)
+                for b in range(buckets):
+                    listed, done, found = (_read_bucket(Path(spill), name, b) for name in ("listing", "settled",
+                                                                                           "labels"))
+                    counts = _plan_bucket(writer, config.source, _paths(listed), _paths(done), found)
+                    inputs, todo = inputs + counts[0], todo + counts[1]
+        os.replace(out, run_dir / WORK_LIST)
+    if len(unnamed):
+        _settle_unnamed(run_dir, unnamed)
+    return inputs + len(unnamed), todo
+
+
+def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array]:
+    """(the listing's paths in batches, how many there are or about, names that are not UTF-8). A
+    manifest is read a batch at a time, its row count from its footer or size; a folder or glob is
+    listed whole (its walk holds every name anyway)."""
+    suffix = PurePosixPath(source).suffix.lower()
+    if suffix == ".parquet" and "://" not in source:
+        return manifest_batches(source, SPILL_ROWS), pq.read_metadata(source).num_rows, pa.array([], pa.string())
+    if suffix == ".csv" and "://" not in source:
+        return manifest_batches(source, SPILL_ROWS), os.path.getsize(source) // 64, pa.array([], pa.string())
+    paths, unnamed = image_listing(source)
+    return [paths], len(paths), unnamed
+
+
+def _plan_bucket(writer: pq.ParquetWriter, source: str, listed: pa.ChunkedArray, settled: pa.ChunkedArray,
+                 labels: pa.Table | None) -> tuple[int, int]:
+    """One bucket's images to do, sorted by path, appended to the work list: an Arrow anti-join against
+    the settled paths, then the labels joined as a column. Returns (inputs, images to do)."""
+    unique = pc.unique(listed)
+    unique = unique.take(pc.sort_indices(unique))
+    todo = unique.filter(pc.invert(pc.is_in(unique, value_set=settled.combine_chunks())))
+    if labels is not None:
+        found = labels_column(todo, source, last_row_first(labels))
+        column = pc.fill_null(pc.binary_join(pc.cast(found, pa.list_(pa.string())), " "), "-")
+    else:
+        column = pa.array(["-"] * len(todo), pa.string())
+    writer.write_table(pa.table({"path": todo, "labels": column}, schema=SCHEMA), row_group_size=WORK_ROW_GROUP)
+    return len(unique), len(todo)
+
+
+def bucket_of(names: pa.Array, buckets: int) -> np.ndarray:
+    """Each path's (or labels file_name's) bucket: a CRC of its bare file name, the one key every match
+    of the plan shares (same path, same relative path, same bare name)."""
+    bare = pc.replace_substring_regex(names, r"^.*/", "")
+    return np.fromiter((zlib.crc32(n.encode()) for n in bare.to_pylist()), np.int64, len(bare)) % buckets
+
+
+def _spill(folder: Path, name: str, batches: Iterable, key: str | None, buckets: int) -> None:
+    """Batches (arrays of paths, or tables keyed by column `key`) into one Parquet file per bucket."""
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for batch in batches:
+            table = pa.table({"path": batch}) if key is None else batch
+            ids = bucket_of(table.column(key or "path"), buckets)
+            order = np.argsort(ids, kind="stable")
+            table, bounds = table.take(order), np.searchsorted(ids[order], np.arange(buckets + 1))
+            for b in np.nonzero(np.diff(bounds))[0]:
+                piece = table.slice(bounds[b], bounds[b + 1] - bounds[b])
+                if b not in writers:
+                    writers[b] = pq.ParquetWriter(folder / f"{name}-{b}.parquet", piece.schema)
+                writers[b].write_table(piece)
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def _read_bucket(folder: Path, name: str, bucket: int) -> pa.Table | None:
+    path = folder / f"{name}-{bucket}.parquet"
+    return pq.read_table(path) if path.exists() else None  # a bucket without labels: every path gets "-"
+
+
+def _paths(table: pa.Table | None) -> pa.ChunkedArray:
+    return pa.chunked_array([], pa.string()) if table is None else table.column("path")
+
+
+def _concat(batches: Iterable[pa.Array], type_: pa.DataType) -> pa.ChunkedArray:
+    return pa.chunked_array([c for b in batches for c in (b.chunks if isinstance(b, pa.ChunkedArray) else [b])],
+                            type_)
+
+
+def _settle_unnamed(run_dir: Path, unnamed: pa.Array) -> None:
+    """Error rows (stage "list") for files whose names Arrow cannot hold: counted, never read."""
+    rows = {field.name: pa.nulls(len(unnamed), field.type) for field in RESULTS}
+    rows.update(path=unnamed, error_stage=pa.array(["list"] * len(unnamed)), error=pa.array(
+        ["file name is not valid UTF-8 (escaped here): rename the file to annotate it"] * len(unnamed)))
+    write_part(run_dir, pa.table(rows, schema=RESULTS))

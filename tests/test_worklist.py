@@ -1,0 +1,75 @@
+"""The run's work list: the same plan whether made in memory or in spilled hash buckets."""
+
+import logging
+
+import camlabel.pipeline.worklist as worklist
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from camlabel.pipeline.sources import SourceError
+from camlabel.schemas.config import JobConfig
+from camlabel.schemas.tables import ERRORS
+
+NAMES = [str(i) for i in range(10)]
+
+
+def collection(root):
+    """A CSV manifest of 62 paths (one listed twice, many sharing a bare name) and labels by relative path,
+    by bare name and twice for one name."""
+    paths = [f"d{i % 4}/img{i % 25:02d}.jpg" for i in range(60)] + ["d0/img00.jpg", "/abs/img03.jpg"]
+    (root / "manifest.csv").write_text("path\n" + "\n".join(paths) + "\n")
+    (root / "labels.csv").write_text("file_name,labels\nd1/img01.jpg,1\nimg02.jpg,2\nimg05.jpg,5\nd2/img06.jpg,6 7\n"
+                                     "img05.jpg,3\nnowhere.jpg,9\n")
+
+
+def plan(root, tmp_copy):
+    """The plan of a copy of root, with an earlier run and this run's own error parts."""
+    import shutil
+
+    shutil.copytree(root, tmp_copy)
+    for run, rows in (("earlier", [("d1/img09.jpg", "decode")]),
+                      ("run", [("d2/img10.jpg", "annotate"), ("d3/img11.jpg", "read")])):
+        (tmp_copy / run / "errors").mkdir(parents=True)
+        pq.write_table(pa.table({"path": [str(tmp_copy / p) for p, _ in rows], "stage": [s for _, s in rows],
+                                 "reason": ["x"] * len(rows)}, schema=ERRORS),
+                       tmp_copy / run / "errors" / "part-a.parquet")
+    config = JobConfig(source=str(tmp_copy / "manifest.csv"), out=str(tmp_copy / "run"),
+                       labels=str(tmp_copy / "labels.csv"))
+    counts = worklist.plan_work(config, NAMES, tmp_copy / "run", [tmp_copy / "earlier"])
+    rows = pq.read_table(tmp_copy / "run" / worklist.WORK_LIST).to_pylist()
+    return counts, sorted((r["path"].replace(str(tmp_copy), ""), r["labels"]) for r in rows)
+
+
+def test_a_collection_planned_in_buckets_gets_the_plan_made_in_memory(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "src"
+    root.mkdir()
+    collection(root)
+    whole = plan(root, tmp_path / "whole")
+    monkeypatch.setattr(worklist, "BUCKET_ROWS", 7)
+    monkeypatch.setattr(worklist, "SPILL_ROWS", 8)
+    with caplog.at_level(logging.INFO, logger="camlabel.pipeline.worklist"):
+        bucketed = plan(root, tmp_path / "bucketed")
+    assert any("buckets" in r.getMessage() for r in caplog.records)
+    assert bucketed == whole
+    (inputs, todo), rows = whole
+    assert inputs == 61 and todo == 59 and len(rows) == 59  # one path listed twice; two settled
+    labels = dict(rows)
+    assert labels["/d1/img01.jpg"] == "1" and labels["/d2/img02.jpg"] == labels["/d3/img02.jpg"] == "2"  # by
+    # relative path; by bare name (wherever it is)
+    assert labels["/d1/img05.jpg"] == "3" and labels["/d2/img06.jpg"] == "6 7"  # a name's last row wins
+    assert labels["/d2/img01.jpg"] == "-" and labels["/abs/img03.jpg"] == "-"
+    assert labels["/d3/img11.jpg"] == "-"  # a read error is planned again, without labels
+    assert "/d1/img09.jpg" not in labels and "/d2/img10.jpg" not in labels  # settled, here or earlier
+
+
+def test_a_bad_line_deep_in_a_spilled_manifest_is_named(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    root.mkdir()
+    lines = [f"a/{i}.jpg" for i in range(40)]
+    lines[30] = "../escape.jpg"
+    (root / "manifest.csv").write_text("path\n" + "\n".join(lines) + "\n")
+    (root / "run").mkdir()
+    monkeypatch.setattr(worklist, "BUCKET_ROWS", 7)
+    monkeypatch.setattr(worklist, "SPILL_ROWS", 4)
+    with pytest.raises(SourceError, match=r"manifest.csv:32: path '../escape.jpg' climbs out"):
+        worklist.plan_work(JobConfig(source=str(root / "manifest.csv"), out=str(root / "run")), NAMES, root / "run", [])
