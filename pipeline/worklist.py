@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterable
@@ -42,6 +43,8 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier:
     images to do). Files whose names are not UTF-8 are settled here, as error rows."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".plan-*"):  # a planning task killed mid-way (the run's lease is ours)
+        shutil.rmtree(stale, ignore_errors=True)
     retried = retire_read_errors(run_dir)
     if retried:
         log.info("retrying %d images whose read failed", retried)

@@ -33,10 +33,12 @@ def plan(root, tmp_copy):
         pq.write_table(pa.table({"path": [str(tmp_copy / p) for p, _ in rows], "stage": [s for _, s in rows],
                                  "reason": ["x"] * len(rows)}, schema=ERRORS),
                        tmp_copy / run / "errors" / "part-a.parquet")
+    (tmp_copy / "run" / ".plan-killed").mkdir()  # what a planning task killed mid-way leaves
     config = JobConfig(source=str(tmp_copy / "manifest.csv"), out=str(tmp_copy / "run"),
                        labels=str(tmp_copy / "labels.csv"))
     counts = worklist.plan_work(config, NAMES, tmp_copy / "run", [tmp_copy / "earlier"])
     rows = pq.read_table(tmp_copy / "run" / worklist.WORK_LIST).to_pylist()
+    assert not list((tmp_copy / "run").glob(".plan-*"))
     return counts, sorted((r["path"].replace(str(tmp_copy), ""), r["labels"]) for r in rows)
 
 
