@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import JobConfig
 from ..schemas.tables import RESULTS
-from .sources import image_listing, labels_batches, labels_column, last_row_first, manifest_batches
+from .sources import image_listing, labels_batches, labels_column, last_row_first, manifest_batches, manifest_rows
 from .writers import retire_read_errors, settled_batches, write_part
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,9 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier:
 
 def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array]:
     """(the listing's paths in batches, how many there are or about, names that are not UTF-8). A
-    manifest is read a batch at a time, its row count from its footer or size; a folder or glob is
-    listed whole (its walk holds every name anyway)."""
-    suffix = PurePosixPath(source).suffix.lower()
-    if suffix == ".parquet" and "://" not in source:
-        return manifest_batches(source, SPILL_ROWS), pq.read_metadata(source).num_rows, pa.array([], pa.string())
-    if suffix == ".csv" and "://" not in source:
-        return manifest_batches(source, SPILL_ROWS), os.path.getsize(source) // 64, pa.array([], pa.string())
+    manifest is read a batch at a time; a folder or glob is listed whole (its walk holds every name)."""
+    if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
+        return manifest_batches(source, SPILL_ROWS), manifest_rows(source), pa.array([], pa.string())
     paths, unnamed = image_listing(source)
     return [paths], len(paths), unnamed
 
