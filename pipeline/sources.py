@@ -92,21 +92,21 @@ def manifest_batches(manifest: str, rows: int = 1 << 17) -> Iterator[pa.Array]:
     base = os.path.dirname(os.path.abspath(manifest)) if not _is_uri(manifest) else manifest.rsplit("/", 1)[0]
     line = 2  # the first data row's line in a CSV (Parquet rows are counted the same way)
     try:
-        file = _open(manifest)
-        if PurePosixPath(manifest).suffix.lower() == ".parquet":
-            reader = pq.ParquetFile(file)
-            columns = reader.schema_arrow.names
-            batches = reader.iter_batches(batch_size=rows, columns=["path"]) if "path" in columns else iter(())
-        else:
-            reader = pacsv.open_csv(file, read_options=pacsv.ReadOptions(block_size=64 * rows),
-                                    convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
-            columns, batches = reader.schema.names, reader
-        if "path" not in columns:
-            raise SourceError(f"manifest {manifest} has no 'path' column (columns: {', '.join(columns)})")
-        for batch in batches:
-            paths = pc.cast(batch.column("path"), pa.string())
-            yield _checked_paths(paths, manifest, line, base)
-            line += len(paths)
+        with _open(manifest) as file:
+            if PurePosixPath(manifest).suffix.lower() == ".parquet":
+                reader = pq.ParquetFile(file)
+                columns = reader.schema_arrow.names
+                batches = reader.iter_batches(batch_size=rows, columns=["path"]) if "path" in columns else iter(())
+            else:
+                reader = pacsv.open_csv(file, read_options=pacsv.ReadOptions(block_size=64 * rows),
+                                        convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+                columns, batches = reader.schema.names, reader
+            if "path" not in columns:
+                raise SourceError(f"manifest {manifest} has no 'path' column (columns: {', '.join(columns)})")
+            for batch in batches:
+                paths = pc.cast(batch.column("path"), pa.string())
+                yield _checked_paths(paths, manifest, line, base)
+                line += len(paths)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read manifest {manifest}: {exc}") from exc
 
@@ -146,7 +146,15 @@ def read_labels(path: str, class_names: list[str]) -> pa.Table:
     spaces written with underscores) as a table of file_name and labels (sorted class indices), read and
     checked in Arrow compute: a million rows never become Python objects. A file_name listed twice keeps
     its last row."""
-    return last_row_first(pa.concat_tables(labels_batches(path, class_names)))
+    return last_row_first(labels_table(labels_batches(path, class_names)))
+
+
+LABELS = pa.schema([("file_name", pa.string()), ("labels", pa.list_(pa.int32())), ("row", pa.int64())])
+
+
+def labels_table(batches) -> pa.Table:
+    """labels_batches' tables as one (a CSV of a header alone gives none)."""
+    return pa.concat_tables([LABELS.empty_table(), *batches])
 
 
 def last_row_first(labels: pa.Table) -> pa.Table:
@@ -201,7 +209,8 @@ def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: p
     rows, indices = rows[new], indices[new]
     offsets = np.searchsorted(rows, np.arange(len(names) + 1)).astype(np.int32)
     labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(indices, pa.int32()))
-    return pa.table({"file_name": names, "labels": labels, "row": pa.array(np.arange(first, first + len(names)))})
+    return pa.table({"file_name": names, "labels": labels, "row": pa.array(np.arange(first, first + len(names)))},
+                    schema=LABELS)
 
 
 def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:

@@ -26,7 +26,15 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import JobConfig
 from ..schemas.tables import RESULTS
-from .sources import image_listing, labels_batches, labels_column, last_row_first, manifest_batches, manifest_rows
+from .sources import (
+    image_listing,
+    labels_batches,
+    labels_column,
+    labels_table,
+    last_row_first,
+    manifest_batches,
+    manifest_rows,
+)
 from .writers import retire_read_errors, settled_batches, write_part
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier:
             if buckets == 1:
                 inputs, todo = _plan_bucket(writer, config.source, _concat(listing, pa.string()),
                                             _concat(settled, pa.string()),
-                                            None if labels is None else pa.concat_tables(labels))
+                                            None if labels is None else labels_table(labels))
             else:
                 log.info("planning %d inputs in %d buckets", expected, buckets)
                 for name, batches, key in (("listing", listing, None), ("settled", settled, None),

@@ -75,3 +75,12 @@ def test_a_bad_line_deep_in_a_spilled_manifest_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(worklist, "SPILL_ROWS", 4)
     with pytest.raises(SourceError, match=r"manifest.csv:32: path '../escape.jpg' climbs out"):
         worklist.plan_work(JobConfig(source=str(root / "manifest.csv"), out=str(root / "run")), NAMES, root / "run", [])
+
+
+def test_a_header_only_manifest_and_labels_plan_nothing(tmp_path):
+    (tmp_path / "manifest.csv").write_text("path\n")
+    (tmp_path / "labels.csv").write_text("file_name,labels\n")
+    config = JobConfig(source=str(tmp_path / "manifest.csv"), out=str(tmp_path / "run"),
+                       labels=str(tmp_path / "labels.csv"))
+    assert worklist.plan_work(config, NAMES, tmp_path / "run", []) == (0, 0)
+    assert pq.read_table(tmp_path / "run" / worklist.WORK_LIST).num_rows == 0
