@@ -66,8 +66,12 @@ def image_listing(source: str) -> tuple[pa.Array, pa.Array]:
 
 
 def _sorted(paths) -> tuple[pa.Array, pa.Array]:
-    named = [p for p in paths if _is_utf8(p)]
-    unnamed = [os.fsencode(p).decode("utf-8", "backslashreplace") for p in paths if not _is_utf8(p)]
+    named, unnamed = [], []
+    for path in paths:
+        if _is_utf8(path):
+            named.append(path)
+        else:
+            unnamed.append(os.fsencode(path).decode("utf-8", "backslashreplace"))
     return pa.array(sorted(named), pa.string()), pa.array(sorted(unnamed), pa.string())
 
 

@@ -80,10 +80,16 @@ def quarantine_broken_parts(folder: Path) -> list[Path]:
 
 def read_parts(folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """Every finished part under folder (temp files start with '.', which pyarrow ignores)."""
-    if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
+    parts = parts_dataset(folder, schema)
+    if parts is None:
         return schema.empty_table().select(columns) if columns else schema.empty_table()
-    return pads.dataset([str(p) for p in sorted(folder.glob("part-*.parquet"))], schema=schema,
-                        format="parquet").to_table(columns=columns)
+    return parts.to_table(columns=columns)
+
+
+def parts_dataset(folder: Path, schema: pa.Schema) -> pads.Dataset | None:
+    """The finished parts under folder as one pyarrow dataset (None when there are none)."""
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    return pads.dataset([str(p) for p in parts], schema=schema, format="parquet") if parts else None
 
 
 COUNT_KEY = b"camlabel.annotations"  # a part's annotation count, in its footer: counting reads no rows
@@ -146,12 +152,9 @@ def settled_batches(run_dir: Path) -> Iterator[pa.Array]:
     quarantine_broken_parts(run_dir / "annotations")
     quarantine_broken_parts(run_dir / "errors")
     for folder, schema in (("annotations", IMAGES), ("errors", ERRORS)):
-        parts = sorted((run_dir / folder).glob("part-*.parquet")) if (run_dir / folder).is_dir() else []
-        if not parts:
-            continue
-        columns = ["path"] if folder == "annotations" else ["path", "stage"]
-        for batch in pads.dataset([str(p) for p in parts], schema=schema, format="parquet").to_batches(columns=columns):
-            if folder == "errors":
+        parts = parts_dataset(run_dir / folder, schema)
+        for batch in parts.to_batches(columns=["path", "stage"] if schema is ERRORS else ["path"]) if parts else ():
+            if schema is ERRORS:  # read errors are retried, not settled
                 batch = batch.filter(pc.not_equal(batch.column("stage"), "read"))
             yield batch.column("path")
 
