@@ -201,14 +201,15 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Pa
     manifest["resources"] = resources.__dict__
     log.info("annotating %d images with %s", todo, resources)
     bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")
-    first_at, after_first, devices, actors = None, 0, set(), set()
+    first_at, after_first, devices, actors, nodes = None, 0, set(), set(), set()
     try:
         with stopped_by_signals():
             for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir, earlier):
                 images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
                 devices.update(status.column("device").to_pylist())
                 actors.update(status.column("actor").to_pylist())
-                manifest["devices"], manifest["actors"] = sorted(devices), len(actors)
+                nodes.update(status.column("node").to_pylist())
+                manifest.update(devices=sorted(devices), actors=len(actors), nodes=len(nodes))
                 bar.update(images)
                 if first_at is None:
                     first_at = time.perf_counter()

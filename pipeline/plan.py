@@ -103,13 +103,14 @@ class AnnotateAndWrite:
         self.run_dir, self.decodes = Path(run_dir), decodes
         self.earlier = annotated_contents([Path(d) for d in earlier_runs])
         self.shortest = shortest_needed(settings)
-        self.actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None  # same on restart
+        where = ray.get_runtime_context() if ray.is_initialized() else None
+        self.actor_id, self.node_id = (where.get_actor_id(), where.get_node_id()) if where else (None, None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
         batch = mark_duplicates(batch, self.earlier)
         return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device,
-                                      "actor": self.actor_id}])
+                                      "actor": self.actor_id, "node": self.node_id}])
 
 
 class WorkList(Datasource):
@@ -154,7 +155,7 @@ def annotate_stream(
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
-    "errors", "annotations", "device", "actor"}). Blocks of about a part, so that every actor gets work,
+    "errors", "annotations", "device", "actor", "node"}). Blocks of about a part, so that every actor gets work,
     and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
     start = min(resources.actors, blocks)  # as many actors as the cluster holds now, none idle in a tiny run
