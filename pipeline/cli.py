@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="annotate the bundled demo photos and export COCO")
     demo.add_argument("--out", default="runs/demo")
     export = sub.add_parser("export-coco", help="write a run (or several) as COCO JSON")
-    export.add_argument("runs", nargs="+", type=Path)
+    export.add_argument("runs", nargs="+", help="run directories or incremental roots (paths or URIs)")
     export.add_argument("--out", required=True, type=Path)
     what = export.add_mutually_exclusive_group()
     what.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
     what.add_argument("--shard-size", type=_positive, metavar="N",
                       help="one COCO file per N images beside OUT (OUT-00000.json, ...); OUT indexes them")
     masks = sub.add_parser("export-masks", help="one PNG label map per image, with an ignore band")
-    masks.add_argument("run", type=Path)
+    masks.add_argument("run", help="run directory (path or URI)")
     masks.add_argument("--out", required=True, type=Path)
     masks.add_argument("--ignore-band", nargs=2, type=float, default=(0.3, 0.6), metavar=("LOW", "HIGH"),
                        help="fractions of a map's max: below LOW background, from HIGH the class, between ignored")
@@ -89,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                              ("address", str, "Ray cluster address for --workers (default: RAY_ADDRESS, else local)")):
         tr.add_argument(f"--{name}", type=kind, help=text)
     rep = sub.add_parser("report", help="an HTML page to audit a run: counts, histograms, overlays")
-    rep.add_argument("run", type=Path)
-    rep.add_argument("--out", type=Path, help="folder for report.html and overlays/ (default RUN/report)")
+    rep.add_argument("run", help="run directory (path or URI)")
+    rep.add_argument("--out", type=Path, help="folder for report.html and overlays/ (default RUN/report for a "
+                     "local RUN)")
     rep.add_argument("--gallery", type=int, default=48, help="images shown, lowest confidence first")
     rep.add_argument("--images", nargs="*", default=[], help="file names always drawn (PNG overlays)")
     runs = sub.add_parser("runs", help="list the runs under an incremental output root")
-    runs.add_argument("root", type=Path)
+    runs.add_argument("root", help="path or URI")
     ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
     ev.add_argument("--gt", required=True, type=Path)
     what = ev.add_mutually_exclusive_group(required=True)
@@ -201,7 +202,9 @@ def cmd_train(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    page = write_report(args.run, args.out or args.run / "report", args.gallery, args.images)
+    if args.out is None and "://" in args.run:
+        raise ConfigError(f"out: give --out for a report on {args.run} (the report is written locally)")
+    page = write_report(args.run, args.out or Path(args.run) / "report", args.gallery, args.images)
     print(json.dumps({"report": str(page)}))
     return 0
 

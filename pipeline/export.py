@@ -17,32 +17,33 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .writers import atomic_file, atomic_write_json
+from .store import Location, atomic_file
+from .writers import PARTS, atomic_write_json, run_folders
 
 COLUMNS = ["image_id", "path", "width", "height", "annotations"]
 READ_BATCH = 256  # rows per record batch read from a part
 
 
-def run_class_names(run_dir: Path) -> list[str]:
+def run_class_names(run_dir: Location) -> list[str]:
     """The class names of the model a run used, as its manifest records them."""
-    return json.loads((Path(run_dir) / "manifest.json").read_text())["model"]["class_names"]
+    return json.loads((run_dir / "manifest.json").read_text())["model"]["class_names"]
 
 
-def expand_runs(paths: list[Path]) -> list[Path]:
+def expand_runs(paths: list[str | Path]) -> list[Location]:
     """A run directory stays itself; an incremental root becomes its runs, oldest first."""
     runs = []
-    for path in paths:
-        nested = sorted(p.parent for p in Path(path).glob("runs/*/manifest.json"))
-        runs += nested if nested else [Path(path)]
+    for path in map(Location.of, paths):
+        runs += run_folders(path) or [path]
     return runs
 
 
-def annotated_rows(run_dirs: list[Path]) -> Iterator[dict]:
+def annotated_rows(run_dirs: list[Location]) -> Iterator[dict]:
     """Every annotated image of the runs: run by run, part by part, in path order within a part. Runs of
     one incremental root never hold the same image twice (a run skips what earlier runs annotated)."""
     for run_dir in run_dirs:
-        for part in sorted((Path(run_dir) / "annotations").glob("part-*.parquet")):
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=READ_BATCH, columns=COLUMNS):
+        for part in (run_dir / "annotations").files(PARTS):
+            file = pq.ParquetFile(part.path, filesystem=part.fs)
+            for batch in file.iter_batches(batch_size=READ_BATCH, columns=COLUMNS):
                 yield from batch.to_pylist()
 
 
@@ -88,7 +89,7 @@ def write_dataset(path: Path, records: Iterator[tuple[dict, list[dict]]], header
     return {"file": path.name, "images": images.count, "annotations": annotations.count}
 
 
-def export_coco(run_dirs: list[Path], out: Path, results: bool = False, relative_to: str | None = None,
+def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, relative_to: str | None = None,
                 shard_size: int | None = None) -> dict:
     """Write the runs as one COCO dataset (or the results list with `results`), or as shards of
     `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards."""

@@ -29,8 +29,9 @@ from ..workers.models import load_model
 from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
+from .store import Location
 from .worklist import WORK_LIST, plan_work
-from .writers import atomic_write_json, run_counts
+from .writers import atomic_write_json, run_counts, run_folders
 
 log = logging.getLogger(__name__)
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
@@ -129,29 +130,27 @@ def series_of(loaded, settings: AnnotateSettings) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def list_runs(root: Path) -> list[dict]:
+def list_runs(root: str | Path | Location) -> list[dict]:
     """Every run under root/runs, oldest first, with its manifest."""
-    runs = []
-    for manifest in sorted(Path(root).glob("runs/*/manifest.json")):
-        runs.append({"run": manifest.parent.name, "dir": str(manifest.parent), **json.loads(manifest.read_text())})
-    return runs
+    return [{"run": run.name, "dir": str(run), **json.loads((run / "manifest.json").read_text())}
+            for run in run_folders(root)]
 
 
-def incremental_run(root: Path, series: str) -> tuple[Path, list[Path]]:
+def incremental_run(root: Location, series: str) -> tuple[Location, list[Location]]:
     """The run to write under root/runs (the series' unfinished run, resumed, else a new one) and the
     series' earlier runs, whose images are not annotated again."""
-    mine = [r for r in list_runs(root) if r.get("series") == series]
-    unfinished = [Path(r["dir"]) for r in mine if r.get("status") != "finished"]
+    mine = [(root / "runs" / r["run"], r) for r in list_runs(root) if r.get("series") == series]
+    unfinished = [run for run, r in mine if r.get("status") != "finished"]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    current = unfinished[-1] if unfinished else Path(root) / "runs" / f"{stamp}-{series}"
-    return current, [Path(r["dir"]) for r in mine if Path(r["dir"]) != current]
+    current = unfinished[-1] if unfinished else root / "runs" / f"{stamp}-{series}"
+    return current, [run for run, _ in mine if run != current]
 
 
-def check_resumable(run_dir: Path, manifest: dict) -> None:
+def check_resumable(run_dir: Location, manifest: dict) -> None:
     """A run directory holds one series: resuming it with another model, weights, layer, method, setting
     or box rule (another camlabel's default) would mix labels of two kinds under one manifest. Refuse,
     naming the first field that differs."""
-    path = Path(run_dir) / "manifest.json"
+    path = run_dir / "manifest.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text())
@@ -167,7 +166,7 @@ def check_resumable(run_dir: Path, manifest: dict) -> None:
                       "settings, or write to another --out (--incremental starts a new run by itself)")
 
 
-def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier: list[Path]) -> dict:
+def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier: list[Location]) -> dict:
     """Provenance of the run: the config, the model and its weights' hash, the settings, the versions."""
     return {
         "config": config.as_dict(),
@@ -185,7 +184,7 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
     }
 
 
-def planned(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:
+def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlier: list[Location]) -> tuple[int, int]:
     """plan_work on a Ray worker; its errors (a bad manifest or labels file) are raised here as they are."""
     try:
         return ray.get(ray.remote(num_cpus=PLAN_CPUS)(plan_work).remote(config, class_names, run_dir, earlier))
@@ -193,7 +192,7 @@ def planned(config: JobConfig, class_names: list[str], run_dir: Path, earlier: l
         raise exc.cause from None
 
 
-def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Path, earlier: list[Path],
+def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Location, earlier: list[Location],
                  config: JobConfig, manifest: dict, progress: bool) -> None:
     """Run the Ray plan over the work list; the actors write the parts, the driver counts them as they
     land and notes every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
@@ -239,8 +238,12 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     check_method(loaded, config.method)
     model["target_layer"] = loaded.target_layer
     settings = config.resolved()
-    with lease(Path(config.out)):
-        run_dir, earlier = Path(config.out).absolute(), []
+    try:
+        root = Location.of(config.out)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"out: cannot open {config.out}: {exc}") from None
+    with lease(root):
+        run_dir, earlier = root, []
         if config.incremental:
             run_dir, earlier = incremental_run(run_dir, series_of(loaded, settings))
         manifest = run_manifest(config, loaded, settings, earlier)

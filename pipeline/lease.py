@@ -2,7 +2,12 @@
 
 Two scheduled runs on one output would annotate the same images twice. The lease names its holder
 (host, pid); a holder on this host is dead when its pid is gone, a holder elsewhere when it has not
-renewed the lease (its file's mtime) for STALE_AFTER_S.
+renewed the lease (rewritten its file) for STALE_AFTER_S.
+
+Locally the lease is created exclusively (O_EXCL). An object store offers no exclusive create through
+pyarrow, so there the lease is written, left to settle for SETTLE_S and read back: of two runs that
+raced, only the one whose token it reads back goes on (the other would have to take longer than SETTLE_S
+between finding no lease and writing its own to slip past).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..schemas.config import ConfigError
+from .store import Location
 
 log = logging.getLogger(__name__)
 LEASE_FILE = ".camlabel-lease.json"
 RENEW_EVERY_S = 60.0
 STALE_AFTER_S = 600.0
+SETTLE_S = 2.0
 
 
 def _alive(pid: int) -> bool:
@@ -37,40 +44,49 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> dict | None:
+def _holder(path: Location) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # gone meanwhile, or cut short by a crash: nobody holds it
         return None
 
 
-def _stale(path: Path, holder: dict | None) -> bool:
+def _stale(path: Location, holder: dict | None) -> bool:
     if holder is None:
         return True
     if holder.get("host") == socket.gethostname():
         return not _alive(int(holder.get("pid", 0)))
-    try:
-        return time.time() - path.stat().st_mtime > STALE_AFTER_S
-    except FileNotFoundError:
+    renewed = path.mtime()
+    return renewed is None or time.time() - renewed > STALE_AFTER_S
+
+
+def _take(path: Location, me: dict) -> bool:
+    data = json.dumps(me).encode()
+    if path.local:
+        try:
+            fd = os.open(path.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         return True
-
-
-def _take(path: Path, me: dict) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    if path.is_file():
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-    return True
+    path.write_bytes(data)
+    time.sleep(SETTLE_S)
+    return _ours(path, me)
+
+
+def _ours(path: Location, me: dict) -> bool:
+    return (_holder(path) or {}).get("token") == me["token"]
 
 
 @contextmanager
-def lease(root: Path) -> Iterator[None]:
+def lease(root: Path | Location) -> Iterator[None]:
     """Hold root's lease for the block, renewing it in a background thread; refuse (ConfigError, which
     exits 2) while a live holder has it."""
-    path = Path(root) / LEASE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Location.of(root) / LEASE_FILE
+    path.parent.mkdir()
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
           "since": datetime.now(UTC).isoformat()}
     while not _take(path, me):
@@ -79,15 +95,12 @@ def lease(root: Path) -> Iterator[None]:
             raise ConfigError(f"out: {root} is in use by the run of pid {holder['pid']} on {holder['host']} since "
                               f"{holder.get('since')}; wait for it, or remove {path} if that run is gone")
         log.warning("taking over the lease of a run that is gone: %s", holder)
-        path.unlink(missing_ok=True)
+        path.unlink()
     done = threading.Event()
 
     def renew() -> None:
-        while not done.wait(RENEW_EVERY_S):
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                return
+        while not done.wait(RENEW_EVERY_S) and _ours(path, me):
+            path.write_bytes(json.dumps(me).encode())
 
     renewer = threading.Thread(target=renew, name="camlabel-lease", daemon=True)
     renewer.start()
@@ -95,5 +108,5 @@ def lease(root: Path) -> Iterator[None]:
         yield
     finally:
         done.set()
-        if (_holder(path) or {}).get("token") == me["token"]:
-            path.unlink(missing_ok=True)
+        if _ours(path, me):
+            path.unlink()

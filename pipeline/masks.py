@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .sources import relative_paths
-from .writers import atomic_write_bytes, atomic_write_json
+from .store import Location
+from .writers import PARTS, atomic_write_bytes, atomic_write_json
 
 MASK_BATCH = 16  # rows per mask-writing task: a row's label map is full size
 
@@ -98,23 +99,24 @@ def write_label_maps(batch: pa.Table, out: str, source: str, low: float, high: f
     return {"written": [batch.num_rows]}
 
 
-def export_masks(run_dir: Path, out: Path, low: float = 0.3, high: float = 0.6, palette: bool = True) -> dict:
+def export_masks(run_dir: str | Path, out: Path, low: float = 0.3, high: float = 0.6, palette: bool = True) -> dict:
     """Write one PNG per annotated image (its path below the source, .png), classes.txt and manifest.json.
 
     Ray tasks read the run's parts and write the PNGs in parallel; nothing per image passes the driver.
     """
     from .job import connect
 
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = Location.of(run_dir), Path(out)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     names = manifest["model"]["class_names"]
     ignore = ignore_value(len(names))
     colours = voc_palette() if palette and ignore == 255 else None
-    parts = sorted(str(p.resolve()) for p in (run_dir / "annotations").glob("part-*.parquet"))
+    parts = [p.path for p in (run_dir / "annotations").files(PARTS)]
     written = 0
     if parts:
         connect(None)
-        rows = ray.data.read_parquet(parts, columns=["path", "width", "height", "heatmaps"])
+        rows = ray.data.read_parquet(parts, filesystem=run_dir.fs)
+        rows = rows.select_columns(["path", "width", "height", "heatmaps"])
         written = rows.map_batches(write_label_maps, batch_size=MASK_BATCH, batch_format="pyarrow", fn_kwargs={
             "out": str(out.resolve()), "source": manifest["source"], "low": low, "high": high, "ignore": ignore,
             "palette": colours}).sum("written")

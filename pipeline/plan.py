@@ -29,6 +29,7 @@ from ray.data.block import BlockMetadata
 
 from ..schemas.config import AnnotateSettings
 from ..workers.actor import AnnotateActor, decode_batch
+from .store import Location
 from .writers import annotated_contents, write_part
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,11 @@ class AnnotateAndWrite:
     writes each part's rows itself and returns only the part's counts. Each actor reads the earlier
     runs' content index itself."""
 
-    def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: str, decodes: bool,
-                 earlier_runs: list[str]) -> None:
+    def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: Location, decodes: bool,
+                 earlier_runs: list[Location]) -> None:
         self.actor = AnnotateActor(model, settings, batch_size)
-        self.run_dir, self.decodes = Path(run_dir), decodes
-        self.earlier = annotated_contents([Path(d) for d in earlier_runs])
+        self.run_dir, self.decodes = run_dir, decodes
+        self.earlier = annotated_contents(earlier_runs)
         self.shortest = shortest_needed(settings)
         where = ray.get_runtime_context() if ray.is_initialized() else None
         self.actor_id, self.node_id = (where.get_actor_id(), where.get_node_id()) if where else (None, None)
@@ -118,8 +119,8 @@ class WorkList(Datasource):
     read in row ranges: the driver holds the ranges, never the paths. Its read tasks ask for no CPU:
     on CPU machines the annotate actors hold every core."""
 
-    def __init__(self, path: Path, rows: int, block_rows: int) -> None:
-        self.path, self.rows, self.block_rows = str(path), rows, block_rows
+    def __init__(self, path: Location, rows: int, block_rows: int) -> None:
+        self.path, self.rows, self.block_rows = path, rows, block_rows
 
     def estimate_inmemory_data_size(self) -> None:
         return None
@@ -131,9 +132,9 @@ class WorkList(Datasource):
                 for start in range(0, self.rows, self.block_rows)]
 
 
-def read_rows(path: str, start: int, stop: int) -> list[pa.Table]:
+def read_rows(path: Location, start: int, stop: int) -> list[pa.Table]:
     """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
-    file = pq.ParquetFile(path)
+    file = pq.ParquetFile(path.path, filesystem=path.fs)
     groups, first, offset = [], None, 0
     for i in range(file.num_row_groups):
         rows = file.metadata.row_group(i).num_rows
@@ -145,13 +146,13 @@ def read_rows(path: str, start: int, stop: int) -> list[pa.Table]:
 
 
 def annotate_stream(
-    work_list: Path,
+    work_list: Path | Location,
     count: int,
     model: dict,
     settings: AnnotateSettings,
     resources: Resources,
-    run_dir: Path,
-    earlier_runs: list[Path],
+    run_dir: Path | Location,
+    earlier_runs: list[Location],
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
@@ -159,7 +160,8 @@ def annotate_stream(
     and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
     start = min(resources.actors, blocks)  # as many actors as the cluster holds now, none idle in a tiny run
-    work = WorkList(work_list, count, -(-count // blocks))  # one read task at a time: reads take milliseconds
+    # one read task at a time: reads take milliseconds
+    work = WorkList(Location.of(work_list), count, -(-count // blocks))
     ds = ray.data.read_datasource(work, num_cpus=0, concurrency=1, override_num_blocks=blocks)
     if resources.decode_stage:
         ds = ds.map_batches(decode_batch, batch_size=resources.batch_size, num_cpus=DECODE_CPUS,
@@ -167,8 +169,8 @@ def annotate_stream(
     ds = ds.map_batches(
         AnnotateAndWrite,
         fn_constructor_kwargs={"model": model, "settings": settings, "batch_size": resources.batch_size,
-                               "run_dir": str(run_dir), "decodes": not resources.decode_stage,
-                               "earlier_runs": [str(d) for d in earlier_runs]},
+                               "run_dir": Location.of(run_dir), "decodes": not resources.decode_stage,
+                               "earlier_runs": earlier_runs},
         batch_size=resources.part_size,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,

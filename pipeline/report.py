@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
@@ -28,7 +27,8 @@ from ..schemas.tables import ERRORS, IMAGES
 from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.preprocess import scaled_size
 from .masks import decode_heatmaps
-from .writers import atomic_write_bytes, read_parts
+from .store import Location
+from .writers import atomic_write_bytes, parts_dataset, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ BINS = 10
 POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
-def write_report(run_dir: Path, out: Path, gallery: int = 48, chosen: list[str] | None = None) -> Path:
+def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list[str] | None = None) -> Path:
     """Write out/report.html and out/overlays/*.png; returns the page's path."""
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = Location.of(run_dir), Path(out)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     chosen = set(chosen or [])
     classes: Counter[str] = Counter()
@@ -74,15 +74,12 @@ def write_report(run_dir: Path, out: Path, gallery: int = 48, chosen: list[str] 
     return out / "report.html"
 
 
-def _batches(run_dir: Path, columns: list[str], where=None):
-    parts = sorted((run_dir / "annotations").glob("part-*.parquet"))
-    if not parts:
-        return
-    dataset = pads.dataset([str(p) for p in parts], schema=IMAGES, format="parquet")
-    yield from dataset.to_batches(columns=columns, filter=where, batch_size=256)
+def _batches(run_dir: Location, columns: list[str], where=None):
+    dataset = parts_dataset(run_dir / "annotations", IMAGES)
+    yield from dataset.to_batches(columns=columns, filter=where, batch_size=256) if dataset else ()
 
 
-def _draw_gallery(run_dir: Path, paths: list[str], folder: Path) -> list[dict]:
+def _draw_gallery(run_dir: Location, paths: list[str], folder: Path) -> list[dict]:
     """One PNG per image, in the order given: the strongest class map blended in, masks, boxes, labels."""
     rows = {}
     where = pc.field("path").isin(paths)

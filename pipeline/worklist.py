@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import tempfile
 import zlib
@@ -35,6 +34,7 @@ from .sources import (
     manifest_batches,
     manifest_rows,
 )
+from .store import Location
 from .writers import retire_read_errors, settled_batches, write_part
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ SPILL_ROWS = 1 << 17  # rows read at a time while spilling
 SCHEMA = pa.schema([("path", pa.string()), ("labels", pa.string())])
 
 
-def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier: list[Path]) -> tuple[int, int]:
+def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Location,
+              earlier: list[Location]) -> tuple[int, int]:
     """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
     read errors are retried: I/O may mend), with its labels ("i j", or "-" for none). Returns (inputs,
     images to do). Files whose names are not UTF-8 are settled here, as error rows."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".plan-*"):  # a planning task killed mid-way (the run's lease is ours)
+    run_dir = Location.of(run_dir)
+    run_dir.mkdir()
+    scratch = Path(run_dir.path) if run_dir.local else None  # spills beside the run, else in local temp
+    for stale in scratch.glob(".plan-*") if scratch else ():  # a planning task killed mid-way (the lease is ours)
         shutil.rmtree(stale, ignore_errors=True)
     retried = retire_read_errors(run_dir)
     if retried:
@@ -61,7 +63,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier:
     labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
     settled = (batch for d in (run_dir, *earlier) for batch in settled_batches(d))
     inputs = todo = 0
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".plan-") as spill:
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".plan-") as spill:
         out = Path(spill) / WORK_LIST
         with pq.ParquetWriter(out, SCHEMA, compression="zstd") as writer:
             if buckets == 1:
@@ -78,7 +80,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path, earlier:
                                                                                            "labels"))
                     counts = _plan_bucket(writer, config.source, _paths(listed), _paths(done), found)
                     inputs, todo = inputs + counts[0], todo + counts[1]
-        os.replace(out, run_dir / WORK_LIST)
+        (run_dir / WORK_LIST).put_file(out)
     if len(unnamed):
         _settle_unnamed(run_dir, unnamed)
     return inputs + len(unnamed), todo
@@ -149,7 +151,7 @@ def _concat(batches: Iterable[pa.Array], type_: pa.DataType) -> pa.ChunkedArray:
                             type_)
 
 
-def _settle_unnamed(run_dir: Path, unnamed: pa.Array) -> None:
+def _settle_unnamed(run_dir: Location, unnamed: pa.Array) -> None:
     """Error rows (stage "list") for files whose names Arrow cannot hold: counted, never read."""
     rows = {field.name: pa.nulls(len(unnamed), field.type) for field in RESULTS}
     rows.update(path=unnamed, error_stage=pa.array(["list"] * len(unnamed)), error=pa.array(

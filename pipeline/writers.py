@@ -1,8 +1,9 @@
-"""Parquet parts written atomically (temp file, fsync, rename) under names fixed by their content.
+"""Parquet parts written atomically (pipeline.store) under names fixed by their content.
 
-A run directory holds `annotations/part-*.parquet` and `errors/part-*.parquet`, written by the annotate
-actors themselves, one part per batch. A part either exists whole or not at all, so a rerun reads the
-finished parts, skips their images, and nothing is lost or written twice.
+A run directory (a local folder or an object-store prefix) holds `annotations/part-*.parquet` and
+`errors/part-*.parquet`, written by the annotate actors themselves, one part per batch. A part either
+exists whole or not at all, so a rerun reads the finished parts, skips their images, and nothing is lost
+or written twice.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,62 +21,58 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ..schemas.tables import ERRORS, IMAGES, RESULTS
+from .store import Location
 
 log = logging.getLogger(__name__)
+PARTS = "part-*.parquet"  # finished parts; a local write's temporary file starts with "."
+FOOTERS_AT_ONCE = 32  # footers read at once (threads: pyarrow releases the GIL while it waits)
+FOOTER_CHUNK = 4096  # parts handed to the readers at a time: memory stays flat however many parts
 
 
-@contextmanager
-def atomic_file(path: Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
-    """A file written under a temporary name beside `path` and renamed onto it only when the block
-    succeeds (after an fsync, if durable): readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path: Path | Location, data: bytes, durable: bool = True) -> None:
+    Location.of(path).write_bytes(data, durable)
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    with atomic_file(path, "wb", durable) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: Path, value) -> None:
+def atomic_write_json(path: Path | Location, value) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_table(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:
+def atomic_write_table(path: Path | Location, table: pa.Table, row_group_size: int | None = None) -> None:
     """table as one Parquet file (zstd), its schema's metadata in the footer."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def quarantine_broken_parts(folder: Path) -> list[Path]:
+def footers(folder: Location) -> Iterator[tuple[Location, pq.FileMetaData | None]]:
+    """Each part in folder with its Parquet footer (None when it does not read), FOOTERS_AT_ONCE read at a
+    time: on an object store each is a round trip, and a run of 100M images has some 400k parts."""
+    def read(part: Location) -> tuple[Location, pq.FileMetaData | None]:
+        try:
+            return part, pq.read_metadata(part.path, filesystem=part.fs)
+        except (OSError, ValueError):  # ArrowInvalid (no footer) is a ValueError
+            return part, None
+
+    parts = folder.files(PARTS)
+    with ThreadPoolExecutor(FOOTERS_AT_ONCE) as pool:
+        for start in range(0, len(parts), FOOTER_CHUNK):
+            yield from pool.map(read, parts[start : start + FOOTER_CHUNK])
+
+
+def quarantine_broken_parts(folder: Location) -> list[Location]:
     """Move parts whose Parquet footer does not read (a copy cut short by a non-atomic store) to
     RUN_DIR/quarantine/, so they are neither read nor trusted; their images are annotated again."""
     broken = []
-    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
-        try:
-            pq.read_metadata(part)
-        except Exception:
+    for part, footer in footers(folder):
+        if footer is None:
             target = folder.parent / "quarantine" / f"{folder.name}-{part.name}"
             log.warning("unreadable part %s moved to %s", part, target)
-            target.parent.mkdir(exist_ok=True)
-            part.rename(target)
+            part.move(target)
             broken.append(target)
     return broken
 
 
-def read_parts(folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+def read_parts(folder: Path | Location, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """Every finished part under folder (temp files start with '.', which pyarrow ignores)."""
     parts = parts_dataset(folder, schema)
     if parts is None:
@@ -86,19 +80,20 @@ def read_parts(folder: Path, schema: pa.Schema, columns: list[str] | None = None
     return parts.to_table(columns=columns)
 
 
-def parts_dataset(folder: Path, schema: pa.Schema) -> pads.Dataset | None:
+def parts_dataset(folder: Path | Location, schema: pa.Schema) -> pads.Dataset | None:
     """The finished parts under folder as one pyarrow dataset (None when there are none)."""
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    return pads.dataset([str(p) for p in parts], schema=schema, format="parquet") if parts else None
+    folder = Location.of(folder)
+    parts = [p.path for p in folder.files(PARTS)]
+    return pads.dataset(parts, schema=schema, format="parquet", filesystem=folder.fs) if parts else None
 
 
 COUNT_KEY = b"camlabel.annotations"  # a part's annotation count, in its footer: counting reads no rows
 
 
-def write_part(run_dir: Path, results: pa.Table) -> dict:
+def write_part(run_dir: Path | Location, results: pa.Table) -> dict:
     """One batch's results (schemas.RESULTS) as a part named by its images' paths: a retried batch writes
     the same name again, so its rows land once. Returns the part's counts, all the driver receives."""
-    table = results.cast(RESULTS).sort_by("path")
+    run_dir, table = Location.of(run_dir), results.cast(RESULTS).sort_by("path")
     name = "part-" + hashlib.sha256("\n".join(table.column("path").to_pylist()).encode()).hexdigest()[:20]
     failed = table.filter(pc.is_valid(table.column("error")))
     good = table.filter(pc.is_null(table.column("error")))
@@ -113,23 +108,28 @@ def write_part(run_dir: Path, results: pa.Table) -> dict:
     return {"part": name, "annotated": good.num_rows, "errors": failed.num_rows, "annotations": annotations}
 
 
-def run_counts(run_dir: Path) -> dict[str, int]:
+def run_counts(run_dir: Path | Location) -> dict[str, int]:
     """Annotated images, error rows and annotations of a run, from its parts' footers alone."""
-    counts = {"annotated": 0, "errors": 0, "annotations": 0}
-    for part in sorted((Path(run_dir) / "annotations").glob("part-*.parquet")):
-        meta = pq.read_metadata(part)
+    def read(folder: Location) -> Iterator[pq.FileMetaData]:
+        for part, meta in footers(folder):
+            if meta is None:
+                raise OSError(f"{part} does not read; the next run moves it to quarantine and redoes its images")
+            yield meta
+
+    run_dir, counts = Location.of(run_dir), {"annotated": 0, "errors": 0, "annotations": 0}
+    for meta in read(run_dir / "annotations"):
         counts["annotated"] += meta.num_rows
         counts["annotations"] += int((meta.metadata or {}).get(COUNT_KEY, b"0"))
-    counts["errors"] = sum(pq.read_metadata(p).num_rows for p in (Path(run_dir) / "errors").glob("part-*.parquet"))
+    counts["errors"] = sum(meta.num_rows for meta in read(run_dir / "errors"))
     return counts
 
 
-def retire_read_errors(run_dir: Path) -> int:
+def retire_read_errors(run_dir: Path | Location) -> int:
     """Drop the run's read-stage error rows (I/O, network: worth another try) so that a resumed run
     reads those images again; decode and annotate errors stay final. Returns how many were dropped."""
     dropped = 0
-    for part in sorted((Path(run_dir) / "errors").glob("part-*.parquet")):
-        errors = pq.read_table(part, schema=ERRORS)
+    for part in (Location.of(run_dir) / "errors").files(PARTS):
+        errors = pq.read_table(part.path, filesystem=part.fs, schema=ERRORS)
         kept = errors.filter(pc.not_equal(errors.column("stage"), "read"))
         if kept.num_rows < errors.num_rows:
             dropped += errors.num_rows - kept.num_rows
@@ -140,15 +140,15 @@ def retire_read_errors(run_dir: Path) -> int:
     return dropped
 
 
-def settled_paths(run_dir: Path) -> pa.ChunkedArray:
+def settled_paths(run_dir: Path | Location) -> pa.ChunkedArray:
     """Paths of every image a run has settled (annotated, or failed for a reason a retry cannot mend),
     as Arrow strings: an anti-join's right side, never a Python set."""
     return pa.chunked_array(list(settled_batches(run_dir)), pa.string())
 
 
-def settled_batches(run_dir: Path) -> Iterator[pa.Array]:
+def settled_batches(run_dir: Path | Location) -> Iterator[pa.Array]:
     """settled_paths a record batch at a time (parts read by pyarrow's dataset scanner, never all at once)."""
-    run_dir = Path(run_dir)
+    run_dir = Location.of(run_dir)
     quarantine_broken_parts(run_dir / "annotations")
     quarantine_broken_parts(run_dir / "errors")
     for folder, schema in (("annotations", IMAGES), ("errors", ERRORS)):
@@ -159,9 +159,14 @@ def settled_batches(run_dir: Path) -> Iterator[pa.Array]:
             yield batch.column("path")
 
 
-def annotated_contents(run_dirs: list[Path]) -> pa.Table:
+def run_folders(root: Path | Location) -> list[Location]:
+    """The runs under an incremental root (root/runs/<run-id>/ with a manifest), oldest first."""
+    return [run for run in (Location.of(root) / "runs").folders() if (run / "manifest.json").is_file()]
+
+
+def annotated_contents(run_dirs: list[Path | Location]) -> pa.Table:
     """image_id (content hash) and path of every image the runs annotated: read by each actor, which
     marks later copies of those contents (pipeline.plan.mark_duplicates); never held by the driver."""
     columns = ["image_id", "path"]
-    return pa.concat_tables([read_parts(Path(d) / "annotations", IMAGES, columns) for d in run_dirs]
+    return pa.concat_tables([read_parts(Location.of(d) / "annotations", IMAGES, columns) for d in run_dirs]
                             or [IMAGES.empty_table().select(columns)])

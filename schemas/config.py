@@ -13,6 +13,7 @@ METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "e
            "deconvnet", "guided")
 RULES = ("paper", "instances")
 PRECISIONS = ("auto", "float32", "bfloat16")
+OUTPUT_SCHEMES = ("s3", "gs", "gcs")  # object stores pyarrow writes to (credentials from the environment)
 
 
 class UserError(ValueError):
@@ -145,9 +146,9 @@ class JobConfig(AnnotateSettings):
             fail("source", "give a folder, a glob, a .csv/.parquet manifest or a URI")
         if not self.out:
             fail("out", "give the run directory")
-        if "://" in self.out:  # the actors write parts with atomic renames, which object stores lack
-            fail("out", "a filesystem path every worker sees (a local disk, a shared volume); object-store "
-                 "outputs are not supported yet")
+        if "://" in self.out and self.out.split("://")[0] not in OUTPUT_SCHEMES:
+            fail("out", "a path every worker sees (a local disk, a shared volume) or an object-store URI "
+                 "(s3://, gs://)")
         for name in ("actors", "batch_size", "part_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

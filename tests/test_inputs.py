@@ -270,7 +270,7 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     ({"scales": []}, "scales"),
     ({"scales": [1.0, 9.0]}, "scales"),
     ({"precision": "float16"}, "precision"),
-    ({"out": "s3://bucket/runs"}, "out"),
+    ({"out": "ftp://host/runs"}, "out"),
     ({"top_k": 0}, "top_k"),
 ])
 def test_bad_config_values_fail_naming_the_field(overrides, field):

@@ -383,9 +383,10 @@ def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(
 
 def test_a_block_of_the_work_list_reads_exactly_its_rows(tmp_path):
     from camlabel.pipeline.plan import read_rows
+    from camlabel.pipeline.store import Location
 
     path = tmp_path / "work-list.parquet"
     pq.write_table(pa.table({"path": [str(i) for i in range(100)]}), path, row_group_size=7)
     for start, stop in [(0, 10), (5, 9), (7, 14), (13, 50), (95, 100), (0, 100)]:  # inside, across, at edges
-        rows = pa.concat_tables(read_rows(str(path), start, stop)).column("path").to_pylist()
+        rows = pa.concat_tables(read_rows(Location.of(path), start, stop)).column("path").to_pylist()
         assert rows == [str(i) for i in range(start, stop)]

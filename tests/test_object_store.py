@@ -1,0 +1,73 @@
+"""Runs written to an object store: S3 as moto serves it locally, through pyarrow's S3 filesystem."""
+
+import json
+import shutil
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from camlabel.pipeline.cli import main
+from camlabel.pipeline.lease import LEASE_FILE, lease
+from camlabel.pipeline.store import Location
+from camlabel.schemas.config import ConfigError
+from moto.server import ThreadedMotoServer
+from pycocotools.coco import COCO
+
+from tests.test_pipeline import annotate, collection, local_ray  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A URI of an empty bucket whose options (endpoint, credentials) travel with it to Ray's workers."""
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = dict(access_key="k", secret_key="s", region="us-east-1", endpoint_override=f"{host}:{port}",
+                   scheme="http")
+    pafs.S3FileSystem(**options, allow_bucket_creation=True).create_dir("labels")
+    yield f"s3://k:s@labels/{{}}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+
+
+def test_a_second_run_cannot_take_an_object_store_output_in_use(bucket):
+    root = Location.of(bucket.format("busy"))
+    with lease(root):
+        assert (root / LEASE_FILE).is_file()
+        with pytest.raises(ConfigError, match="is in use by the run of pid"):
+            with lease(root):
+                pass
+    assert not (root / LEASE_FILE).is_file()
+
+
+def test_incremental_runs_on_s3_resume_list_and_export(local_ray, collection, bucket, tmp_path, capsys):  # noqa: F811
+    source, root = tmp_path / "incoming", bucket.format("series")
+    source.mkdir()
+    for name in ("cat.png", "coffee.png"):
+        shutil.copy(collection / name, source / name)
+    annotate(source, root, "--incremental")
+    shutil.copy(collection / "horse.png", source / "horse.png")
+    annotate(source, root, "--incremental")
+    capsys.readouterr()
+    assert main(["runs", root]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["status"], r["this_run"], r["annotated"]) for r in runs] == [("finished", 2, 2), ("finished", 1, 1)]
+
+    store = Location.of(root)
+    run_dirs = [store / "runs" / r["run"] for r in runs]
+    for run in run_dirs:  # parts only: no temporary object, no work list, and the lease is gone
+        assert [f.name for f in run.files()] == ["manifest.json"]
+        assert all(p.name.startswith("part-") for p in (run / "annotations").files())
+        assert json.loads((run / "manifest.json").read_text())["run_dir"] == str(run)
+    assert not (store / LEASE_FILE).is_file()
+    horse = pq.read_table((run_dirs[1] / "annotations").files()[0].path, filesystem=store.fs)
+    assert horse.column("path").to_pylist() == [str(source / "horse.png")]
+
+    assert main(["export-coco", root, "--out", str(tmp_path / "coco.json")]) == 0
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert sorted(i["file_name"] for i in coco.imgs.values()) == [str(source / n) for n in ("cat.png", "coffee.png",
+                                                                                              "horse.png")]
+    first = bucket.format(f"series/runs/{runs[0]['run']}")
+    assert main(["report", first, "--out", str(tmp_path / "report")]) == 0
+    assert "coffee.png" in (tmp_path / "report" / "report.html").read_text()
+    assert main(["export-masks", first, "--out", str(tmp_path / "masks")]) == 0
+    assert sorted(p.name for p in (tmp_path / "masks").rglob("*.png")) == ["cat.png", "coffee.png"]
