@@ -26,6 +26,7 @@ from ..schemas.config import AnnotateSettings, ConfigError, JobConfig
 from ..workers.annotator import box_rule
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
+from . import contents
 from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
@@ -203,7 +204,8 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
     first_at, after_first, devices, actors, nodes = None, 0, set(), set(), set()
     try:
         with stopped_by_signals():
-            for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir, earlier):
+            for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir,
+                                          bool(earlier)):
                 images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
                 devices.update(status.column("device").to_pylist())
                 actors.update(status.column("actor").to_pylist())
@@ -254,7 +256,8 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         start = time.perf_counter()
         if todo:
             stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
-        (run_dir / WORK_LIST).unlink()
+        for plan in (WORK_LIST, contents.HASHES, contents.IMAGES):
+            (run_dir / plan).unlink()
         manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
                          "seconds": round(time.perf_counter() - start, 2),
                          "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo}})

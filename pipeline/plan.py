@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import Datasource, ReadTask
@@ -29,8 +28,9 @@ from ray.data.block import BlockMetadata
 
 from ..schemas.config import AnnotateSettings
 from ..workers.actor import AnnotateActor, decode_batch
+from .contents import EarlierContents
 from .store import Location
-from .writers import annotated_contents, write_part
+from .writers import write_part
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.1  # reservation of a decode task: decoding is a few percent of the model's work
@@ -80,36 +80,34 @@ def shortest_needed(settings: AnnotateSettings) -> int:
     return math.ceil(resolved.input_size * max(resolved.scales))
 
 
-def mark_duplicates(batch: dict, earlier: pa.Table) -> dict:
-    """Images whose content an earlier run of the series annotated (earlier: its image_id and path
-    columns) become error rows that name the earlier image (stage "duplicate"): never annotated twice,
-    never silently dropped."""
+def mark_duplicates(batch: dict, earlier: EarlierContents) -> dict:
+    """Images whose content an earlier run of the series annotated become error rows that name the
+    earlier image (stage "duplicate"): never annotated twice, never silently dropped."""
     batch = {k: list(v) for k, v in batch.items()}  # numpy string columns would truncate a longer reason
-    found = pc.index_in(pa.array(batch["image_id"], pa.string()), value_set=earlier.column("image_id")).to_pylist()
-    for i, j in enumerate(found):
-        if j is not None and not batch["error"][i]:
+    for i, path in enumerate(earlier.earlier_paths(batch["image_id"])):
+        if path is not None and not batch["error"][i]:
             batch["error_stage"][i] = "duplicate"
-            batch["error"][i] = f"same content as {earlier.column('path')[j].as_py()}, annotated by an earlier run"
+            batch["error"][i] = f"same content as {path}, annotated by an earlier run"
     return batch
 
 
 class AnnotateAndWrite:
     """The annotate stage: an AnnotateActor (decoding its own parts when there is no decode stage) that
-    writes each part's rows itself and returns only the part's counts. Each actor reads the earlier
-    runs' content index itself."""
+    writes each part's rows itself and returns only the part's counts. With earlier runs, each actor maps
+    the index of their contents that planning wrote (pipeline.contents)."""
 
     def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: Location, decodes: bool,
-                 earlier_runs: list[Location]) -> None:
+                 earlier: bool) -> None:
         self.actor = AnnotateActor(model, settings, batch_size)
         self.run_dir, self.decodes = run_dir, decodes
-        self.earlier = annotated_contents(earlier_runs)
+        self.earlier = EarlierContents(run_dir) if earlier else None
         self.shortest = shortest_needed(settings)
         where = ray.get_runtime_context() if ray.is_initialized() else None
         self.actor_id, self.node_id = (where.get_actor_id(), where.get_node_id()) if where else (None, None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
-        batch = mark_duplicates(batch, self.earlier)
+        batch = mark_duplicates(batch, self.earlier) if self.earlier else batch
         return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device,
                                       "actor": self.actor_id, "node": self.node_id}])
 
@@ -152,11 +150,12 @@ def annotate_stream(
     settings: AnnotateSettings,
     resources: Resources,
     run_dir: Path | Location,
-    earlier_runs: list[Location],
+    earlier: bool,
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
-    "errors", "annotations", "device", "actor", "node"}). Blocks of about a part, so that every actor gets work,
+    "errors", "annotations", "device", "actor", "node"}). earlier: whether earlier runs of the series exist
+    (planning indexed their contents in run_dir). Blocks of about a part, so that every actor gets work,
     and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
     start = min(resources.actors, blocks)  # as many actors as the cluster holds now, none idle in a tiny run
@@ -170,7 +169,7 @@ def annotate_stream(
         AnnotateAndWrite,
         fn_constructor_kwargs={"model": model, "settings": settings, "batch_size": resources.batch_size,
                                "run_dir": Location.of(run_dir), "decodes": not resources.decode_stage,
-                               "earlier_runs": earlier_runs},
+                               "earlier": earlier},
         batch_size=resources.part_size,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,

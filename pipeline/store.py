@@ -101,6 +101,7 @@ class Location:
     def put_file(self, local: Path) -> None:
         """A local file moved here whole: a rename on the same disk, an upload (then a delete) otherwise."""
         if self.local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             os.replace(local, self.path)
             return
         pafs.copy_files(str(local), self.path, source_filesystem=pafs.LocalFileSystem(),

@@ -15,7 +15,8 @@ import math
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -24,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..schemas.config import JobConfig
-from ..schemas.tables import RESULTS
+from ..schemas.tables import IMAGES, RESULTS
+from . import contents
 from .sources import (
     image_listing,
     labels_batches,
@@ -35,7 +37,7 @@ from .sources import (
     manifest_rows,
 )
 from .store import Location
-from .writers import retire_read_errors, settled_batches, write_part
+from .writers import parts_dataset, retire_read_errors, settled_batches, write_part
 
 log = logging.getLogger(__name__)
 WORK_LIST = "work-list.parquet"  # the run's plan: path and labels of each image to do, removed when it finishes
@@ -48,8 +50,9 @@ SCHEMA = pa.schema([("path", pa.string()), ("labels", pa.string())])
 def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Location,
               earlier: list[Location]) -> tuple[int, int]:
     """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
-    read errors are retried: I/O may mend), with its labels ("i j", or "-" for none). Returns (inputs,
-    images to do). Files whose names are not UTF-8 are settled here, as error rows."""
+    read errors are retried: I/O may mend), with its labels ("i j", or "-" for none), and with earlier
+    runs, the index of their contents (pipeline.contents). Returns (inputs, images to do). Files whose
+    names are not UTF-8 are settled here, as error rows."""
     run_dir = Location.of(run_dir)
     run_dir.mkdir()
     scratch = Path(run_dir.path) if run_dir.local else None  # spills beside the run, else in local temp
@@ -72,15 +75,17 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
                                             None if labels is None else labels_table(labels))
             else:
                 log.info("planning %d inputs in %d buckets", expected, buckets)
-                for name, batches, key in (("listing", listing, None), ("settled", settled, None),
-                                           ("labels", labels or (), "file_name")):
-                    _spill(Path(spill), name, batches, key, buckets)
+                for name, tables, key in (("listing", _tables(listing), "path"), ("settled", _tables(settled), "path"),
+                                          ("labels", labels or (), "file_name")):
+                    _spill(Path(spill), name, tables, partial(_by_name, key=key, buckets=buckets), buckets)
                 for b in range(buckets):
                     listed, done, found = (_read_bucket(Path(spill), name, b) for name in ("listing", "settled",
                                                                                            "labels"))
                     counts = _plan_bucket(writer, config.source, _paths(listed), _paths(done), found)
                     inputs, todo = inputs + counts[0], todo + counts[1]
         (run_dir / WORK_LIST).put_file(out)
+        if earlier:
+            _index_contents(run_dir, earlier, Path(spill))
     if len(unnamed):
         _settle_unnamed(run_dir, unnamed)
     return inputs + len(unnamed), todo
@@ -118,13 +123,49 @@ def bucket_of(names: pa.Array, buckets: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(n.encode()) for n in bare.to_pylist()), np.int64, len(bare)) % buckets
 
 
-def _spill(folder: Path, name: str, batches: Iterable, key: str | None, buckets: int) -> None:
-    """Batches (arrays of paths, or tables keyed by column `key`) into one Parquet file per bucket."""
+def _index_contents(run_dir: Location, earlier: list[Location], spill: Path) -> None:
+    """The earlier runs' annotated images sorted by content hash, as pipeline.contents reads them: spilled
+    into ranges of the hash of about BUCKET_ROWS images each, then each range sorted and appended, so
+    memory follows a range, not the series."""
+    runs = [d for d in (parts_dataset(e / "annotations", IMAGES) for e in earlier) if d is not None]
+    buckets = max(1, math.ceil(sum(d.count_rows() for d in runs) / BUCKET_ROWS))
+    tables = (pa.Table.from_batches([b]) for d in runs
+              for b in d.to_batches(columns=["image_id", "path"], batch_size=SPILL_ROWS))
+    _spill(spill, "contents", tables, partial(_by_hash, buckets=buckets), buckets)
+    with (open(spill / contents.HASHES, "wb") as hashes,
+          pq.ParquetWriter(spill / contents.IMAGES, contents.SCHEMA) as images):
+        for b in range(buckets):
+            table = _read_bucket(spill, "contents", b)
+            if table is None:
+                continue
+            table = table.append_column("hash", pa.array(contents.hash_prefixes(table.column("image_id"))))
+            table = table.sort_by([("hash", "ascending"), ("image_id", "ascending")])
+            hashes.write(table.column("hash").to_numpy().astype("<u8").tobytes())
+            images.write_table(table.select(contents.SCHEMA.names), row_group_size=contents.ROW_GROUP)
+    for name in (contents.HASHES, contents.IMAGES):
+        (run_dir / name).put_file(spill / name)
+
+
+def _tables(batches: Iterable[pa.Array]) -> Iterable[pa.Table]:
+    return (pa.table({"path": batch}) for batch in batches)
+
+
+def _by_name(table: pa.Table, key: str, buckets: int) -> np.ndarray:
+    return bucket_of(table.column(key), buckets)
+
+
+def _by_hash(table: pa.Table, buckets: int) -> np.ndarray:
+    """Ranges of the content hash: bucket b holds hashes below those of bucket b + 1."""
+    return ((contents.hash_prefixes(table.column("image_id")) >> np.uint64(32)) * np.uint64(buckets) >> np.uint64(32))
+
+
+def _spill(folder: Path, name: str, tables: Iterable[pa.Table], bucket_ids: Callable[[pa.Table], np.ndarray],
+           buckets: int) -> None:
+    """Tables into one Parquet file per bucket, as bucket_ids assigns their rows."""
     writers: dict[int, pq.ParquetWriter] = {}
     try:
-        for batch in batches:
-            table = pa.table({"path": batch}) if key is None else batch
-            ids = bucket_of(table.column(key or "path"), buckets)
+        for table in tables:
+            ids = bucket_ids(table).astype(np.int64)
             order = np.argsort(ids, kind="stable")
             table, bounds = table.take(order), np.searchsorted(ids[order], np.arange(buckets + 1))
             for b in np.nonzero(np.diff(bounds))[0]:

@@ -162,11 +162,3 @@ def settled_batches(run_dir: Path | Location) -> Iterator[pa.Array]:
 def run_folders(root: Path | Location) -> list[Location]:
     """The runs under an incremental root (root/runs/<run-id>/ with a manifest), oldest first."""
     return [run for run in (Location.of(root) / "runs").folders() if (run / "manifest.json").is_file()]
-
-
-def annotated_contents(run_dirs: list[Path | Location]) -> pa.Table:
-    """image_id (content hash) and path of every image the runs annotated: read by each actor, which
-    marks later copies of those contents (pipeline.plan.mark_duplicates); never held by the driver."""
-    columns = ["image_id", "path"]
-    return pa.concat_tables([read_parts(Location.of(d) / "annotations", IMAGES, columns) for d in run_dirs]
-                            or [IMAGES.empty_table().select(columns)])

@@ -209,7 +209,7 @@ def test_a_part_is_annotated_a_model_batch_at_a_time_and_written_as_one_file(tmp
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     paths.append(str(tmp_path / "broken.jpg"))
     stage = AnnotateAndWrite({}, AnnotateSettings(input_size=64, scales=(1.0,), flip=False), batch_size=2,
-                             run_dir=str(tmp_path / "run"), decodes=True, earlier_runs=[])
+                             run_dir=str(tmp_path / "run"), decodes=True, earlier=False)
     model_batches = []
 
     class Counted(Annotator):

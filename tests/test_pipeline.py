@@ -301,7 +301,7 @@ def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(loc
     for stage in (True, False):  # the GPU plan's decode tasks, on CPU here; the CPU plan's own decoding
         out = tmp_path / str(stage)
         resources = Resources(2, 0.0, 0.9, 2, 4, 2, decode_stage=stage)  # parts of two model batches
-        counts = [row for t in annotate_stream(work_list, len(items), {}, settings, resources, out, [])
+        counts = [row for t in annotate_stream(work_list, len(items), {}, settings, resources, out, False)
                   for row in t.to_pylist()]
         assert sum(c["annotated"] for c in counts) == 5 and sum(c["errors"] for c in counts) == 1  # broken.jpg
         written[stage] = rows(out)

@@ -84,3 +84,36 @@ def test_a_header_only_manifest_and_labels_plan_nothing(tmp_path):
                        labels=str(tmp_path / "labels.csv"))
     assert worklist.plan_work(config, NAMES, tmp_path / "run", []) == (0, 0)
     assert pq.read_table(tmp_path / "run" / worklist.WORK_LIST).num_rows == 0
+
+
+def test_earlier_contents_are_found_by_hash_and_named_however_many_ranges_they_were_sorted_in(tmp_path,
+                                                                                              monkeypatch):
+    """The index of the earlier runs' contents (pipeline.contents) that planning writes: an image_id an
+    earlier run annotated gives its path, any other None, also when two ids share their first 8 bytes;
+    sorted in several hash ranges it is the same index as sorted at once."""
+    import hashlib
+
+    import numpy as np
+    from camlabel.pipeline.contents import HASHES, EarlierContents
+    from camlabel.pipeline.writers import write_part
+    from camlabel.schemas.tables import RESULTS
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
+    ids += [ids[0][:16] + "0" * 48, ids[0][:16] + "f" * 48]  # the first 8 bytes of ids[0], then others
+    for run, chosen in (("a", range(0, 25)), ("b", range(25, 42))):
+        rows = [{"path": f"/{run}/{i}.jpg", "image_id": ids[i], "width": 1, "height": 1, "annotations": []}
+                for i in chosen if i != 41]  # the last id was never annotated
+        write_part(tmp_path / run, pa.Table.from_pylist(rows, schema=RESULTS))
+    (tmp_path / "src").mkdir()
+    config = JobConfig(source=str(tmp_path / "src"), out=str(tmp_path / "run"))
+    found = {}
+    for label, bucket_rows in (("at once", 10**6), ("in ranges", 6)):
+        monkeypatch.setattr(worklist, "BUCKET_ROWS", bucket_rows)
+        worklist.plan_work(config, NAMES, tmp_path / label, [tmp_path / "a", tmp_path / "b"])
+        hashes = np.fromfile(tmp_path / label / HASHES, "<u8")
+        assert len(hashes) == 41 and (hashes[:-1] <= hashes[1:]).all()
+        found[label] = EarlierContents(worklist.Location.of(tmp_path / label)).earlier_paths(
+            ids + [hashlib.sha256(b"new").hexdigest()])
+    assert found["in ranges"] == found["at once"]
+    assert found["at once"] == [f"/a/{i}.jpg" for i in range(25)] + [f"/b/{i}.jpg" for i in range(25, 41)] + [None,
+                                                                                                               None]
