@@ -2,10 +2,11 @@
 
 A Ray task (`pipeline.job.planned`) writes it into the run directory before the actors start. Up to
 BUCKET_ROWS inputs are planned in memory. A larger collection is first spilled, a record batch at a
-time, into hash buckets of about BUCKET_ROWS images by file name: the listing, the paths this run and
-earlier runs settled, and the labels. Each bucket is then anti-joined and labelled on its own (a path,
-its settled copy and its labels row share a file name, so they share a bucket): the planning worker's
-memory follows the bucket, not the collection.
+time, into hash buckets of about BUCKET_ROWS images (by path relative to the source, or by file name
+when labels name bare files): the listing, the paths this run and earlier runs settled, and the labels.
+Each bucket is then anti-joined and labelled on its own (a path, its settled copy and its labels row
+share the key, so they share a bucket): the planning worker's memory follows the bucket, not the
+collection.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .sources import (
     last_row_first,
     manifest_batches,
     manifest_rows,
+    relative_paths,
 )
 from .store import Location
 from .writers import parts_dataset, retire_read_errors, settled_batches, write_part
@@ -75,9 +77,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
                                             None if labels is None else labels_table(labels))
             else:
                 log.info("planning %d inputs in %d buckets", expected, buckets)
-                for name, tables, key in (("listing", _tables(listing), "path"), ("settled", _tables(settled), "path"),
-                                          ("labels", labels or (), "file_name")):
-                    _spill(Path(spill), name, tables, partial(_by_name, key=key, buckets=buckets), buckets)
+                _spill_inputs(Path(spill), config, class_names, listing, settled, labels, buckets)
                 for b in range(buckets):
                     listed, done, found = (_read_bucket(Path(spill), name, b) for name in ("listing", "settled",
                                                                                            "labels"))
@@ -116,11 +116,32 @@ def _plan_bucket(writer: pq.ParquetWriter, source: str, listed: pa.ChunkedArray,
     return len(unique), len(todo)
 
 
-def bucket_of(names: pa.Array, buckets: int) -> np.ndarray:
-    """Each path's (or labels file_name's) bucket: a CRC of its bare file name, the one key every match
-    of the plan shares (same path, same relative path, same bare name)."""
-    bare = pc.replace_substring_regex(names, r"^.*/", "")
-    return np.fromiter((zlib.crc32(n.encode()) for n in bare.to_pylist()), np.int64, len(bare)) % buckets
+def _spill_inputs(spill: Path, config: JobConfig, class_names: list[str], listing: Iterable[pa.Array],
+                  settled: Iterable[pa.Array], labels: Iterable[pa.Table] | None, buckets: int) -> None:
+    """The listing, the settled paths and the labels spilled into buckets by the key that every match of
+    the plan shares: a path's bare file name when the labels name bare files (such a label matches that
+    name in any folder), else its path relative to the source (a settled path is the same path, a label
+    the same relative path), so that a collection of `image.jpg` in every folder still spreads."""
+    bare = config.labels is not None and _names_bare_files(labels_batches(config.labels, class_names, SPILL_ROWS))
+    path_key = _file_name if bare else partial(relative_paths, source=config.source)
+    for name, tables, column, key in (("listing", _tables(listing), "path", path_key),
+                                      ("settled", _tables(settled), "path", path_key),
+                                      ("labels", labels or (), "file_name", _file_name if bare else None)):
+        _spill(spill, name, tables, partial(_by_key, column=column, key=key, buckets=buckets), buckets)
+
+
+def bucket_of(keys: pa.Array, buckets: int) -> np.ndarray:
+    """Each key's bucket: a CRC of it (a Python loop: about 4 s per million keys, planning only)."""
+    return np.fromiter((zlib.crc32(k.encode()) for k in keys.to_pylist()), np.int64, len(keys)) % buckets
+
+
+def _file_name(paths: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(paths, r"^.*/", "")
+
+
+def _names_bare_files(labels: Iterable[pa.Table]) -> bool:
+    """Whether a labels file names some image by its bare file name (no folder)."""
+    return any(pc.any(pc.invert(pc.match_substring(t.column("file_name"), "/"))).as_py() for t in labels)
 
 
 def _index_contents(run_dir: Location, earlier: list[Location], spill: Path) -> None:
@@ -150,8 +171,9 @@ def _tables(batches: Iterable[pa.Array]) -> Iterable[pa.Table]:
     return (pa.table({"path": batch}) for batch in batches)
 
 
-def _by_name(table: pa.Table, key: str, buckets: int) -> np.ndarray:
-    return bucket_of(table.column(key), buckets)
+def _by_key(table: pa.Table, column: str, key: Callable[[pa.Array], pa.Array] | None, buckets: int) -> np.ndarray:
+    values = table.column(column).combine_chunks()
+    return bucket_of(values if key is None else key(values), buckets)
 
 
 def _by_hash(table: pa.Table, buckets: int) -> np.ndarray:

@@ -117,3 +117,23 @@ def test_earlier_contents_are_found_by_hash_and_named_however_many_ranges_they_w
     assert found["in ranges"] == found["at once"]
     assert found["at once"] == [f"/a/{i}.jpg" for i in range(25)] + [f"/b/{i}.jpg" for i in range(25, 41)] + [None,
                                                                                                                None]
+
+
+def test_files_that_share_one_name_spread_over_the_buckets_unless_labels_name_bare_files(tmp_path, monkeypatch):
+    """A collection of `image.jpg` in every folder: with labels by relative path (or none) the buckets key on
+    the relative path and stay small; only labels that name bare files need the file name as key."""
+    (tmp_path / "manifest.csv").write_text("path\n" + "".join(f"f{i:02d}/image.jpg\n" for i in range(40)))
+    (tmp_path / "labels.csv").write_text("file_name,labels\nf03/image.jpg,3\nf31/image.jpg,1\n")
+    config = JobConfig(source=str(tmp_path / "manifest.csv"), out="unused", labels=str(tmp_path / "labels.csv"))
+    whole = worklist.plan_work(config, NAMES, tmp_path / "whole", [])
+    sizes = []
+    plan_bucket = worklist._plan_bucket
+    monkeypatch.setattr(worklist, "_plan_bucket", lambda writer, source, listed, *rest: sizes.append(len(listed))
+                        or plan_bucket(writer, source, listed, *rest))
+    monkeypatch.setattr(worklist, "BUCKET_ROWS", 2)  # a CSV's size says about 8 rows: four buckets
+    assert worklist.plan_work(config, NAMES, tmp_path / "bucketed", []) == whole == (40, 40)
+    read = [pq.read_table(tmp_path / run / worklist.WORK_LIST).sort_by("path").to_pylist()
+            for run in ("whole", "bucketed")]
+    assert read[0] == read[1] and {r["path"].split("/")[-2]: r["labels"] for r in read[0] if r["labels"] != "-"} \
+        == {"f03": "3", "f31": "1"}
+    assert len(sizes) == 4 and max(sizes) < 20  # by file name, one bucket held all 40
