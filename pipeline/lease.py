@@ -5,9 +5,10 @@ Two scheduled runs on one output would annotate the same images twice. The lease
 renewed the lease (rewritten its file) for STALE_AFTER_S.
 
 Locally the lease is created exclusively (O_EXCL). An object store offers no exclusive create through
-pyarrow, so there the lease is written, left to settle for SETTLE_S and read back: of two runs that
-raced, only the one whose token it reads back goes on (the other would have to take longer than SETTLE_S
-between finding no lease and writing its own to slip past).
+pyarrow (S3's conditional put is not exposed: apache/arrow#44281), so there the lease is written, left
+to settle for SETTLE_S and read back: of two runs that raced, only the one whose token it reads back
+goes on (the other would have to take longer than SETTLE_S between finding no lease and writing its own
+to slip past).
 """
 
 from __future__ import annotations
