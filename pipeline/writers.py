@@ -1,9 +1,9 @@
 """Parquet parts written atomically (pipeline.store) under names fixed by their content.
 
 A run directory (a local folder or an object-store prefix) holds `annotations/part-*.parquet` and
-`errors/part-*.parquet`, written by the annotate actors themselves, one part per batch. A part either
-exists whole or not at all, so a rerun reads the finished parts, skips their images, and nothing is lost
-or written twice.
+`errors/part-*.parquet`, written by the annotate actors themselves, one part per `--part-size` images.
+A part either exists whole or not at all, so a rerun reads the finished parts, skips their images, and
+nothing is lost or written twice.
 """
 
 from __future__ import annotations
