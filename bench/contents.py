@@ -17,8 +17,6 @@ import json
 import os
 import random
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from bench import in_fresh_process
+from bench import add_step_flags, in_fresh_process, make_in_fresh_process
 
 PART_ROWS = 100_000
 LOOKUPS = 256
@@ -85,10 +83,8 @@ def one(folder: Path, step: str, count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
-    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    add_step_flags(parser)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.step, args.count)))
@@ -102,7 +98,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="camlabel-contents-") as tmp:
-            subprocess.run([sys.executable, "-m", "bench.contents", "--make", tmp, "--count", str(count)], check=True)
+            make_in_fresh_process("bench.contents", tmp, count)
             steps = {step: in_fresh_process("bench.contents", tmp, "--step", step, "--count", str(count))
                      for step in ("table", "plan", "actor")}
         print(f"| {count} | {steps['table']['mib']} | {steps['plan']['seconds']} / {steps['plan']['peak_mib']} | "

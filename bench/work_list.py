@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -29,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from bench import in_fresh_process
+from bench import add_step_flags, in_fresh_process, make_in_fresh_process
 
 
 def make(folder: Path, count: int) -> None:
@@ -75,9 +73,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--labels", action="store_true", help="a labels CSV for every path")
     parser.add_argument("--worker", action="store_true", help="measure the planning itself, without Ray")
-    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    add_step_flags(parser)
     args = parser.parse_args()
     flags = [*(["--labels"] if args.labels else []), *(["--worker"] if args.worker else [])]
     if args.one:
@@ -92,8 +88,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for count in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix="camlabel-worklist-") as tmp:
-            # made in a process of its own: a child inherits its parent's peak RSS across fork and exec
-            subprocess.run([sys.executable, "-m", "bench.work_list", "--make", tmp, "--count", str(count)], check=True)
+            make_in_fresh_process("bench.work_list", tmp, count)
             r = in_fresh_process("bench.work_list", tmp, *flags)
         print(f"| {r['inputs']} | {r['todo']} | {r['seconds']} | {r['before_mib']} / {r['planned_mib']} / "
               f"{r['peak_mib']} | {r['blocks']} |", flush=True)
