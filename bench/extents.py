@@ -1,11 +1,15 @@
 """Which maps each class's extent is cut from, swept in minutes: fine (larger scales) or coarse (smaller).
 
     python -m bench.extents [--data DIR] [--fine 1.5,2.0] [--coarse 1.0,1.5 --coarse 0.75,1.0,1.5]
+        [--spread 4,0.6 --spread 8,0.6 --spread off]
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
 the mean of its smaller ones, choosing per class (workers.boxes `_extent_chosen`). Every image's maps at
 each scale of --scales are computed once, with image-level labels and the default settings otherwise,
 and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
+
+--spread POWER,MIX sets the semantic spread's power and mix (workers.boxes.SPREAD_POWER, SPREAD_MIX) for
+a variant, `off` leaves the spread out; each --spread is run with each --coarse.
 
 Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
 all; box AP50, box AP, mask IoU, segm AP50, boxes per object), then CorLoc with the fine extent only,
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from camlabel.pipeline.evaluate import evaluate, load_ground_truth
 from camlabel.schemas.config import AnnotateSettings
+from camlabel.workers import boxes
 from camlabel.workers.annotator import GROUP_STEP, Annotator, mean_map, shape_groups
 from camlabel.workers.boxes import RULES, WORK_STRIDE, pseudo_labels, working_maps
 from camlabel.workers.models import load_model
@@ -58,32 +65,43 @@ class CachedSet:
 
     def maps(self, name: str) -> dict:
         path = self.cache / f"{name}.pt"
-        if not path.exists():
+        cached = torch.load(path, weights_only=True) if path.exists() else {}
+        if "features" not in cached:  # caches made before the semantic spread lack them
             image, batch, valid = self._input(name)
-            kept, per_scale = self.annotator.maps_per_scale([image], batch, valid, torch.tensor([self.labels[name]]))
+            with self.annotator.features_captured() as captured:
+                kept, per_scale = self.annotator.maps_per_scale([image], batch, valid,
+                                                                torch.tensor([self.labels[name]]))
+            cached = {"maps": {s: m.half() for s, m in per_scale.items()}, "classes": kept.classes,
+                      "valid": valid, "size": tuple(image.shape[-2:]), "features": captured["features"].half()}
             self.cache.mkdir(parents=True, exist_ok=True)
-            torch.save({"maps": {s: m.half() for s, m in per_scale.items()}, "classes": kept.classes,
-                        "valid": valid, "size": tuple(image.shape[-2:])}, path)
-        return torch.load(path, weights_only=True)
+            torch.save(cached, path)
+        return cached
 
-    def work(self, name: str, scales: tuple[float, ...]) -> torch.Tensor:
-        """The refined mean map of `scales`, as the annotator refines it (kept in memory per variant)."""
-        if (name, scales) not in self.refined:
+    def work(self, name: str, scales: tuple[float, ...], spread: str = "default") -> torch.Tensor:
+        """The refined mean map of `scales`, as the annotator refines it with the spread given (kept in
+        memory per variant)."""
+        if (name, scales, spread) not in self.refined:
             cached = self.maps(name)
             _, batch, valid = self._input(name)
             maps = mean_map([cached["maps"][s].float() for s in scales])
-            self.refined[name, scales] = working_maps(maps, valid, tuple(batch.shape[-2:]), guide=batch)
-        return self.refined[name, scales]
+            power, mix = (boxes.SPREAD_POWER, boxes.SPREAD_MIX) if spread in ("default", "off") else map(
+                float, spread.split(","))
+            with patch.multiple(boxes, SPREAD_POWER=power, SPREAD_MIX=mix):
+                self.refined[name, scales, spread] = working_maps(
+                    maps, valid, tuple(batch.shape[-2:]), guide=batch,
+                    features=None if spread == "off" else cached["features"].float())
+        return self.refined[name, scales, spread]
 
-    def predictions(self, fine: tuple[float, ...], coarse: tuple[float, ...] | None, rule) -> list[dict]:
+    def predictions(self, fine: tuple[float, ...], coarse: tuple[float, ...] | None, rule,
+                    spread: str = "default") -> list[dict]:
         found = []
         for name in self.names:
             cached = self.maps(name)
-            work = self.work(name, fine)
+            work = self.work(name, fine, spread)
             classes = cached["classes"]
             labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
                                    tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
-                                   None if coarse is None else self.work(name, coarse))[0]
+                                   None if coarse is None else self.work(name, coarse, spread))[0]
             found += [{"image_id": self.ids[name], "category_id": p.class_index + 1, "bbox": p.bbox,
                        "score": p.score, "segmentation": p.rle, "area": p.area} for p in labels]
         return found
@@ -113,6 +131,8 @@ def main() -> None:
     parser.add_argument("--fine", default="1.5,2.0", help="the scales small objects are cut from")
     parser.add_argument("--coarse", action="append", help="scales large objects are cut from (repeatable; "
                         "default 1.0,1.5)")
+    parser.add_argument("--spread", action="append", help="POWER,MIX of the semantic spread, or off (repeatable; "
+                        "default: the default's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,21 +142,21 @@ def main() -> None:
     half = len(data.names) // 2
     halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
     print(f"{args.data.name}, fine extent from scales {args.fine}\n")
-    print("| coarse scales | CorLoc first / second half | CorLoc | box AP50 | box AP | mask IoU | segm AP50 | "
+    print("| coarse scales | spread | CorLoc first / second half | CorLoc | box AP50 | box AP | mask IoU | segm AP50 | "
           "boxes/object | CorLoc fine only / coarse only / better of the two |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for variant in args.coarse or ["1.0,1.5"]:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for variant, spread in itertools.product(args.coarse or ["1.0,1.5"], args.spread or ["default"]):
         coarse = tuple(float(x) for x in variant.split(","))
-        chosen = data.predictions(fine, coarse, DEFAULT)
+        chosen = data.predictions(fine, coarse, DEFAULT, spread)
         r = evaluate(data.gt, chosen)
         by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
                             [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
-        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY))
-        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large))
+        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY, spread))
+        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread))
         n = len(fine_hits)
         either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
-        print(f"| {variant} | {by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | {r['bbox_AP50']:.3f} | "
-              f"{r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | {r.get('segm_AP50', 0):.3f} | "
+        print(f"| {variant} | {spread} | {by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | "
+              f"{r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | {r.get('segm_AP50', 0):.3f} | "
               f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"
               f" / {either / n:.3f} |", flush=True)
 

@@ -124,10 +124,11 @@ def drop_false_alarm() -> None:
 
 
 def series_of(loaded, settings: AnnotateSettings) -> str:
-    """Runs whose results may be merged: same model, weights, layer, method, settings and box rule (a
-    camlabel whose default rule changed starts a new series: its labels differ)."""
+    """Runs whose results may be merged: same model, weights, layers, method, settings and box rule (a
+    camlabel whose default rule or refinement changed starts a new series: its labels differ)."""
     key = json.dumps([loaded.name, loaded.weights_sha256 or loaded.weights_source, loaded.target_layer,
-                      settings.__dict__, asdict(box_rule(settings))], sort_keys=True, default=str)
+                      loaded.affinity_layer, settings.__dict__, asdict(box_rule(settings))], sort_keys=True,
+                     default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -158,7 +159,7 @@ def check_resumable(run_dir: Location, manifest: dict) -> None:
     if old.get("series") == manifest["series"]:
         return
     fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k]) for k in ("name", "weights_sha256",
-                                                                                   "target_layer")]
+                                                                                   "target_layer", "affinity_layer")]
     fields += [(k, old["settings"].get(k), v) for k, v in json.loads(json.dumps(manifest["settings"])).items()]
     fields += [(f"rule.{k}", old.get("rule", {}).get(k), v) for k, v in manifest["rule"].items()]
     field, was, now = next(((f, a, b) for f, a, b in fields if a != b), ("series", old.get("series"),
@@ -172,7 +173,8 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
     return {
         "config": config.as_dict(),
         "model": {"name": loaded.name, "weights": loaded.weights_source, "weights_sha256": loaded.weights_sha256,
-                  "target_layer": loaded.target_layer, "classes": len(loaded.class_names),
+                  "target_layer": loaded.target_layer, "affinity_layer": loaded.affinity_layer,
+                  "classes": len(loaded.class_names),
                   "class_names": loaded.class_names},
         "settings": settings.__dict__,
         "rule": asdict(box_rule(settings)),  # thresholds as run, the defaults included

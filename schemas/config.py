@@ -65,7 +65,8 @@ class AnnotateSettings:
     scales: tuple[float, ...] | None = setting(None, "input sizes whose maps are averaged, as multiples of "
                                                f"input_size (default {','.join(map(str, SCALES))}; per method: "
                                                "eigencam 1.0,1.5, scorecam and occlusion 1.0)")
-    refine: bool = setting(True, "refine maps with the image's colours (colour model, then a random walk)")
+    refine: bool = setting(True, "refine maps with the model's features and the image's colours (a spread along "
+                           "feature similarity, a colour model, then a random walk)")
     precision: str = setting("auto", "the model's passes: auto (bfloat16 autocast where the device computes it "
                              "natively: CUDA GPUs, CPUs with AVX512-BF16 or AMX; else float32), float32 or "
                              "bfloat16. Maps and all after them stay float32")

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
 from camlabel.workers.annotator import Annotator, resample_maps, shape_groups
+from camlabel.workers.boxes import working_maps
 from camlabel.workers.models import load_model
+from camlabel.workers.preprocess import prepare_batch
 from skimage import data
 
 
@@ -40,6 +42,23 @@ def test_labels_choose_the_classes_and_predictions_fill_in_without_them():
     assert predicted.labels[0][0].class_index in {281, 282, 283, 284, 285}  # named by its crop: a cat
     box = predicted.labels[0][0].bbox
     assert box[2] * box[3] > 0.05 * 240 * 320  # the cat fills much of the photo
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.5), (1.5, 2.0)])  # with and without a pass at input_size
+def test_the_spread_uses_the_features_of_the_unmirrored_pass_at_input_size(scales, monkeypatch):
+    annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=96, scales=scales,
+                                                                     precision="float32"))
+    cat = photo(120, 200)
+    seen = []
+    monkeypatch.setattr(annotator_module, "working_maps",
+                        lambda *args, features=None, **kw: seen.append(features) or working_maps(*args, **kw,
+                                                                                                    features=features))
+    annotator([cat], [[281]])
+    batch, _ = prepare_batch([cat], 96, "cpu", pad_to=(128, 192))  # its shape group's padded input
+    with torch.no_grad():
+        expected = annotator.loaded.model.features[:14](batch)  # features.13's output, stride 16
+    assert seen[0].shape == (1, 96, 8, 12)
+    torch.testing.assert_close(seen[0], expected)
 
 
 def test_maps_of_another_scale_are_sampled_at_the_same_image_points():

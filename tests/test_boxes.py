@@ -14,6 +14,7 @@ from camlabel.workers.boxes import (
     component_stats,
     connected_components,
     propagate_components,
+    semantic_spread,
     working_maps,
 )
 from camlabel.workers.boxes import pseudo_labels as labels_from_work
@@ -175,6 +176,44 @@ def test_each_refinement_step_is_the_colour_weighted_mean_of_the_window(spread, 
                     step[b, :, y, x] = (expected[b, :, ys, xs] * w).sum((1, 2)) / w.sum().clamp(min=1e-7)
         expected = step
     torch.testing.assert_close(affinity_refine(maps, image, valid, steps=3), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_evidence_spreads_to_the_cells_that_share_its_features_and_no_further():
+    # an 8x8 map whose evidence sits on one cell of an object (columns 0-3, features [1, 0]); the
+    # background (columns 4-5) has features [0, 1]; columns 6-7 are padding with the object's features
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[0, 0, 2, 1] = 1.0
+    features = torch.zeros(1, 2, 8, 8)
+    features[0, 0, :, :4] = features[0, 0, :, 6:] = 1.0
+    features[0, 1, :, 4:6] = 1.0
+    inside = torch.zeros(1, 8, 8, dtype=torch.bool)
+    inside[0, :, :6] = True
+    spread = semantic_spread(maps, features, inside)[0, 0]
+    # every object cell gets the object's mean evidence (then the max is 1): SPREAD_MIX of the max
+    expected = torch.full((8, 4), boxes.SPREAD_MIX)
+    expected[2, 1] = 1.0
+    torch.testing.assert_close(spread[:, :4], expected)
+    assert spread[:, 4:].abs().max() == 0  # the background and the padding get nothing
+
+
+def test_the_spread_weighs_cells_by_their_features_cosine_to_the_fourth_power():
+    torch.manual_seed(0)
+    maps, features = torch.rand(2, 3, 4, 6), torch.rand(2, 5, 4, 6) - 0.3
+    inside = torch.ones(2, 4, 6, dtype=torch.bool)
+    inside[1, :, 4:] = False
+    unit = torch.nn.functional.normalize(features.flatten(2), dim=1)  # the definition, cell by cell
+    expected = torch.zeros_like(maps)
+    for b in range(2):
+        giving = inside[b].flatten()
+        for i in range(24):
+            weights = torch.stack([(unit[b, :, i] @ unit[b, :, j]).clamp(min=0) ** 4 * giving[j] for j in range(24)])
+            expected[b, :, i // 6, i % 6] = (maps[b].flatten(1)[:, giving] * weights[giving]).sum(1) / weights.sum()
+    expected = expected * inside[:, None]
+    expected = expected / expected.flatten(2).amax(2)[..., None, None]
+    own = maps * inside[:, None] / (maps * inside[:, None]).flatten(2).amax(2)[..., None, None]
+    mixed = boxes.SPREAD_MIX * expected + (1 - boxes.SPREAD_MIX) * own
+    torch.testing.assert_close(semantic_spread(maps, features, inside),
+                               mixed / mixed.flatten(2).amax(2)[..., None, None])
 
 
 def test_an_instance_grows_from_its_seed_down_to_the_extent_threshold():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 from camlabel.workers.heatmaps import HeatmapError, compute_heatmaps
-from camlabel.workers.models import ModelError, load_model
+from camlabel.workers.models import ModelError, _spatial_shapes, find_affinity_layer, load_model
 from camlabel.workers.preprocess import prepare_batch
 from safetensors.torch import save_file
 from skimage import data
@@ -15,6 +15,9 @@ from skimage import data
 GAP_LINEAR = {"mobilenet_v2": "features", "resnet18": "layer4", "densenet121": "features",
               "efficientnet_b0": "features"}
 OTHER_HEADS = {"vgg11": "features", "convnext_tiny": "features"}
+# the last stage at stride 16, before the one that halves to the target's stride 32
+AFFINITY = {"mobilenet_v2": "features.13", "resnet18": "layer3", "densenet121": "features.denseblock3",
+            "efficientnet_b0": "features.5", "vgg11": "features.19", "convnext_tiny": "features.5"}
 
 
 @pytest.mark.parametrize("name", [*GAP_LINEAR, *OTHER_HEADS])
@@ -22,6 +25,7 @@ def test_every_model_loads_finds_its_layer_and_gives_maps(name):
     torch.manual_seed(0)
     loaded = load_model(name, weights=None, device="cpu")
     assert loaded.target_layer == {**GAP_LINEAR, **OTHER_HEADS}[name]
+    assert loaded.affinity_layer == AFFINITY[name]
     x = torch.randn(2, 3, 96, 128)
     heat = compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="gradcam", top_k=2)
     assert heat.maps.shape[:2] == (2, 2) and heat.maps.shape[-2:] == (3, 4)
@@ -32,6 +36,16 @@ def test_every_model_loads_finds_its_layer_and_gives_maps(name):
     else:
         with pytest.raises(HeatmapError, match="Use method 'gradcam'"):
             compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="cam")
+
+
+def test_the_affinity_layer_has_twice_the_target_layers_resolution_or_there_is_none():
+    loaded = load_model("resnet18", weights=None, device="cpu")
+    shapes = dict(_spatial_shapes(loaded.model))
+    assert shapes[loaded.affinity_layer][-1] == 2 * shapes[loaded.target_layer][-1]
+    assert find_affinity_layer(loaded.model, "layer3") == "layer2"  # a finer target: one stage earlier
+    one_step = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.LazyLinear(2))
+    assert find_affinity_layer(one_step, "1") is None
 
 
 def test_bundled_weights_are_verified_and_classify_a_real_photo():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from torch import Tensor, nn
 
 from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
 from .boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
-from .heatmaps import classify, compute_heatmaps, peak_evidence
+from .heatmaps import classify, compute_heatmaps, hooked, peak_evidence
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
 from .regions import name_regions, one_box_per_object
@@ -140,19 +142,40 @@ class Annotator:
                 targets[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
         else:
             targets = self._proposals(batch, valid)
-        heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets)
+        with self.features_captured() as captured:
+            heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets)
         classes, scores = heat.classes, heat.scores
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
         # labelled classes are present; without labels each region's crop decides (the namer's probability)
         present = torch.ones_like(scores)
         input_size = tuple(batch.shape[-2:])
         both = heat.maps if coarse is None else torch.cat([heat.maps, coarse], 1)  # refined together
-        work = working_maps(both, valid, input_size, guide=batch if s.refine else None)
+        # the spread widens whatever a map holds: only labelled classes' (a wrong proposal's map would swell
+        # over the background and its crop take the object's name: bench/README.md)
+        spread = s.refine and labels is not None
+        work = working_maps(both, valid, input_size, guide=batch if s.refine else None,
+                            features=captured.get("features") if spread else None)
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         namer = self.loaded.model if labels is None else None
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
                            top.values, namer, batch if namer is not None else None, s.min_score)
+
+    @contextmanager
+    def features_captured(self) -> Iterator[dict[str, Tensor]]:
+        """Within: the affinity layer's output of the first pass, the batch at input_size unmirrored, kept
+        in the yielded dict under "features" (nothing when the model has no such layer)."""
+        captured: dict[str, Tensor] = {}
+        layer = self.loaded.affinity_layer
+        if layer is None:
+            yield captured
+            return
+
+        def keep_first(_module, _inputs, out: Tensor) -> None:
+            captured.setdefault("features", out.detach())
+
+        with hooked(self.loaded.model.get_submodule(layer), keep_first):
+            yield captured
 
     def _proposals(self, batch: Tensor, valid: Tensor) -> Tensor | None:
         """Without labels, the top_k classes whose evidence peaks highest anywhere in the image

@@ -7,6 +7,7 @@ masks as COCO RLE (Fortran order, `counts` as str).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,13 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 WORK_STRIDE = 4  # thresholds and components are computed at 1/4 of the network input's resolution
 COLOUR_PSEUDOCOUNT = 1e-3  # added to every colour cell of the refinement's histograms: unseen colours stay possible
+# semantic_spread: affinity = cosine similarity of two cells' features ^ SPREAD_POWER (4 keeps it to cells of
+# one kind); the result is SPREAD_MIX of the spread map and the rest of the map itself; the affinity matrix is
+# computed over at most SPREAD_CELLS feature cells (16 MB an image), pooled coarser above. Chosen on stamps-large
+# and stamps-public, checked on the held-out proxies (bench/README.md).
+SPREAD_POWER = 4
+SPREAD_MIX = 0.6
+SPREAD_CELLS = 2048
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,31 @@ def spread_unfolded(maps: Tensor, weights: Tensor, radius: int) -> Tensor:
     window = 2 * radius + 1
     cells = F.unfold(maps.reshape(b * k, 1, h, w), window, padding=radius).view(b, k, window * window, h, w)
     return (cells * weights[:, None]).sum(2)
+
+
+def semantic_spread(maps: Tensor, features: Tensor, inside: Tensor) -> Tensor:
+    """Maps [B,K,h,w] mixed with their spread along the classifier's own features [B,C,hf,wf] (stride 16).
+
+    Each feature cell takes the mean of every cell's evidence, weighted by relu(cosine similarity of their
+    features)^SPREAD_POWER: one step of a random walk on the network's features (Ahn & Kwak 2018 walk
+    learned affinities; these come free with the pass). A CAM peaks on an object's most telling part (a
+    dog's head); its other parts (the body) share that part's mid-level features and not the background's,
+    so evidence reaches the whole object before the colour refinement fits it to edges. inside [B,h,w]:
+    the image's cells (not padding), which alone give and keep evidence.
+    """
+    b, k, h, w = maps.shape
+    hf, wf = features.shape[-2:]
+    pool = max(1, math.ceil(math.sqrt(hf * wf / SPREAD_CELLS)))
+    grid = (-(-hf // pool), -(-wf // pool))
+    inside = inside[:, None].float()
+    evidence = F.adaptive_avg_pool2d(maps * inside, grid).flatten(2)  # [B,K,N]
+    giving = F.adaptive_avg_pool2d(inside, grid).flatten(1) > 0  # [B,N] cells that hold some image
+    unit = F.normalize(F.adaptive_avg_pool2d(features.float(), grid).flatten(2), dim=1)  # [B,C,N]
+    affinity = torch.bmm(unit.transpose(1, 2), unit).clamp(min=0).pow(SPREAD_POWER) * giving[:, None]
+    affinity = affinity / affinity.sum(2, keepdim=True).clamp(min=1e-7)
+    spread = torch.bmm(evidence, affinity.transpose(1, 2)).view(b, k, *grid)
+    spread = F.interpolate(spread, size=(h, w), mode="bilinear", align_corners=False) * inside
+    return normalise(SPREAD_MIX * normalise(spread) + (1 - SPREAD_MIX) * normalise(maps * inside))
 
 
 def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 16, iterations: int = 2) -> Tensor:
@@ -243,10 +276,13 @@ def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Ten
     return order[position < rule.max_instances]
 
 
-def working_maps(maps: Tensor, valid: Tensor, input_size: tuple[int, int], guide: Tensor | None = None) -> Tensor:
+def working_maps(maps: Tensor, valid: Tensor, input_size: tuple[int, int], guide: Tensor | None = None,
+                 features: Tensor | None = None) -> Tensor:
     """Maps [B,K,h,w] of a padded batch -> [B,K,H/4,W/4] at the working resolution, 0 on padding.
 
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
+    features: the classifier's features at stride 16 [B,C,H/16,W/16]; when given, evidence first spreads
+    to the cells that share the features of where it is (`semantic_spread`): a large object's weaker parts.
     guide: the network input [B,3,H,W]; when given, maps are refined with the image's colours: a colour
     model of object vs background (`colour_refine`), then a random walk along colour edges
     (`affinity_refine`). This is what lifts CAM's blobs to object-shaped masks and tight boxes.
@@ -255,6 +291,8 @@ def working_maps(maps: Tensor, valid: Tensor, input_size: tuple[int, int], guide
     size = (height // WORK_STRIDE, width // WORK_STRIDE)
     work = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     inside = _inside(valid, size)
+    if features is not None:
+        work = semantic_spread(work, features, inside)
     work = work * inside[:, None]
     if guide is not None:
         colour = F.interpolate(guide, size=size, mode="area")

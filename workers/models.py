@@ -41,6 +41,7 @@ class LoadedModel:
     class_names: list[str]
     weights_sha256: str | None
     weights_source: str
+    affinity_layer: str | None = None  # features at twice the target's resolution (workers.boxes.semantic_spread)
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +159,7 @@ def load_model(
     layer = target_layer or find_target_layer(model)
     if layer not in dict(model.named_modules()):
         raise ModelError(f"no layer {layer!r} in {name}; candidates: {', '.join(spatial_layers(model)[-12:])}")
-    return LoadedModel(model, name, layer, names, sha, source)
+    return LoadedModel(model, name, layer, names, sha, source, find_affinity_layer(model, layer))
 
 
 LOCALIZER_FILE = "localizer.json"
@@ -186,7 +187,8 @@ def load_localizer(model_dir: str | Path, device: str | torch.device | None = No
                          f"unexpected {unexpected[:5]}")
     model.eval()
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), memory_format=torch.channels_last)
-    return LoadedModel(model, f"localizer:{backbone}", TARGET_LAYER, classes, sha256_file(weights), str(weights))
+    return LoadedModel(model, f"localizer:{backbone}", TARGET_LAYER, classes, sha256_file(weights), str(weights),
+                       find_affinity_layer(model, TARGET_LAYER))
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -265,3 +267,33 @@ def find_target_layer(model: nn.Module) -> str:
         if shapes.get(parent) == last_shape:
             best = parent
     return best
+
+
+def find_affinity_layer(model: nn.Module, target_layer: str) -> str | None:
+    """The last stage whose output has twice the target layer's resolution (stride 16 to its 32): the
+    features whose similarity says which cells belong to one object (workers.boxes.semantic_spread).
+
+    Walks the model's chain of stages from the top: among a module's children in execution order, the last
+    one at twice the resolution before the first at the target's (MobileNetV2's `features.13`, ResNet's
+    `layer3`); when the first child already reaches the target's resolution, the step is inside it. None
+    when there is no such stage.
+    """
+    shapes = _spatial_shapes(model)
+    if target_layer not in shapes:
+        return None
+    final = tuple(shapes[target_layer][-2:])
+    fine = (2 * final[0], 2 * final[1])
+    order = {n: i for i, n in enumerate(shapes)}
+    modules = dict(model.named_modules())
+    name = ""
+    while True:
+        children = [f"{name}.{c}" if name else c for c, _ in modules[name].named_children()]
+        children = sorted((c for c in children if c in order), key=order.__getitem__)
+        reached = next((i for i, c in enumerate(children)
+                        if shapes[c][-2] <= final[0] and shapes[c][-1] <= final[1]), len(children))
+        candidates = [c for c in children[:reached] if tuple(shapes[c][-2:]) == fine]
+        if candidates:
+            return candidates[-1]
+        if reached == len(children):
+            return None
+        name = children[reached]
