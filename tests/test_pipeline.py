@@ -345,7 +345,7 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
 
     # a run made by a camlabel whose default box rule differed (no wide drop): its labels are of another kind
     made = json.loads((out / "manifest.json").read_text())
-    assert made["rule"]["wide_drop"] == 0.05 and made["rule"]["large"]["mask_threshold"] == 0.35
+    assert made["rule"]["wide_drop"] == 0.05 and made["rule"]["large"]["mask_threshold"] == 0.4
     made["rule"]["wide_drop"], made["series"] = 0.0, "an older camlabel's"
     (out / "manifest.json").write_text(json.dumps(made))
     assert main(["annotate", str(manifest), "--out", str(out), "--input-size", "160", "--no-flip"]) == 2
