@@ -45,7 +45,7 @@ def test_labels_choose_the_classes_and_predictions_fill_in_without_them():
 
 
 @pytest.mark.parametrize("scales", [(1.0, 1.5), (1.5, 2.0)])  # with and without a pass at input_size
-def test_the_spread_uses_the_features_of_the_unmirrored_pass_at_input_size(scales, monkeypatch):
+def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_size(scales, monkeypatch):
     annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=96, scales=scales,
                                                                      precision="float32"))
     cat = photo(120, 200)
@@ -59,6 +59,8 @@ def test_the_spread_uses_the_features_of_the_unmirrored_pass_at_input_size(scale
         expected = annotator.loaded.model.features[:14](batch)  # features.13's output, stride 16
     assert seen[0].shape == (1, 96, 8, 12)
     torch.testing.assert_close(seen[0], expected)
+    annotator([cat])  # without labels nothing spreads: a wrong proposal's map would swell
+    assert seen[-1] is None
 
 
 def test_maps_of_another_scale_are_sampled_at_the_same_image_points():
