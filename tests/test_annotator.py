@@ -49,11 +49,12 @@ def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_
     annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=96, scales=scales,
                                                                      precision="float32"))
     cat = photo(120, 200)
-    seen = []
+    seen, sets = [], []
     monkeypatch.setattr(annotator_module, "working_maps",
-                        lambda *args, features=None, **kw: seen.append(features) or working_maps(*args, **kw,
-                                                                                                    features=features))
-    annotator([cat], [[281]])
+                        lambda maps, *args, features=None, **kw: seen.append(features) or sets.append(
+                            (maps.shape[1], kw.get("set_size"))) or working_maps(maps, *args, **kw, features=features))
+    annotator([cat], [[281, 283]])
+    assert sets[0] == (4, 2)  # two classes at the fine and at the coarse scales: each set's two compete
     batch, _ = prepare_batch([cat], 96, "cpu", pad_to=(128, 192))  # its shape group's padded input
     with torch.no_grad():
         expected = annotator.loaded.model.features[:14](batch)  # features.13's output, stride 16

@@ -198,7 +198,7 @@ def test_evidence_spreads_to_the_cells_that_share_its_features_and_no_further():
 
 def test_the_spread_weighs_cells_by_their_features_cosine_to_the_fourth_power():
     torch.manual_seed(0)
-    maps, features = torch.rand(2, 3, 4, 6), torch.rand(2, 5, 4, 6) - 0.3
+    maps, features = torch.rand(2, 4, 4, 6), torch.rand(2, 5, 4, 6) - 0.3  # two sets of two maps an image
     inside = torch.ones(2, 4, 6, dtype=torch.bool)
     inside[1, :, 4:] = False
     unit = torch.nn.functional.normalize(features.flatten(2), dim=1)  # the definition, cell by cell
@@ -211,9 +211,31 @@ def test_the_spread_weighs_cells_by_their_features_cosine_to_the_fourth_power():
     expected = expected * inside[:, None]
     expected = expected / expected.flatten(2).amax(2)[..., None, None]
     own = maps * inside[:, None] / (maps * inside[:, None]).flatten(2).amax(2)[..., None, None]
-    mixed = boxes.SPREAD_MIX * expected + (1 - boxes.SPREAD_MIX) * own
-    torch.testing.assert_close(semantic_spread(maps, features, inside),
+    partner = own[:, [1, 0, 3, 2]]  # each map's rival is the other map of its set
+    mixed = boxes.SPREAD_MIX * expected * (1 - (partner - own).clamp(min=0)) + (1 - boxes.SPREAD_MIX) * own
+    torch.testing.assert_close(semantic_spread(maps, features, inside, set_size=2),
                                mixed / mixed.flatten(2).amax(2)[..., None, None])
+
+
+def test_classes_compete_for_the_spread_and_a_lone_class_does_not():
+    # two objects of a like kind (one set of features everywhere): class 0's evidence on the left, class 1's
+    # on the right; alone, class 0's spread covers both; beside class 1 it keeps to where it is not outdone
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, :, :4] = torch.linspace(1.0, 0.5, 4)
+    maps[0, 1, :, 4:] = 1.0
+    features = torch.ones(1, 2, 8, 8)
+    inside = torch.ones(1, 8, 8, dtype=torch.bool)
+    alone = semantic_spread(maps[:, :1], features, inside)[0, 0]
+    rivals = semantic_spread(maps, features, inside)[0]
+    assert alone[:, 4:].min() > 0.3  # the spread reaches the other object
+    assert rivals[0, :, 4:].max() == 0  # where class 1 holds evidence and class 0 none, class 0 gets nothing
+    torch.testing.assert_close(rivals[0, :, :4], alone[:, :4])  # where it is not outdone, as alone
+    # the same two maps as two sets of one (one class at two sets of scales) do not compete
+    torch.testing.assert_close(semantic_spread(maps, features, inside, set_size=1)[0, 0], alone)
+    # duplicates of one map never outdo each other
+    twice = semantic_spread(maps[:, [0, 0]], features, inside)[0]
+    torch.testing.assert_close(twice[0], alone)
+    torch.testing.assert_close(twice[1], alone)
 
 
 def test_an_instance_grows_from_its_seed_down_to_the_extent_threshold():

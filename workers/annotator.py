@@ -154,7 +154,7 @@ class Annotator:
         # over the background and its crop take the object's name: bench/README.md)
         spread = s.refine and labels is not None
         work = working_maps(both, valid, input_size, guide=batch if s.refine else None,
-                            features=captured.get("features") if spread else None)
+                            features=captured.get("features") if spread else None, set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         namer = self.loaded.model if labels is None else None
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped

@@ -131,7 +131,7 @@ def spread_unfolded(maps: Tensor, weights: Tensor, radius: int) -> Tensor:
     return (cells * weights[:, None]).sum(2)
 
 
-def semantic_spread(maps: Tensor, features: Tensor, inside: Tensor) -> Tensor:
+def semantic_spread(maps: Tensor, features: Tensor, inside: Tensor, set_size: int | None = None) -> Tensor:
     """Maps [B,K,h,w] mixed with their spread along the classifier's own features [B,C,hf,wf] (stride 16).
 
     Each feature cell takes the mean of every cell's evidence, weighted by relu(cosine similarity of their
@@ -140,6 +140,11 @@ def semantic_spread(maps: Tensor, features: Tensor, inside: Tensor) -> Tensor:
     dog's head); its other parts (the body) share that part's mid-level features and not the background's,
     so evidence reaches the whole object before the colour refinement fits it to edges. inside [B,h,w]:
     the image's cells (not padding), which alone give and keep evidence.
+
+    An image's classes compete: where another map of its set (`set_size` consecutive maps, default all K:
+    one image's classes, at one set of scales) holds more evidence than a map's own, that map's spread is
+    cut by the difference. Evidence reaches its object's other parts, not a neighbouring object of a like
+    kind that another class explains (a lemon's beside an orange).
     """
     b, k, h, w = maps.shape
     hf, wf = features.shape[-2:]
@@ -153,7 +158,20 @@ def semantic_spread(maps: Tensor, features: Tensor, inside: Tensor) -> Tensor:
     affinity = affinity / affinity.sum(2, keepdim=True).clamp(min=1e-7)
     spread = torch.bmm(evidence, affinity.transpose(1, 2)).view(b, k, *grid)
     spread = F.interpolate(spread, size=(h, w), mode="bilinear", align_corners=False) * inside
-    return normalise(SPREAD_MIX * normalise(spread) + (1 - SPREAD_MIX) * normalise(maps * inside))
+    own = normalise(maps * inside)
+    return normalise(SPREAD_MIX * normalise(spread) * (1 - stronger_rival(own, set_size or k)) + (1 - SPREAD_MIX) * own)
+
+
+def stronger_rival(maps: Tensor, set_size: int) -> Tensor:
+    """By how much the strongest other map of each map's set exceeds it, per pixel (0 where none does):
+    maps [B,K,h,w] in sets of `set_size` consecutive maps."""
+    b, k, h, w = maps.shape
+    if set_size < 2:
+        return torch.zeros_like(maps)
+    sets = maps.view(b, k // set_size, set_size, h, w)
+    top2 = sets.topk(2, dim=2).values  # a map that is its set's max competes with the runner-up
+    rival = torch.where(sets >= top2[:, :, :1], top2[:, :, 1:], top2[:, :, :1])
+    return (rival - sets).clamp(min=0).view(b, k, h, w)
 
 
 def colour_refine(maps: Tensor, image: Tensor, valid: Tensor, bins: int = 16, iterations: int = 2) -> Tensor:
@@ -277,12 +295,13 @@ def _select(rule: BoxRule, owner: Tensor, area: Tensor, peak: Tensor, cells: Ten
 
 
 def working_maps(maps: Tensor, valid: Tensor, input_size: tuple[int, int], guide: Tensor | None = None,
-                 features: Tensor | None = None) -> Tensor:
+                 features: Tensor | None = None, set_size: int | None = None) -> Tensor:
     """Maps [B,K,h,w] of a padded batch -> [B,K,H/4,W/4] at the working resolution, 0 on padding.
 
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
     features: the classifier's features at stride 16 [B,C,H/16,W/16]; when given, evidence first spreads
-    to the cells that share the features of where it is (`semantic_spread`): a large object's weaker parts.
+    to the cells that share the features of where it is (`semantic_spread`): a large object's weaker parts;
+    the maps of a set (`set_size` consecutive maps, default all) compete for it.
     guide: the network input [B,3,H,W]; when given, maps are refined with the image's colours: a colour
     model of object vs background (`colour_refine`), then a random walk along colour edges
     (`affinity_refine`). This is what lifts CAM's blobs to object-shaped masks and tight boxes.
@@ -292,7 +311,7 @@ def working_maps(maps: Tensor, valid: Tensor, input_size: tuple[int, int], guide
     work = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     inside = _inside(valid, size)
     if features is not None:
-        work = semantic_spread(work, features, inside)
+        work = semantic_spread(work, features, inside, set_size)
     work = work * inside[:, None]
     if guide is not None:
         colour = F.interpolate(guide, size=size, mode="area")
