@@ -168,11 +168,13 @@ def test_a_model_that_fails_on_one_image_loses_only_that_image(local_ray, collec
     with_fault(None)
 
 
-def many_cats(collection, tmp_path):
+@pytest.fixture(scope="module")
+def many_cats(local_ray, collection, tmp_path_factory):
     """24 copies of the cat, each with a distinct byte appended (distinct content, same pixels), and a
-    clean uninterrupted run of them to compare with."""
-    source = tmp_path / "many"
-    source.mkdir()
+    clean uninterrupted run of them to compare with (made once: the tests that stop a run half way read
+    them and write elsewhere)."""
+    source = tmp_path_factory.mktemp("many")
+    tmp_path = tmp_path_factory.mktemp("many-clean")
     for i in range(24):
         shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
         (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))
@@ -210,10 +212,10 @@ def test_a_tiny_run_prints_no_warnings_of_rays(collection, tmp_path):
     assert "annotate: 100%" in done.stderr and json.loads(done.stdout)["annotated"] == 1
 
 
-def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collection, tmp_path):
+def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, many_cats, tmp_path):
     """SIGKILL the driver (and its local Ray) once parts exist; the same command then finishes the job.
     A part cut short by a non-atomic store is set aside and its images annotated again."""
-    source, clean = many_cats(collection, tmp_path)
+    source, clean = many_cats
     out = tmp_path / "killed"
     process = subprocess.Popen(annotate_command(source, out), start_new_session=True, env=without_ray_address(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -231,8 +233,8 @@ def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, collecti
     assert (out / "quarantine" / f"annotations-{parts[0].name}").exists()
 
 
-def test_sigterm_mid_run_commits_what_is_done_and_exits_plainly(local_ray, collection, tmp_path):
-    source, clean = many_cats(collection, tmp_path)
+def test_sigterm_mid_run_commits_what_is_done_and_exits_plainly(local_ray, many_cats, tmp_path):
+    source, clean = many_cats
     out = tmp_path / "stopped"
     process = subprocess.Popen(annotate_command(source, out), env=without_ray_address(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
