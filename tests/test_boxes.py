@@ -328,3 +328,30 @@ def test_masks_in_chunks_equal_masks_all_at_once(monkeypatch):
     for i in (0, 1):
         torch.testing.assert_close(torch.cat([c[i] for c in chunks]), whole[0][i])
     assert whole[0][0].any() and not whole[0][0].all()  # real masks
+
+
+def test_a_batch_of_small_photos_reaches_the_host_together_and_a_huge_one_chunk_by_chunk(monkeypatch):
+    """Masks go to the host in one copy for all the images that fit MASK_BUDGET (one sync, not two an
+    image on a GPU); a photo too large for it goes a chunk at a time. The labels are the same either way."""
+    work = torch.zeros(3, 2, 32, 48)
+    for i in range(3):
+        work[i, 0, 4 + i : 12 + i, 6:20] = 1.0  # two objects an image, of two classes
+        work[i, 1, 18:26, 24 + 2 * i : 40] = 0.8
+    args = (torch.tensor([[3, 5]] * 3), torch.ones(3, 2), torch.tensor([[128, 192]] * 3), (128, 192),
+            [(120, 180), (97, 140), (128, 192)])
+    encoded = []
+    encode = boxes._encode
+    monkeypatch.setattr(boxes, "_encode", lambda pending, results: encoded.append(
+        sorted((s.image, len(s.class_indices)) for s in pending)) or encode(pending, results))
+    together = labels_from_work(work, *args, rule=replace(RULES["instances"], large=None))
+    assert [e for e in encoded if e] == [[(0, 2), (1, 2), (2, 2)]]  # every image's masks in one copy
+    # instance-pixels: image 0 2 x 21600, image 1 2 x 13580, image 2 2 x 24576
+    for budget, copies in [(43200 + 27160, [[(0, 2), (1, 2)], [(2, 2)]]),  # images 0 and 1 fit together
+                           (30000, [[(0, 1)], [(0, 1)], [(1, 2)], [(2, 1)], [(2, 1)]])]:  # 0 and 2 are huge
+        encoded.clear()
+        monkeypatch.setattr(boxes, "MASK_BUDGET", budget)
+        apart = labels_from_work(work, *args, rule=replace(RULES["instances"], large=None))
+        assert [e for e in encoded if e] == copies
+        assert [[(p.class_index, p.bbox, p.area, p.rle) for p in found] for found in together] == \
+            [[(p.class_index, p.bbox, p.area, p.rle) for p in found] for found in apart]
+    assert all(len(found) == 2 for found in together)

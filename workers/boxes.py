@@ -374,15 +374,22 @@ def pseudo_labels(
     by_image: dict[int, list[int]] = {}
     for j, o in enumerate(owner):
         by_image.setdefault(o // m, []).append(j)
+    pending: list[Sampled] = []  # masks of several images, copied to the host together
     for i, members in by_image.items():
         ranks = [owner[j] % m for j in members]
         names, scores_i = [class_of[i][r % k] for r in ranks], [confidence[j] for j in members]
+        need = original_sizes[i][0] * original_sizes[i][1] * len(members)
+        if sum(s.box_masks.numel() for s in pending) + need > MASK_BUDGET:
+            _encode(pending, results)
         for component, region, chunk in masks_at_original_size(
                 maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid_hw[i], input_size, original_sizes[i],
                 ranks, ids[members], mask_thresholds[members]):
             # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
-            results[i] += _encode(component, region if rule.name == "paper" else component, names[chunk],
-                                  scores_i[chunk])
+            pending.append(Sampled(i, component, region if rule.name == "paper" else component, names[chunk],
+                                   scores_i[chunk]))
+            if need > MASK_BUDGET:  # a photo too large for one go: its chunks go one at a time
+                _encode(pending, results)
+    _encode(pending, results)
     return results
 
 
@@ -451,22 +458,40 @@ def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: list[int], 
         yield region & component, region, chunk
 
 
-def _encode(box_masks: Tensor, masks: Tensor, class_indices: list[int], scores: list[float]) -> list[PseudoLabel]:
-    """Masks [M,H,W] -> PseudoLabels with pycocotools RLE; boxes are box_masks' tight boxes. Two copies to
-    the host: each mask's (non-empty, box, area), then the masks."""
-    nonempty = box_masks.flatten(1).any(1)
-    areas = masks.flatten(1).sum(1)[:, None]  # float64 below: exact past float32's 2^24 pixels
-    stats = torch.cat([nonempty[:, None], _boxes(box_masks), areas], 1).double().tolist()
-    keep = [j for j, row in enumerate(stats) if row[0]]
-    if not keep:
-        return []
-    pixels = masks.cpu().numpy()[keep].astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(pixels.transpose(1, 2, 0)))
-    labels = []
-    for j, rle in zip(keep, rles, strict=True):
-        rle["counts"] = rle["counts"].decode("ascii")
-        labels.append(PseudoLabel(class_indices[j], stats[j][1:5], float(scores[j]), int(stats[j][5]), rle))
-    return labels
+@dataclass
+class Sampled:
+    """Instances of image `image` at its original size, to encode: box_masks [c,H,W] give the boxes,
+    masks [c,H,W] the RLE masks and areas."""
+
+    image: int
+    box_masks: Tensor
+    masks: Tensor
+    class_indices: list[int]
+    scores: list[float]
+
+
+def _encode(pending: list[Sampled], results: list[list[PseudoLabel]]) -> None:
+    """Append every pending instance that has pixels to its image's labels (boxes: box_masks' tight boxes;
+    masks: pycocotools RLE), and empty `pending`. Two copies to the host for all of them, not two an
+    image (GPU syncs): each instance's (non-empty, box, area), then every mask, each already in the
+    column-major order RLE reads."""
+    if not pending:
+        return
+    stats = torch.cat([torch.cat([s.box_masks.flatten(1).any(1)[:, None], _boxes(s.box_masks),
+                                  s.masks.flatten(1).sum(1)[:, None]], 1).double() for s in pending]).tolist()
+    pixels = torch.cat([s.masks.transpose(1, 2).flatten() for s in pending]).cpu().numpy().view(np.uint8)
+    row = start = 0
+    for s in pending:
+        c, h, w = s.masks.shape
+        column_major = pixels[start : start + c * h * w].reshape(c, w, h).transpose(2, 1, 0)  # [h,w,c], no copy
+        start += c * h * w
+        for j, rle in enumerate(mask_utils.encode(column_major)):
+            nonempty, *bbox, area = stats[row + j]
+            if nonempty:
+                rle["counts"] = rle["counts"].decode("ascii")
+                results[s.image].append(PseudoLabel(s.class_indices[j], bbox, float(s.scores[j]), int(area), rle))
+        row += c
+    pending.clear()
 
 
 def _boxes(masks: Tensor) -> Tensor:
