@@ -355,3 +355,12 @@ def test_a_batch_of_small_photos_reaches_the_host_together_and_a_huge_one_chunk_
         assert [[(p.class_index, p.bbox, p.area, p.rle) for p in found] for found in together] == \
             [[(p.class_index, p.bbox, p.area, p.rle) for p in found] for found in apart]
     assert all(len(found) == 2 for found in together)
+
+
+def test_areas_past_float32s_exact_integers_stay_exact():
+    mask = torch.ones(1, 4097, 4097, dtype=torch.bool)  # 16,785,409 pixels: odd, past 2^24
+    results = [[]]
+    boxes._encode([boxes.Sampled(0, mask, mask, [3], [0.5])], results)
+    (label,) = results[0]
+    assert label.area == 4097 * 4097 and label.bbox == [0.0, 0.0, 4097.0, 4097.0]
+    assert mask_utils.area(label.rle | {"counts": label.rle["counts"].encode()}) == 4097 * 4097

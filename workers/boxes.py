@@ -477,8 +477,9 @@ def _encode(pending: list[Sampled], results: list[list[PseudoLabel]]) -> None:
     column-major order RLE reads."""
     if not pending:
         return
-    stats = torch.cat([torch.cat([s.box_masks.flatten(1).any(1)[:, None], _boxes(s.box_masks),
-                                  s.masks.flatten(1).sum(1)[:, None]], 1).double() for s in pending]).tolist()
+    # each part in float64 before the cat, which would otherwise round areas past float32's 2^24 pixels
+    stats = torch.cat([torch.cat([s.box_masks.flatten(1).any(1)[:, None].double(), _boxes(s.box_masks).double(),
+                                  s.masks.flatten(1).sum(1)[:, None].double()], 1) for s in pending]).tolist()
     pixels = torch.cat([s.masks.transpose(1, 2).flatten() for s in pending]).cpu().numpy().view(np.uint8)
     row = start = 0
     for s in pending:
