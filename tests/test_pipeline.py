@@ -174,11 +174,10 @@ def many_cats(local_ray, collection, tmp_path_factory):
     clean uninterrupted run of them to compare with (made once: the tests that stop a run half way read
     them and write elsewhere)."""
     source = tmp_path_factory.mktemp("many")
-    tmp_path = tmp_path_factory.mktemp("many-clean")
     for i in range(24):
         shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
         (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))
-    clean = tmp_path / "clean"
+    clean = tmp_path_factory.mktemp("many-clean") / "clean"
     annotate(source, clean)
     return source, clean
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -142,7 +142,10 @@ class Annotator:
                 targets[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
         else:
             targets = self._proposals(batch, valid)
-        with self.features_captured() as captured:
+        # the spread widens whatever a map holds: only labelled classes' (a wrong proposal's map would swell
+        # over the background and its crop take the object's name: bench/README.md), so only they hook features
+        spread = s.refine and labels is not None
+        with self.features_captured() if spread else nullcontext({}) as captured:
             heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets)
         classes, scores = heat.classes, heat.scores
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
@@ -150,11 +153,8 @@ class Annotator:
         present = torch.ones_like(scores)
         input_size = tuple(batch.shape[-2:])
         both = heat.maps if coarse is None else torch.cat([heat.maps, coarse], 1)  # refined together
-        # the spread widens whatever a map holds: only labelled classes' (a wrong proposal's map would swell
-        # over the background and its crop take the object's name: bench/README.md)
-        spread = s.refine and labels is not None
         work = working_maps(both, valid, input_size, guide=batch if s.refine else None,
-                            features=captured.get("features") if spread else None, set_size=heat.maps.shape[1])
+                            features=captured.get("features"), set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         namer = self.loaded.model if labels is None else None
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
