@@ -60,8 +60,11 @@ def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_
         expected = annotator.loaded.model.features[:14](batch)  # features.13's output, stride 16
     assert seen[0].shape == (1, 96, 8, 12)
     torch.testing.assert_close(seen[0], expected)
-    annotator([cat])  # without labels nothing spreads: a wrong proposal's map would swell
-    assert seen[-1] is None
+    seen.clear()
+    annotator([cat])  # without labels the look's proposals do not spread (a wrong one's map would swell);
+    assert seen[0] is None  # the classes it names then do, as labelled ones
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], expected)
 
 
 def test_maps_of_another_scale_are_sampled_at_the_same_image_points():

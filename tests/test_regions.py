@@ -1,5 +1,6 @@
 """Without labels: regions named by their crops, one box per object."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from camlabel.schemas.config import AnnotateSettings
@@ -68,8 +69,11 @@ def test_without_labels_one_cat_gets_one_box_named_by_its_crop():
     assert len(found) == 1, [(p.class_index, p.bbox) for p in found]  # synonyms and parts merged
     label = found[0]
     assert label.class_index in CATS
-    # the class is the crop's own best class: classify the same square crop independently
-    x, y, w, h = label.bbox
+    # the look names it: its best region's class is that region's crop's own best class (classify the
+    # same square crop independently)
+    region = annotator.look.regions([cat], [(300, 451)])[0][0]
+    assert region.class_index == label.class_index
+    x, y, w, h = region.bbox
     side = max(w, h) * CROP_CONTEXT
     normalised = (cat.float()[None] / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
         IMAGENET_STD)[:, None, None]  # outside the photo a crop sees 0, the dataset mean, as the annotator's does
@@ -77,6 +81,10 @@ def test_without_labels_one_cat_gets_one_box_named_by_its_crop():
                         round(side), [CROP_SIZE, CROP_SIZE], antialias=True)
     with torch.no_grad():
         probs = loaded.model(crop).softmax(1)[0]
-    assert probs.argmax().item() == label.class_index
-    # score = localisation confidence (at most 1) x the crop's probability (resampled a little differently)
-    assert label.score <= probs.max().item() * 1.05
+    assert probs.argmax().item() == region.class_index
+    # its score = localisation confidence (at most 1) x the crop's probability (resampled a little differently)
+    assert region.score <= probs.max().item() * 1.05
+    # the named class is then mapped as a labelled one: the same box, its score x how surely it was named
+    labelled = annotator([cat], [[label.class_index]]).labels[0][0]
+    assert labelled.bbox == label.bbox and labelled.rle == label.rle
+    assert label.score == pytest.approx(labelled.score * region.score, rel=1e-5)

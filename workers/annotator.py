@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -45,14 +46,17 @@ class WorkingMaps:
     sizes: list[tuple[int, int]]  # original (height, width)
     top_classes: Tensor
     top_scores: Tensor
-    namer: nn.Module | None = None  # without labels: the model that names each region from its crop
+    namer: nn.Module | None = None  # the look's: the model that names each region from its crop
     batch: Tensor | None = None  # the network input [B,3,H,W] the namer crops; kept only with a namer
     min_score: float = 0.0  # regions whose crop's best class is less probable are dropped
+    named: bool = False  # the classes were named by the look (no labels): one box per object across them
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
         found = pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule,
                               self.coarse)
-        return found if self.namer is None else self._named(found)
+        if self.namer is not None:
+            return self._named(found)
+        return _one_box_per_object(found, self.valid, self.sizes) if self.named else found
 
     def _named(self, found: list[list[PseudoLabel]]) -> list[list[PseudoLabel]]:
         """Each region renamed by its crop's best class (score x that class's probability), then one box
@@ -62,9 +66,7 @@ class WorkingMaps:
             return found
         device = self.batch.device
         owners = torch.tensor([i for i, _ in flat], device=device)
-        boxes = torch.tensor([p.bbox for _, p in flat], device=device)
-        scale = self.valid.flip(1).float() / torch.tensor([(w, h) for h, w in self.sizes], device=device)
-        boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
+        boxes = _input_boxes([p.bbox for _, p in flat], owners, self.valid, self.sizes)
         probability, named = name_regions(self.namer, self.batch, boxes, owners).max(1)
         scores = torch.tensor([p.score for _, p in flat], device=device) * probability
         keep = one_box_per_object(boxes, scores, named, owners)
@@ -80,6 +82,30 @@ class WorkingMaps:
         """Each image's maps over the image only (the padding cut off)."""
         return [self.work[j, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)]
                 for j, (h, w) in enumerate(self.valid.tolist())]
+
+
+def _input_boxes(bboxes: list[list[float]], owners: Tensor, valid: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
+    """COCO boxes [x, y, w, h] in original pixels of images `owners` -> [N,4] x1, y1, x2, y2 in input pixels."""
+    boxes = torch.tensor(bboxes, device=valid.device).view(-1, 4)
+    scale = valid.flip(1).float() / torch.tensor([(w, h) for h, w in sizes], device=valid.device)
+    return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
+
+
+def _one_box_per_object(found: list[list[PseudoLabel]], valid: Tensor, sizes: list[tuple[int, int]],
+                        ) -> list[list[PseudoLabel]]:
+    """`found` less the boxes that cover an object a better box covers (`workers.regions.one_box_per_object`)."""
+    flat = [(i, p) for i, labels in enumerate(found) for p in labels]
+    if not flat:
+        return found
+    owners = torch.tensor([i for i, _ in flat], device=valid.device)
+    boxes = _input_boxes([p.bbox for _, p in flat], owners, valid, sizes)
+    scores = torch.tensor([p.score for _, p in flat], device=valid.device)
+    classes = torch.tensor([p.class_index for _, p in flat], device=valid.device)
+    kept: list[list[PseudoLabel]] = [[] for _ in found]
+    for j in one_box_per_object(boxes, scores, classes, owners).tolist():
+        i, p = flat[j]
+        kept[i].append(p)
+    return kept
 
 
 class Annotator:
@@ -119,47 +145,77 @@ class Annotator:
     @torch.no_grad()
     def work(self, images: list[Tensor], labels: list[list[int]] | None = None,
              sizes: list[tuple[int, int]] | None = None) -> list[WorkingMaps]:
-        """The refined maps of each shape group, before any threshold (what `camlabel calibrate` sweeps)."""
+        """The refined maps of each shape group, before any threshold (what `camlabel calibrate` sweeps).
+
+        Without labels the look names each image's objects first (`look`); their classes are then mapped
+        as labelled ones are, each present as surely as it was named, with one box kept per object."""
         sizes = sizes or [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         images = upload(images, self.loaded.device)
+        if labels is not None:
+            return self._groups(images, labels, sizes)
+        named: list[dict[int, float]] = [{} for _ in images]  # each image's named classes, each's best score
+        for i, regions in enumerate(self.look.regions(images, sizes)):
+            for p in regions:  # best first
+                named[i].setdefault(p.class_index, p.score)
+        return self._groups(images, [list(n) for n in named], sizes, [list(n.values()) for n in named])
+
+    @cached_property
+    def look(self) -> Annotator:
+        """What names objects when no labels are given: the same model and rule at input_size alone,
+        unmirrored and unrefined: a small share of the model work. Mapping the classes it names again, as labelled
+        ones, finds far more whole objects than cutting its proposals' own maps, whose classes are often
+        wrong and which may not spread (bench/README.md)."""
+        return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False, refine=False))
+
+    def regions(self, images: list[Tensor], sizes: list[tuple[int, int]]) -> list[list[PseudoLabel]]:
+        """Each image's regions, proposed by its top classes and named by their crops (`WorkingMaps._named`),
+        best first: what the look is for."""
+        found: list[list[PseudoLabel]] = [[] for _ in images]
+        for group in self._groups(images, None, sizes):
+            for i, labels in zip(group.members, group.labels(self.rule), strict=True):
+                found[i] = labels
+        return found
+
+    def _groups(self, images: list[Tensor], labels: list[list[int]] | None, sizes: list[tuple[int, int]],
+                sureness: list[list[float]] | None = None) -> list[WorkingMaps]:
         groups = []
         for (rows, cols), members in shape_groups(images, self.settings.input_size).items():
             padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
             groups.append(self._work([images[i] for i in members],
                                      None if labels is None else [labels[i] for i in members], padded_size, members,
-                                     [sizes[i] for i in members]))
+                                     [sizes[i] for i in members],
+                                     None if sureness is None else [sureness[i] for i in members]))
         return groups
 
     def _work(self, images: list[Tensor], labels: list[list[int]] | None, padded_size, members,
-              sizes: list[tuple[int, int]]) -> WorkingMaps:
+              sizes: list[tuple[int, int]], sureness: list[list[float]] | None) -> WorkingMaps:
+        """One shape group's WorkingMaps: of the labelled (or named) classes, or of the look's proposals.
+        sureness: how surely each named class was named (it scales its instances' scores); None: labelled."""
         s = self.settings
         device = self.loaded.device
         batch, valid = prepare_batch(images, s.input_size, device, pad_to=padded_size)
-        if labels is not None:
-            width = max(1, max(len(x) for x in labels))
-            targets = torch.full((len(images), width), -1, dtype=torch.long, device=device)
-            for i, row in enumerate(labels):
-                targets[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-        else:
-            targets = self._proposals(batch, valid)
-        # the spread widens whatever a map holds: only labelled classes' (a wrong proposal's map would swell
-        # over the background and its crop take the object's name: bench/README.md), so only they hook features
+        targets = self._proposals(batch, valid) if labels is None else _rows(labels, -1, torch.long, device)
+        # the spread widens whatever a map holds: only the classes labelled or named (a proposal's, of a class
+        # that may be wrong, would swell over the background and its crop take the object's name)
         spread = s.refine and labels is not None
         with self.features_captured() if spread else nullcontext({}) as captured:
             heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets)
         classes, scores = heat.classes, heat.scores
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
-        # labelled classes are present; without labels each region's crop decides (the namer's probability)
-        present = torch.ones_like(scores)
+        # labelled classes are present; named ones as surely as they were named; the look's regions are
+        # scored by their crops (the namer's probability)
+        present = torch.ones_like(scores) if sureness is None else _rows(sureness, 0.0, scores.dtype, device)
         input_size = tuple(batch.shape[-2:])
         both = heat.maps if coarse is None else torch.cat([heat.maps, coarse], 1)  # refined together
         work = working_maps(both, valid, input_size, guide=batch if s.refine else None,
                             features=captured.get("features"), set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
-        namer = self.loaded.model if labels is None else None
+        if labels is not None:
+            return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
+                               top.values, named=sureness is not None)
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
-                           top.values, namer, batch if namer is not None else None, s.min_score)
+                           top.values, self.loaded.model, batch, s.min_score)
 
     @contextmanager
     def features_captured(self) -> Iterator[dict[str, Tensor]]:
@@ -254,6 +310,14 @@ def box_rule(settings: AnnotateSettings) -> BoxRule:
     if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):
         rule = replace(rule, grow=None, large=None, wide_drop=0.0)
     return rule
+
+
+def _rows(rows: list[list], fill, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Rows of unequal length as one [len(rows), longest (at least 1)] tensor, padded with `fill`."""
+    out = torch.full((len(rows), max(1, max(len(r) for r in rows))), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out.to(device)
 
 
 def upload(images: list[Tensor], device: torch.device) -> list[Tensor]:
