@@ -6,7 +6,8 @@ Rows: the model's plain forward pass on already decoded tensors (the ceiling); t
 today (pytorch-grad-cam per image + the CAM paper's 20% rule with scipy + pycocotools RLE); camlabel's
 whole job (JPEG bytes to Parquet) with 1 and 2 actors, in its fast setting (one scale, no flip, no
 refinement) and its default quality setting, in float32 and under bfloat16 autocast. "whole job" includes
-starting the actors and loading the model; "steady" counts from the first result on. Ratios are to the
+starting the actors and loading the model; "steady" is each actor's images per second of its own work (decode,
+annotate, write: the manifest's `steady_images_per_second`), times the actors. Ratios are to the
 plain float32 forward pass and to the glue (which runs in float32, as users write it).
 """
 

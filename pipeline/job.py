@@ -203,7 +203,7 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
     manifest["resources"] = resources.__dict__
     log.info("annotating %d images with %s", todo, resources)
     bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")
-    first_at, after_first, devices, actors, nodes = None, 0, set(), set(), set()
+    done, busy, devices, actors, nodes = 0, 0.0, set(), set(), set()
     try:
         with stopped_by_signals():
             for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir,
@@ -214,10 +214,8 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
                 nodes.update(status.column("node").to_pylist())
                 manifest.update(devices=sorted(devices), actors=len(actors), nodes=len(nodes))
                 bar.update(images)
-                if first_at is None:
-                    first_at = time.perf_counter()
-                else:
-                    after_first += images
+                done += images
+                busy += float(pc.sum(status.column("seconds")).as_py())
     except Stopped as stop:
         counts = run_counts(run_dir)
         stop.kept, stop.run_dir = counts["annotated"] + counts["errors"], run_dir
@@ -226,8 +224,10 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
         raise
     finally:
         bar.close()
-    if after_first:  # throughput once actors are up and the model loaded, the figure that scales
-        manifest["steady_images_per_second"] = round(after_first / (time.perf_counter() - first_at), 3)
+    if busy:  # throughput with the actors up and the model loaded, the figure that scales: each actor's
+        # images per second of its own work (timed by itself), times the actors. Parts land in bursts, so
+        # timing them as they reach the driver measured the gaps between bursts (2,300 images/s on 64)
+        manifest["steady_images_per_second"] = round(done / busy * len(actors), 3)
 
 
 def annotate(config: JobConfig, progress: bool = True) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -106,10 +107,12 @@ class AnnotateAndWrite:
         self.actor_id, self.node_id = (where.get_actor_id(), where.get_node_id()) if where else (None, None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        start = time.perf_counter()
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
         batch = mark_duplicates(batch, self.earlier) if self.earlier else batch
-        return pa.Table.from_pylist([{**write_part(self.run_dir, self.actor(batch)), "device": self.actor.device,
-                                      "actor": self.actor_id, "node": self.node_id}])
+        counts = write_part(self.run_dir, self.actor(batch))
+        return pa.Table.from_pylist([{**counts, "device": self.actor.device, "actor": self.actor_id,
+                                      "node": self.node_id, "seconds": time.perf_counter() - start}])
 
 
 class WorkList(Datasource):
@@ -154,7 +157,8 @@ def annotate_stream(
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
-    "errors", "annotations", "device", "actor", "node"}). earlier: whether earlier runs of the series exist
+    "errors", "annotations", "device", "actor", "node", "seconds": the part's decode, annotate and write
+    time}). earlier: whether earlier runs of the series exist
     (planning indexed their contents in run_dir). Blocks of about a part, so that every actor gets work,
     and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))

@@ -88,6 +88,8 @@ def test_annotate_export_and_resume(local_ray, collection, tmp_path, capsys):
     assert manifest["model"]["weights_sha256"].startswith("b0353104")
     assert manifest["config"]["method"] == "cam" and manifest["versions"]["torch"]
     assert manifest["devices"] == ["cpu"]  # every actor's device, from the parts' counts
+    # no actor is busy longer than the run, so the actors' own rate is at least the whole run's
+    assert manifest["counts"]["this_run"] / manifest["seconds"] <= manifest["steady_images_per_second"]
 
     # resume: a deleted part is recomputed, and nothing else is touched or duplicated
     parts = sorted((out / "annotations").glob("part-*.parquet"))
