@@ -74,6 +74,37 @@ def test_cam_equals_weighted_sum_of_feature_maps(gapnet):
         torch.testing.assert_close(heat.maps[i, 0], expected, atol=1e-5, rtol=1e-4)
 
 
+class ReluHeadNet(nn.Module):
+    """The head reads the GAP of the ReLU of the target layer's output, as DenseNet's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.features(x).relu().mean((2, 3)))
+
+
+def test_cam_checks_the_head_on_a_layers_first_cam_only_and_keeps_what_it_found(monkeypatch):
+    torch.manual_seed(0)
+    model = ReluHeadNet().eval()
+    checks = []
+    real_allclose = torch.allclose
+    monkeypatch.setattr(torch, "allclose", lambda *a, **kw: checks.append(1) or real_allclose(*a, **kw))
+    for call in range(2):
+        x = torch.randn(2, 3, 16, 16)
+        heat = compute_heatmaps(model, x, target_layer="features", method="cam", targets=torch.tensor([[2], [0]]))
+        if call == 0:
+            assert checks == [1, 1]  # the layer's own GAP does not match, its ReLU's does
+        else:
+            assert checks == [1, 1], "the second pass compared again (a host sync per pass on a GPU)"
+        f = model.features(x).relu()  # the ReLU'd activations, every time
+        for i, c in enumerate([2, 0]):
+            expected = torch.einsum("c,chw->hw", model.fc.weight[c], f[i]).clamp(min=0)
+            torch.testing.assert_close(heat.maps[i, 0], expected / expected.max(), atol=1e-5, rtol=1e-4)
+
+
 def test_cam_refuses_a_head_that_is_not_gap_linear():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 8), nn.ReLU(),
                           nn.Linear(8, 3)).eval()

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,9 @@ GRADIENT_METHODS = tuple(WEIGHTINGS)
 PERTURBATION_CHUNK = 64  # Score-CAM channels or occlusion positions per extra forward pass: bounds memory
 OCCLUSION_PATCH = 48  # Zeiler & Fergus' grey square, in input pixels (about an object part at 448)
 OCCLUSION_STRIDE = 24  # half a patch: every pixel is covered by four positions
+# target layer -> whether its head's input is the GAP of the layer's ReLU (DenseNet) rather than of the layer:
+# checked on a layer's first CAM, not on every pass (the comparison is a host sync on a GPU)
+_GAP_OF_RELU: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()
 SCORECAM_CHANNELS = 256  # Score-CAM's extra forward passes per image, at most (the channels that fire hardest)
 
 
@@ -181,7 +185,7 @@ def peak_evidence(model: nn.Module, images: Tensor, valid: Tensor, *, target_lay
         _, acts, head_in = _forward_capturing(model, layer, images, with_grad=False)
         classes = torch.arange(_classifier(model).out_features, device=images.device).expand(len(images), -1)
         try:
-            local = _cam(model, acts, head_in, classes).float() + _classifier(model).bias.float()[:, None, None]
+            local = _cam(model, layer, acts, head_in, classes).float() + _classifier(model).bias.float()[:, None, None]
         except HeatmapError:
             return None
     h, w = local.shape[-2:]
@@ -226,7 +230,7 @@ def compute_heatmaps(
         classes = _resolve_targets(probs, targets, top_k)
         safe = classes.clamp(min=0)
         if method == "cam":
-            raw = _cam(model, acts, head_in, safe)
+            raw = _cam(model, layer, acts, head_in, safe)
         elif method in GRADIENT_METHODS:
             raw = _gradient_cam(logits, acts, safe, WEIGHTINGS[method])
         elif method == "eigencam":
@@ -239,21 +243,30 @@ def compute_heatmaps(
         return Heatmaps(maps, classes, probs.gather(1, safe) * (classes >= 0), probs)
 
 
-def _cam(model: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor) -> Tensor:
+def _cam(model: nn.Module, layer: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor) -> Tensor:
     """Zhou et al. 2016: CAM_c = sum_k w_kc f_k, valid only when the head is GAP + linear.
 
-    Checked, not assumed: the last Linear's input must equal the spatial mean of the target layer's
-    activations (or of their ReLU, as in DenseNet).
+    Checked, not assumed, on the layer's first CAM: the last Linear's input must equal the spatial mean
+    of the target layer's activations (or of their ReLU, as in DenseNet).
     """
     head = _classifier(model)
+    if layer not in _GAP_OF_RELU:
+        _GAP_OF_RELU[layer] = _head_reads_gap(model, acts, head_in)
+    f = acts.clamp(min=0) if _GAP_OF_RELU[layer] else acts
+    return torch.einsum("bkc,bchw->bkhw", head.weight[classes].to(f.dtype), f)  # weights [B,K,C]
+
+
+def _head_reads_gap(model: nn.Module, acts: Tensor, head_in: Tensor | None) -> bool:
+    """Whether the last Linear's input head_in is the GAP of the ReLU of acts (True) or of acts (False);
+    HeatmapError when it is neither."""
     rtol = max(1e-3, 4 * torch.finfo(acts.dtype).eps)  # under bfloat16 autocast both means round coarsely
-    for f in (acts, acts.clamp(min=0)):
-        candidate = f.mean((2, 3))
+    for relu in (False, True):
+        candidate = (acts.clamp(min=0) if relu else acts).mean((2, 3))
         if head_in is not None and head_in.shape == candidate.shape and torch.allclose(
             head_in.float(), candidate.float(), atol=1e-4, rtol=rtol
         ):
-            weights = head.weight[classes]  # [B,K,C]
-            return torch.einsum("bkc,bchw->bkhw", weights.to(f.dtype), f)
+            return relu
+    head = _classifier(model)
     found = "no Linear input" if head_in is None else f"Linear input {tuple(head_in.shape)} is not the GAP of the layer"
     raise HeatmapError(
         f"CAM needs a global-average-pooling + linear head after the target layer; found {head} ({found}). "
