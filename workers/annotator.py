@@ -162,9 +162,9 @@ class Annotator:
     @cached_property
     def look(self) -> Annotator:
         """What names objects when no labels are given: the same model and rule at input_size alone,
-        unmirrored and unrefined: a small share of the model work. Mapping the classes it names again, as labelled
-        ones, finds far more whole objects than cutting its proposals' own maps, whose classes are often
-        wrong and which may not spread (bench/README.md)."""
+        unmirrored and unrefined (a small share of the model work). Mapping the classes it names again, as
+        labelled ones, finds far more whole objects than cutting its proposals' own maps, whose classes are
+        often wrong and which may not spread (bench/README.md)."""
         return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False, refine=False))
 
     def regions(self, images: list[Tensor], sizes: list[tuple[int, int]]) -> list[list[PseudoLabel]]:
