@@ -131,9 +131,6 @@ def cmd_annotate(args) -> int:
     return 0
 
 
-DEMO_SHOWN = 0.05  # the demo's summary names boxes scoring at least this; the run keeps every box
-
-
 def cmd_demo(args) -> int:
     """The bundled default: scikit-image's real photos, predicted classes, COCO export."""
     import skimage
@@ -141,7 +138,7 @@ def cmd_demo(args) -> int:
     from ..schemas.tables import IMAGES
     from .export import export_coco
     from .job import annotate
-    from .report import write_report
+    from .report import NAMED_FROM, write_report
     from .writers import read_parts
 
     data = Path(skimage.data.data_dir)
@@ -159,10 +156,10 @@ def cmd_demo(args) -> int:
     export_coco([out / "run"], out / "coco.json")
     page = write_report(out / "run", out / "report")
     print(f"camlabel found, with no labels given (each box: the class its crop looks like, and its score; "
-          f"boxes under {DEMO_SHOWN} are counted, not named):")
+          f"boxes under {NAMED_FROM} are counted, not named):")
     rows = read_parts(out / "run" / "annotations", IMAGES, ["path", "annotations"]).to_pylist()
     for row in sorted(rows, key=lambda r: r["path"]):
-        shown = [a for a in row["annotations"] if a["score"] >= DEMO_SHOWN]
+        shown = [a for a in row["annotations"] if a["score"] >= NAMED_FROM]
         found = ", ".join(f"{a['class_name']} {a['score']:.2f}" for a in shown) or "nothing"
         weaker = len(row["annotations"]) - len(shown)
         print(f"  {Path(row['path']).name:22} {found}" + (f" (+{weaker} weaker)" if weaker else ""))

@@ -33,6 +33,7 @@ from .writers import atomic_write_bytes, parts_dataset, read_parts
 log = logging.getLogger(__name__)
 
 PAGE_SIDE = 480  # longest side of a gallery picture
+NAMED_FROM = 0.05  # boxes scoring under this are drawn thin and grey, unnamed (the run keeps every box)
 BINS = 10
 # The page may load its own pictures and inline style and script, nothing from anywhere else.
 POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -121,8 +122,15 @@ def overlay(image: torch.Tensor, row: dict) -> torch.Tensor:
     scale = torch.tensor([w / row["width"], h / row["height"]] * 2)
     boxes = torch.tensor([a["bbox"] for a in anns]) * scale
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-    labels = [f"{a['class_name']} {a['score']:.2f}" for a in anns]
-    return draw_bounding_boxes(picture, boxes, labels, colors="yellow", width=2)
+    named = [a["score"] >= NAMED_FROM for a in anns]
+    weak = [i for i, n in enumerate(named) if not n]
+    if weak:  # drawn first, under the named ones: visible, but the picture reads as its objects
+        picture = draw_bounding_boxes(picture, boxes[weak], colors="grey", width=1)
+    strong = [i for i, n in enumerate(named) if n]
+    if not strong:
+        return picture
+    labels = [f"{anns[i]['class_name']} {anns[i]['score']:.2f}" for i in strong]
+    return draw_bounding_boxes(picture, boxes[strong], labels, colors="yellow", width=2)
 
 
 STYLE = """

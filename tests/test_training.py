@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 import torch.nn.functional as F
+from camlabel.pipeline import report
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.train import TrainConfig, train
 from camlabel.schemas.config import ConfigError, load_config
@@ -19,6 +20,7 @@ from camlabel.workers.heatmaps import compute_heatmaps
 from camlabel.workers.localizer import GapLocalizer, localizer_loss, symmetric_kl
 from camlabel.workers.models import ModelError, load_model
 from PIL import Image
+from pycocotools import mask as mask_utils
 from torch import nn
 
 from tests.conftest import CLASSES, SIZE, planted
@@ -191,3 +193,19 @@ def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
     (tmp_path / "localizer.json").write_text("{}")
     with pytest.raises(ModelError, match="camlabel train"):
         load_model(model_dir=tmp_path)
+
+
+def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed(monkeypatch):
+    empty = mask_utils.encode(np.zeros((100, 100), np.uint8, order="F"))["counts"].decode("ascii")
+    row = {"height": 100, "width": 100, "heatmaps": [], "annotations": [
+        {"bbox": [10, 10, 40, 40], "score": 0.6, "class_name": "tabby", "rle_counts": empty},
+        {"bbox": [60, 60, 30, 30], "score": 0.01, "class_name": "ocarina", "rle_counts": empty}]}
+    named = []
+    real = report.draw_bounding_boxes
+    monkeypatch.setattr(report, "draw_bounding_boxes",
+                        lambda *a, **kw: named.append(a[2] if len(a) > 2 else kw.get("labels")) or real(*a, **kw))
+    picture = report.overlay(torch.zeros(3, 100, 100, dtype=torch.uint8), row)
+    assert picture[:, 10, 30].tolist() == [255, 255, 0]  # the strong box's top edge: yellow
+    assert picture[:, 60, 75].tolist() == [128, 128, 128]  # the weak one's: grey
+    assert picture[:, 61, 75].tolist() == [0, 0, 0]  # one pixel wide
+    assert [n for n in named if n] == [["tabby 0.60"]]  # only the strong box is named
