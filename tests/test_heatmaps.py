@@ -244,6 +244,12 @@ def test_gradients_stop_at_the_target_layer(gapnet):
     assert all(p.grad is None for p in gapnet.parameters())
 
 
+@pytest.mark.parametrize("bad", [5, -2])
+def test_targets_outside_the_classes_fail_clearly(gapnet, bad):
+    with pytest.raises(HeatmapError, match=r"\[0, 5\)"):
+        compute_heatmaps(gapnet, torch.randn(2, 3, 32, 32), target_layer="features", targets=torch.tensor([[1], [bad]]))
+
+
 def test_unknown_method_and_layer_fail_clearly(gapnet):
     with pytest.raises(HeatmapError, match="unknown method"):
         compute_heatmaps(gapnet, torch.randn(1, 3, 8, 8), target_layer="features", method="nope")
