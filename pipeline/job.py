@@ -198,21 +198,24 @@ def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlie
 def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Location, earlier: list[Location],
                  config: JobConfig, manifest: dict, progress: bool) -> None:
     """Run the Ray plan over the work list; the actors write the parts, the driver counts them as they
-    land and notes every actor's device (cpu, or the GPU's name and CUDA version) in the manifest."""
+    land and notes every actor's device (cpu, or the GPU's name and CUDA version) and the precision that
+    `auto` resolved to there in the manifest."""
     resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor, config.part_size)
     manifest["resources"] = resources.__dict__
     log.info("annotating %d images with %s", todo, resources)
     bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")
-    done, busy, devices, actors, nodes = 0, 0.0, set(), set(), set()
+    done, busy, devices, precisions, actors, nodes = 0, 0.0, set(), set(), set(), set()
     try:
         with stopped_by_signals():
             for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir,
                                           bool(earlier)):
                 images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
                 devices.update(status.column("device").to_pylist())
+                precisions.update(status.column("precision").to_pylist())
                 actors.update(status.column("actor").to_pylist())
                 nodes.update(status.column("node").to_pylist())
-                manifest.update(devices=sorted(devices), actors=len(actors), nodes=len(nodes))
+                manifest.update(devices=sorted(devices), precisions=sorted(precisions), actors=len(actors),
+                                nodes=len(nodes))
                 bar.update(images)
                 done += images
                 busy += float(pc.sum(status.column("seconds")).as_py())

@@ -111,8 +111,9 @@ class AnnotateAndWrite:
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
         batch = mark_duplicates(batch, self.earlier) if self.earlier else batch
         counts = write_part(self.run_dir, self.actor(batch))
-        return pa.Table.from_pylist([{**counts, "device": self.actor.device, "actor": self.actor_id,
-                                      "node": self.node_id, "seconds": time.perf_counter() - start}])
+        where = {"device": self.actor.device, "precision": self.actor.annotator.precision,
+                 "actor": self.actor_id, "node": self.node_id}
+        return pa.Table.from_pylist([{**counts, **where, "seconds": time.perf_counter() - start}])
 
 
 class WorkList(Datasource):
@@ -157,8 +158,8 @@ def annotate_stream(
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
-    "errors", "annotations", "device", "actor", "node", "seconds": the part's decode, annotate and write
-    time}). earlier: whether earlier runs of the series exist
+    "errors", "annotations", "device", "precision", "actor", "node", "seconds": the part's decode, annotate
+    and write time}). earlier: whether earlier runs of the series exist
     (planning indexed their contents in run_dir). Blocks of about a part, so that every actor gets work,
     and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))

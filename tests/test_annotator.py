@@ -148,6 +148,19 @@ def test_bfloat16_runs_the_model_in_bfloat16_and_finds_the_same_cat(method):
     assert inter / (a[2] * a[3] + b[2] * b[3] - inter) > 0.8
 
 
+def test_the_models_passes_run_without_cudnn_and_leave_it_as_they_found_it():
+    """cuDNN chooses kernels anew for each input shape (15-34 s a batch on an H200); every pass goes without."""
+    loaded = load_model(device="cpu")
+    seen = []
+    handle = loaded.model.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.enabled))
+    try:
+        Annotator(loaded, AnnotateSettings(input_size=96))([photo(120, 160)], None)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)  # every pass: the look, each scale, each mirror
+    assert torch.backends.cudnn.enabled
+
+
 def test_an_unknown_precision_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="^precision: "):
         AnnotateSettings(precision="float16")

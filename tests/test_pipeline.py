@@ -13,8 +13,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from camlabel.pipeline.cli import main
 from camlabel.schemas.tables import ERRORS, IMAGES
+from camlabel.workers.annotator import native_bfloat16
 from PIL import Image
 from pycocotools.coco import COCO
 from ray import cloudpickle
@@ -88,6 +90,7 @@ def test_annotate_export_and_resume(local_ray, collection, tmp_path, capsys):
     assert manifest["model"]["weights_sha256"].startswith("b0353104")
     assert manifest["config"]["method"] == "cam" and manifest["versions"]["torch"]
     assert manifest["devices"] == ["cpu"]  # every actor's device, from the parts' counts
+    assert manifest["precisions"] == ["bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"]  # auto
     # no actor is busy longer than the run, so the actors' own rate is at least the whole run's
     assert manifest["counts"]["this_run"] / manifest["seconds"] <= manifest["steady_images_per_second"]
 

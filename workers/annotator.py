@@ -236,7 +236,7 @@ class Annotator:
     def _proposals(self, batch: Tensor, valid: Tensor) -> Tensor | None:
         """Without labels, the top_k classes whose evidence peaks highest anywhere in the image
         (`peak_evidence`); None (the top predicted classes) for heads that are not GAP + linear."""
-        with self._precision():
+        with self._passes():
             peaks = peak_evidence(self.loaded.model, batch, valid, target_layer=self.loaded.target_layer)
         return None if peaks is None else peaks.topk(min(self.settings.top_k, peaks.shape[1]), dim=1).indices
 
@@ -261,7 +261,7 @@ class Annotator:
         scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
         kept = None
         if scales[0] != 1.0:
-            with self._precision():
+            with self._passes():
                 kept = classify(self.loaded.model, batch, targets, self.settings.top_k)
         grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
         per_scale = {}
@@ -279,13 +279,13 @@ class Annotator:
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
         s = self.settings
         model, layer = self.loaded.model, self.loaded.target_layer
-        with self._precision():
+        with self._passes():
             heat = compute_heatmaps(model, batch, target_layer=layer, method=s.method, targets=targets,
                                     top_k=s.top_k)
         if s.flip:
             # flip each image inside its own valid region so padding stays bottom/right
             flipped = _flip_valid(batch, valid).contiguous(memory_format=torch.channels_last)
-            with self._precision():
+            with self._passes():
                 other = compute_heatmaps(model, flipped, target_layer=layer, method=s.method,
                                          targets=heat.classes, top_k=s.top_k)
             scale = heat.maps.shape[-1] / batch.shape[-1]
@@ -293,9 +293,15 @@ class Annotator:
             heat.maps = heat.maps / heat.maps.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
         return heat
 
-    def _precision(self):
-        """Autocast for the model's passes only (a no-op in float32)."""
-        return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+    @contextmanager
+    def _passes(self):
+        """The model's passes: bfloat16 autocast (a no-op in float32), and no cuDNN. cuDNN spent 15-34 s
+        choosing kernels for each batch of new input shapes on an H200 (bench/README.md), and every batch
+        brings new ones, images keeping their aspect ratios; PyTorch's own kernels choose nothing and ran
+        the same batches in 0.4-0.7 s, as fast as cuDNN on shapes it had seen."""
+        with (torch.autocast(self.loaded.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"),
+              torch.backends.cudnn.flags(enabled=False)):
+            yield
 
 
 def box_rule(settings: AnnotateSettings) -> BoxRule:

@@ -31,7 +31,8 @@ def name_regions(model: nn.Module, batch: Tensor, boxes: Tensor, owners: Tensor)
     half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True).clamp(min=1) * CROP_CONTEXT / 2
     rois = torch.cat([owners[:, None].to(batch.dtype), centre - half, centre + half], 1)
     crops = roi_align(batch.float(), rois.float(), output_size=CROP_SIZE, aligned=True, sampling_ratio=2)
-    return model(crops.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+    with torch.backends.cudnn.flags(enabled=False):  # each count of crops is a new shape: Annotator._passes
+        return model(crops.contiguous(memory_format=torch.channels_last)).float().softmax(1)
 
 
 def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: Tensor) -> Tensor:
