@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
-from camlabel.workers.annotator import Annotator, resample_maps, shape_groups
+from camlabel.workers.annotator import Annotator, resample_maps, shape_groups, shape_key
 from camlabel.workers.boxes import working_maps
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
+from PIL import Image
 from skimage import data
 
 
@@ -231,6 +232,32 @@ def test_an_image_decoded_smaller_gives_boxes_and_masks_in_original_pixels():
 
     assert box_iou(top_box(whole), top_box(small)).item() > 0.9
     assert all(p.rle["size"] == [1200, 1800] for p in small)
+
+
+def test_a_parts_model_batches_take_its_images_shape_by_shape_and_its_rows_keep_their_order(tmp_path):
+    """Landscapes and portraits in turn: each model batch gets one shape group (one set of passes), and
+    every row still describes its own image."""
+    from camlabel.workers.actor import AnnotateActor, decode_batch
+
+    paths = []
+    for i in range(4):
+        size = (96, 64) if i % 2 == 0 else (64, 96)  # landscape, portrait, landscape, portrait
+        Image.fromarray(data.chelsea()).resize(size).save(tmp_path / f"cat{i}.png")
+        paths.append(str(tmp_path / f"cat{i}.png"))
+    actor = AnnotateActor({}, AnnotateSettings(input_size=64, scales=(1.0,), flip=False), batch_size=2)
+    seen = []
+
+    class Counted(Annotator):
+        def __call__(self, images, *args):
+            seen.append({shape_key(*image.shape[-2:], 64) for image in images})
+            return super().__call__(images, *args)
+
+    actor.annotator.__class__ = Counted
+    rows = actor(decode_batch({"path": paths, "labels": ["281"] * 4}, 64)).to_pylist()
+    assert [len(shapes) for shapes in seen] == [1, 1]
+    assert [(r["path"], r["width"], r["height"]) for r in rows] == [
+        (p, *((96, 64) if i % 2 == 0 else (64, 96))) for i, p in enumerate(paths)]
+    assert all(r["annotations"] for r in rows)
 
 
 def test_a_part_is_annotated_a_model_batch_at_a_time_and_written_as_one_file(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from ..schemas.config import AnnotateSettings
 from ..schemas.tables import RESULTS
-from .annotator import Annotator
+from .annotator import Annotator, shape_key
 from .decode import DecodeError, decode_reduced, read_bytes
 from .models import load_model
 
@@ -46,9 +46,13 @@ class AnnotateActor:
         return pa.Table.from_pydict(rows, schema=RESULTS)
 
     def _annotate(self, batch, ok: list[int], rows: dict) -> None:
-        """Images with labels and images without are annotated in separate model batches; a batch that
-        fails is retried one image at a time so only the image at fault becomes an error row."""
+        """Images with labels and images without are annotated in separate model batches, each of as few
+        shape groups as the part allows: a group is one set of passes (a GPU ran 7 for 8 images taken
+        as they came), and an image's labels do not depend on its batch mates. A batch that fails is
+        retried one image at a time so only the image at fault becomes an error row."""
         labels = {i: _parse_labels(batch["labels"][i]) for i in ok}
+        shape = {i: shape_key(*np.shape(batch["image"][i])[:2], self.annotator.settings.input_size) for i in ok}
+        ok = sorted(ok, key=shape.__getitem__)
         for kind in ([i for i in ok if labels[i] is not None], [i for i in ok if labels[i] is None]):
             for group in (kind[start : start + self.batch_size] for start in range(0, len(kind), self.batch_size)):
                 self._record_or_isolate(group, labels, batch, rows)

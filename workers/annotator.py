@@ -390,9 +390,14 @@ def shape_groups(images: list[Tensor], short_side: int) -> dict[tuple[int, int],
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
-        h, w = scaled_size(image.shape[-2], image.shape[-1], short_side, 2 * short_side)
-        groups.setdefault((-(-h // GROUP_STEP), -(-w // GROUP_STEP)), []).append(i)
+        groups.setdefault(shape_key(image.shape[-2], image.shape[-1], short_side), []).append(i)
     return groups
+
+
+def shape_key(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """The shape group of an image of height x width: its padded input in GROUP_STEP cells."""
+    h, w = scaled_size(height, width, short_side, 2 * short_side)
+    return -(-h // GROUP_STEP), -(-w // GROUP_STEP)
 
 
 def _grid(size, scale: float) -> tuple[int, int]:
