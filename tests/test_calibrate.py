@@ -68,6 +68,41 @@ def test_calibrate_chooses_by_its_rule_and_its_figures_are_what_annotate_scores(
         assert direct[key] == pytest.approx(value, abs=1e-4), key
 
 
+def test_calibrating_for_predicted_classes_maps_no_labels_and_scores_what_annotate_does_without(
+        labelled_set, capsys, monkeypatch):
+    """--predicted: the maps are those of annotate without labels (the model names the classes), and the
+    table's figures at the chosen threshold are what such an annotate run scores."""
+    import camlabel.pipeline.calibrate as calibrate_module
+
+    model_dir, root, gt, made = labelled_set
+    given = []
+
+    class Recorded(Annotator):
+        def work(self, images, labels=None, sizes=None):
+            given.append(labels)
+            return super().work(images, labels, sizes)
+
+    monkeypatch.setattr(calibrate_module, "Annotator", Recorded)
+    capsys.readouterr()
+    assert main(["calibrate", str(root / "images"), "--gt", str(gt), "--out", str(root / "predicted.yaml"),
+                 "--model-dir", str(model_dir), "--input-size", "320", "--scales", "1.0", "--no-flip",
+                 "--predicted"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert given and all(labels is None for labels in given)
+    table = {float(t): v for t, v in result["box_thresholds"].items()}[result["threshold"]]
+    assert table["corloc"] >= 0.75  # a two-class model names discs and squares
+
+    settings = AnnotateSettings(input_size=320, scales=(1.0,), flip=False, threshold=result["threshold"],
+                                mask_threshold=result["threshold"])
+    annotator = Annotator(load_model(model_dir=model_dir, device="cpu"), settings)
+    found = annotator([decode_image(path) for path, _, _, _ in made]).labels
+    preds = [{"image_id": n, "category_id": p.class_index + 1, "bbox": p.bbox, "score": p.score,
+              "segmentation": p.rle} for n, labels in enumerate(found, start=1) for p in labels]
+    direct = evaluate(gt, preds)
+    for key, value in table.items():
+        assert direct[key] == pytest.approx(value, abs=1e-4), key
+
+
 def test_the_calibrated_config_keeps_every_annotate_setting():
     import yaml
     from camlabel.pipeline.calibrate import calibrated_config

@@ -164,8 +164,10 @@ class Annotator:
         """What names objects when no labels are given: the same model and rule at input_size alone,
         unmirrored and unrefined (a small share of the model work). Mapping the classes it names again, as
         labelled ones, finds far more whole objects than cutting its proposals' own maps, whose classes are
-        often wrong and which may not spread (bench/README.md)."""
-        return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False, refine=False))
+        often wrong and which may not spread (bench/README.md). It keeps the rule's own thresholds: given
+        ones set the final cut (what `camlabel calibrate` sweeps), not which objects are named."""
+        return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False, refine=False,
+                                              threshold=None, mask_threshold=None))
 
     def regions(self, images: list[Tensor], sizes: list[tuple[int, int]]) -> list[list[PseudoLabel]]:
         """Each image's regions, proposed by its top classes and named by their crops (`WorkingMaps._named`),
