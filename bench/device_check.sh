@@ -70,11 +70,11 @@ print(f"GPU utilisation: mean {sum(busy) / max(len(busy), 1):.0f}% over {len(bus
 EOF2
 }
 if "$py" -c "import ray" 2>/dev/null; then
-  echo -e "\n## 2. The whole job on $(basename "$set_dir") ($(ls "$images" | wc -l) images, parts of 32)\n"
-  echo "One actor on the GPU (the default):"
-  job --part-size 32
-  echo -e "\nTwo actors sharing it (--gpus-per-actor 0.5):"
-  job --part-size 32 --gpus-per-actor 0.5
+  echo -e "\n## 2. The whole job on $(basename "$set_dir") ($(ls "$images" | wc -l) images)\n"
+  echo "One actor on the GPU (the defaults):"
+  job
+  echo -e "\nTwo actors sharing it (--gpus-per-actor 0.5, parts of 50 so that both get work):"
+  job --gpus-per-actor 0.5 --part-size 50
 else
   echo -e "\n## 2. The whole job: ray is not importable here (carry its wheel in .whl/). Skipped."
 fi
