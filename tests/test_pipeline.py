@@ -293,6 +293,17 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
 
 
+def test_the_actor_pool_starts_with_what_is_there_and_queues_parts_only_where_they_come_decoded():
+    """A CPU actor decodes its own parts: given one at a time, so that the second actor of a two-part run
+    is not left idle while the first holds both; a GPU actor keeps a decoded part waiting."""
+    from camlabel.pipeline.plan import Resources, actor_pool
+
+    cpu = actor_pool(Resources(2, 0.0, 1.0, 8, 32, 2, decode_stage=False, grows=True), blocks=10)
+    assert (cpu.min_size, cpu.initial_size, cpu.max_size, cpu.max_tasks_in_flight_per_actor) == (1, 2, 10, 1)
+    gpu = actor_pool(Resources(4, 1.0, 1.0, 32, 256, 16, decode_stage=True), blocks=3)  # a fixed pool, 3 parts
+    assert (gpu.min_size, gpu.initial_size, gpu.max_size, gpu.max_tasks_in_flight_per_actor) == (3, 3, 3, 2)
+
+
 def test_decoding_in_the_actors_or_in_a_stage_of_its_own_gives_the_same_rows(local_ray, collection, tmp_path):
     from camlabel.pipeline.plan import Resources, annotate_stream
     from camlabel.pipeline.sources import list_images
