@@ -149,14 +149,18 @@ def read_rows(path: Location, start: int, stop: int) -> list[pa.Table]:
 
 def actor_pool(resources: Resources, blocks: int) -> ray.data.ActorPoolStrategy:
     """The annotate actors for `blocks` parts: as many as the cluster holds now (none idle in a tiny run),
-    more as nodes join (up to one per part) unless the user fixed the number. An actor that decodes its
-    own parts holds one at a time: Ray Data queues a second on the first actor ready (its default, two),
-    and two actors given two parts often had one idle for the whole run (a 64-image job took 90 s, not
-    54). A GPU actor keeps that second, decoded part waiting, so that it never waits for one."""
+    more as nodes join (up to one per part) unless the user fixed the number.
+
+    Ray Data queues a second part on an actor (its default, two in flight): a GPU actor's waits decoded,
+    so that it never waits for one, and a growing pool needs that queue, since Ray Data adds actors only
+    when the queues are long. In a fixed pool of actors that decode their own parts, the queue only idles
+    another actor: two actors given two parts often had one hold both (a 64-image job took 90 s, not
+    54), so there each holds one part at a time."""
     start = min(resources.actors, blocks)
+    one_at_a_time = not resources.grows and not resources.decode_stage
     return ray.data.ActorPoolStrategy(min_size=1 if resources.grows else start,
                                       max_size=blocks if resources.grows else start, initial_size=start,
-                                      max_tasks_in_flight_per_actor=2 if resources.decode_stage else 1)
+                                      max_tasks_in_flight_per_actor=1 if one_at_a_time else 2)
 
 
 def annotate_stream(

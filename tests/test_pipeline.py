@@ -293,14 +293,18 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
 
 
-def test_the_actor_pool_starts_with_what_is_there_and_queues_parts_only_where_they_come_decoded():
-    """A CPU actor decodes its own parts: given one at a time, so that the second actor of a two-part run
-    is not left idle while the first holds both; a GPU actor keeps a decoded part waiting."""
+def test_a_fixed_pool_of_cpu_actors_takes_one_part_each_at_a_time_and_the_others_queue_one_more():
+    """CPU actors decode their own parts: in a fixed pool a queued part would leave another actor idle. A
+    GPU actor keeps a decoded part waiting, and a growing pool needs queues to grow (Ray Data adds actors
+    at a utilisation of 1.75 tasks each: one in flight would never get there, and the cluster test
+    fails)."""
     from camlabel.pipeline.plan import Resources, actor_pool
 
-    cpu = actor_pool(Resources(2, 0.0, 1.0, 8, 32, 2, decode_stage=False, grows=True), blocks=10)
-    assert (cpu.min_size, cpu.initial_size, cpu.max_size, cpu.max_tasks_in_flight_per_actor) == (1, 2, 10, 1)
-    gpu = actor_pool(Resources(4, 1.0, 1.0, 32, 256, 16, decode_stage=True), blocks=3)  # a fixed pool, 3 parts
+    fixed = actor_pool(Resources(2, 0.0, 1.0, 8, 32, 2, decode_stage=False), blocks=10)
+    assert (fixed.min_size, fixed.initial_size, fixed.max_size, fixed.max_tasks_in_flight_per_actor) == (2, 2, 2, 1)
+    grows = actor_pool(Resources(2, 0.0, 1.0, 8, 32, 2, decode_stage=False, grows=True), blocks=10)
+    assert (grows.min_size, grows.initial_size, grows.max_size, grows.max_tasks_in_flight_per_actor) == (1, 2, 10, 2)
+    gpu = actor_pool(Resources(4, 1.0, 1.0, 32, 256, 16, decode_stage=True), blocks=3)  # 3 parts
     assert (gpu.min_size, gpu.initial_size, gpu.max_size, gpu.max_tasks_in_flight_per_actor) == (3, 3, 3, 2)
 
 
