@@ -198,8 +198,8 @@ def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlie
 def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Location, earlier: list[Location],
                  config: JobConfig, manifest: dict, progress: bool) -> None:
     """Run the Ray plan over the work list; the actors write the parts, the driver counts them as they
-    land and notes every actor's device (cpu, or the GPU's name and CUDA version) and the precision that
-    `auto` resolved to there in the manifest."""
+    land and notes in the manifest every actor's device (cpu, or the GPU's name and CUDA version) and
+    the precision `auto` resolved to."""
     resources = plan_resources(config.actors, config.batch_size, config.gpus_per_actor, config.part_size)
     manifest["resources"] = resources.__dict__
     log.info("annotating %d images with %s", todo, resources)

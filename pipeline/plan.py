@@ -151,11 +151,11 @@ def actor_pool(resources: Resources, blocks: int) -> ray.data.ActorPoolStrategy:
     """The annotate actors for `blocks` parts: as many as the cluster holds now (none idle in a tiny run),
     more as nodes join (up to one per part) unless the user fixed the number.
 
-    Ray Data queues a second part on an actor (its default, two in flight): a GPU actor's waits decoded,
-    so that it never waits for one, and a growing pool needs that queue, since Ray Data adds actors only
-    when the queues are long. In a fixed pool of actors that decode their own parts, the queue only idles
-    another actor: two actors given two parts often had one hold both (a 64-image job took 90 s, not
-    54), so there each holds one part at a time."""
+    Ray Data queues a second part on an actor (its default, two in flight): on a GPU actor that part waits
+    already decoded, so the GPU never waits for one, and a growing pool needs the queue, since Ray Data
+    adds actors only when the queues are long. In a fixed pool of actors that decode their own parts,
+    the queue only idles another actor: two actors given two parts often had one hold both (a 64-image
+    job took 90 s, not 54), so there each holds one part at a time."""
     start = min(resources.actors, blocks)
     one_at_a_time = not resources.grows and not resources.decode_stage
     return ray.data.ActorPoolStrategy(min_size=1 if resources.grows else start,
