@@ -18,6 +18,7 @@ from .models import load_model
 
 log = logging.getLogger(__name__)
 
+
 class AnnotateActor:
     """Loads the model once; each call annotates one part (columns of the decode stage), batch_size images
     at a time."""
@@ -87,6 +88,7 @@ class AnnotateActor:
                  "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
                 for p in result.labels[j]]
             rows["heatmaps"][i] = stored_heatmaps(result.maps[j], result.classes[j])
+
 
 def decode_batch(batch: dict[str, np.ndarray], shortest: int) -> dict[str, list]:
     """Read each path's bytes and decode them, large JPEGs straight to about `shortest` px on their

@@ -96,6 +96,7 @@ def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2,
     """
     b, k, h, w = maps.shape
     window = 2 * radius + 1
+
     def neighbours(x: Tensor) -> Tensor:  # [N,C,h,w] -> [N,C,window^2,h,w]
         n, c = x.shape[:2]
         return F.unfold(x, window, padding=radius).view(n, c, window * window, h, w)
