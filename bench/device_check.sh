@@ -3,7 +3,7 @@
 # writes one report, REPORT (default: bench/device_report.md, or $OUT/device_report.md when OUT is set):
 #   1. the GPU tests (tests/test_gpu.py: GPU maps and boxes against the CPU's, both precisions);
 #   2. the whole `camlabel annotate` job on IMAGES (default: stamps-public) with its labels, one actor on
-#      the GPU, then two sharing it: images/s, GPU utilisation and peak GPU memory (nvidia-smi, 200 ms);
+#      the GPU, then two and four sharing it: images/s, GPU utilisation and peak GPU memory (nvidia-smi, 200 ms);
 #   3. one batch under torch.profiler (bench/gpu_profile.py): GPU busy time, launches, copies, syncs;
 #   4. CAM / Grad-CAM / Eigen-CAM speed against the plain forward pass, float32 and bfloat16;
 #   5. where IMAGES' folder has gt.json: bench.localisation on those images, to compare with the CPU's.
@@ -75,6 +75,8 @@ if "$py" -c "import ray" 2>/dev/null; then
   job
   echo -e "\nTwo actors sharing it (--gpus-per-actor 0.5, parts of 50 so that both get work):"
   job --gpus-per-actor 0.5 --part-size 50
+  echo -e "\nFour actors sharing it (--gpus-per-actor 0.25, parts of 25):"
+  job --gpus-per-actor 0.25 --part-size 25
 else
   echo -e "\n## 2. The whole job: ray is not importable here (carry its wheel in .whl/). Skipped."
 fi
