@@ -136,9 +136,13 @@ def test_decode_stage_turns_every_failure_into_a_row(tmp_path):
     locked = tmp_path / "locked.png"
     locked.write_bytes(encode(Image.fromarray(gradient()), "PNG"))
     locked.chmod(0)
-    paths = [str(tmp_path / n) for n in ("ok.png", "bad.jpg", "missing.png", "locked.png")]
-    out = decode_batch({"path": np.array(paths), "labels": np.array(["-"] * 4)}, shortest=448)
+    os.symlink("self.jpg", tmp_path / "self.jpg")
+    os.symlink(tmp_path / "ok.png", tmp_path / "linked.png")
+    paths = [str(tmp_path / n) for n in ("ok.png", "bad.jpg", "missing.png", "locked.png", "self.jpg", "linked.png")]
+    out = decode_batch({"path": np.array(paths), "labels": np.array(["-"] * 6)}, shortest=448)
     assert out["error"][0] == "" and out["image"][0].shape == (30, 40, 3)
+    assert out["error_stage"][4] == "read" and "symbolic links" in out["error"][4]  # a link to itself
+    assert out["error"][5] == "" and (out["image"][5] == out["image"][0]).all()  # a link is read where it points
     assert out["error_stage"][1] == "decode" and "not a readable image" in out["error"][1]
     assert out["error_stage"][2] == "read" and "FileNotFoundError" in out["error"][2]
     if os.geteuid() != 0:  # root reads anything
