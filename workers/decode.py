@@ -60,7 +60,7 @@ def _header(data: bytes) -> tuple[int, int, str | None, int]:
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"refused: {exc}") from exc
     except Exception as exc:
-        raise DecodeError(f"not a readable image ({type(exc).__name__}: {_plain(exc)})") from exc
+        raise DecodeError(f"not a readable image ({type(exc).__name__}: {_without_address(exc)})") from exc
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -127,10 +127,10 @@ def _decode_with_pil(data: bytes) -> torch.Tensor:
                 im = im.point(lambda v: v / 256).convert("L")
             return _rgb_tensor(im)
     except Exception as exc:
-        raise DecodeError(f"cannot decode ({type(exc).__name__}: {_plain(exc)})") from exc
+        raise DecodeError(f"cannot decode ({type(exc).__name__}: {_without_address(exc)})") from exc
 
 
-def _plain(exc: Exception) -> str:
+def _without_address(exc: Exception) -> str:
     """An exception's message without the repr of the in-memory file PIL was given (`<_io.BytesIO object at
     0x7f...>`): an error row should read the same in every run."""
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
