@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on this machine: `ray job submit` runs the RayJob's entrypoint.
 
-A run started on the head alone takes the second node when it joins (the actor pool grows); two nightly
-submissions, the second over a grown source, annotate only the new images (incremental runs).
+A nightly run started on the head alone takes the second node when it joins (the actor pool grows); the next
+night's submission, over a grown source, annotates only the new images (incremental runs).
 Also checks the deploy/ manifests for the fields the cluster relies on.
 """
 
@@ -89,50 +89,41 @@ def finished(cluster, submission_id: str) -> None:
 
 
 def test_a_run_grows_onto_a_joining_node_and_scheduled_jobs_are_incremental(cluster, tmp_path):
-    many, grown = tmp_path / "many", tmp_path / "grown"
-    many.mkdir()
-    for i in range(96):  # over a minute of one actor's work: the node joins and its actor starts well before the end
-        Image.fromarray(data.chelsea()).resize((300 + i, 224)).save(many / f"cat{i:02d}.png")
-    config = tmp_path / "grow.yaml"
-    config.write_text(yaml.safe_dump({"source": str(many), "out": str(grown), "input_size": 224,
-                                      "batch_size": 1, "part_size": 1}))
-    submit(cluster, "camlabel-grow", config, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(grown.glob("annotations/part-*.parquet")):
-        time.sleep(0.5)
-    cluster["join"]()  # a node that registers once the run is under way, as a late GPU node would
-    finished(cluster, "camlabel-grow")
-    manifest = json.loads((grown / "manifest.json").read_text())
-    assert manifest["resources"]["actors"] == 1 and manifest["nodes"] == 2, manifest  # parts written on both nodes
-    assert manifest["counts"]["annotated"] == 96
-
     source, out = tmp_path / "incoming", tmp_path / "output"
     source.mkdir()
-    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
-    for i, photo in enumerate(photos[:2]):
-        Image.fromarray(photo).resize((128, 96)).save(source / f"night1_{i}.png")
+    for i in range(96):  # over a minute of one actor's work: the node joins and its actor starts well before the end
+        Image.fromarray(data.chelsea()).resize((300 + i, 224)).save(source / f"cat{i:02d}.png")
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"source": str(source), "out": str(out), "input_size": 128, "flip": False,
-                                      "scales": [1.0], "batch_size": 2}))
-    submit(cluster, "camlabel-night1", config, "--incremental")
-    for i, photo in enumerate(photos[2:]):
+    config.write_text(yaml.safe_dump({"source": str(source), "out": str(out), "input_size": 224,
+                                      "batch_size": 1, "part_size": 1}))
+    submit(cluster, "camlabel-night1", config, "--incremental", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("runs/*/annotations/part-*.parquet")):
+        time.sleep(0.5)
+    cluster["join"]()  # a node that registers once the run is under way, as a late GPU node would
+    finished(cluster, "camlabel-night1")
+    (first,) = out.glob("runs/*/manifest.json")
+    manifest = json.loads(first.read_text())
+    assert manifest["resources"]["actors"] == 1 and manifest["nodes"] == 2, manifest  # parts written on both nodes
+
+    # the next night, over a grown source: parts written on either node count as done
+    for i, photo in enumerate([data.coffee(), data.astronaut()]):
         Image.fromarray(photo).resize((128, 96)).save(source / f"night2_{i}.png")
-    shutil.copy(source / "night1_0.png", source / "night2_renamed_copy.png")  # same content, new name
+    shutil.copy(source / "cat00.png", source / "night2_renamed_copy.png")  # same content, new name
     submit(cluster, "camlabel-night2", config, "--incremental")
 
     listing = subprocess.run([str(BIN / "camlabel"), "runs", str(out)], capture_output=True, text=True, check=True)
     runs = [json.loads(line) for line in listing.stdout.splitlines()]
     assert [r["status"] for r in runs] == ["finished", "finished"]
     assert runs[0]["series"] == runs[1]["series"]
-    assert [r["this_run"] for r in runs] == [2, 3]  # the second night read only its three new files
-    assert [r["annotated"] for r in runs] == [2, 2]  # and kept the renamed copy out: its content is done
+    assert [r["this_run"] for r in runs] == [96, 3]  # the second night read only its three new files
+    assert [r["annotated"] for r in runs] == [96, 2]  # and kept the renamed copy out: its content is done
     assert [r["errors"] for r in runs] == [0, 1]  # a "duplicate" row names the image it copies
 
     coco = tmp_path / "all.json"
     subprocess.run([str(BIN / "camlabel"), "export-coco", str(out), "--out", str(coco)], check=True)
-    images = json.loads(coco.read_text())["images"]
-    assert sorted(Path(i["file_name"]).name for i in images) == ["night1_0.png", "night1_1.png", "night2_0.png",
-                                                                  "night2_1.png"]
+    names = sorted(Path(i["file_name"]).name for i in json.loads(coco.read_text())["images"])
+    assert names == sorted([f"cat{i:02d}.png" for i in range(96)] + ["night2_0.png", "night2_1.png"])
 
 
 def test_deploy_manifests_have_what_the_cluster_needs():
