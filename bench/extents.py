@@ -1,7 +1,7 @@
 """Which maps each class's extent is cut from, swept in minutes: fine (larger scales) or coarse (smaller).
 
     python -m bench.extents [--data DIR] [--fine 1.5,2.0] [--coarse 1.0,1.5 --coarse 0.75,1.0,1.5]
-        [--spread 4,0.6 --spread 8,0.6 --spread off]
+        [--spread 4,0.6 --spread 8,0.6 --spread off] [--judge on --judge off]
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
 the mean of its smaller ones, choosing per class (workers.boxes `_extent_chosen`). Every image's maps at
@@ -9,7 +9,8 @@ each scale of --scales are computed once, with image-level labels and the defaul
 and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
 
 --spread POWER,MIX sets the semantic spread's power and mix (workers.boxes.SPREAD_POWER, SPREAD_MIX) for
-a variant, `off` leaves the spread out; each --spread is run with each --coarse.
+a variant, `off` leaves the spread out; each --spread is run with each --coarse. --judge off leaves out the
+classifier's judgement of a class's fine box (workers.regions.fine_box_holds); each is run with each.
 
 Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
 all; box AP50, box AP, mask IoU, segm AP50, boxes per object), then CorLoc with the fine extent only,
@@ -29,7 +30,7 @@ import torch
 from camlabel.pipeline.evaluate import evaluate, load_ground_truth
 from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers import boxes
-from camlabel.workers.annotator import GROUP_STEP, Annotator, mean_map, shape_groups
+from camlabel.workers.annotator import GROUP_STEP, Annotator, classifier_judge, mean_map, shape_groups
 from camlabel.workers.boxes import RULES, WORK_STRIDE, pseudo_labels, working_maps
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
@@ -93,15 +94,16 @@ class CachedSet:
         return self.refined[name, scales, spread]
 
     def predictions(self, fine: tuple[float, ...], coarse: tuple[float, ...] | None, rule,
-                    spread: str = "default") -> list[dict]:
+                    spread: str = "default", judge: bool = True) -> list[dict]:
         found = []
         for name in self.names:
             cached = self.maps(name)
             work = self.work(name, fine, spread)
             classes = cached["classes"]
+            judged = classifier_judge(self.annotator.loaded.model, self._input(name)[1]) if judge else None
             labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
                                    tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
-                                   None if coarse is None else self.work(name, coarse, spread))[0]
+                                   None if coarse is None else self.work(name, coarse, spread), judged)[0]
             found += [{"image_id": self.ids[name], "category_id": p.class_index + 1, "bbox": p.bbox,
                        "score": p.score, "segmentation": p.rle, "area": p.area} for p in labels]
         return found
@@ -133,6 +135,8 @@ def main() -> None:
                         "default 1.0,1.5)")
     parser.add_argument("--spread", action="append", help="POWER,MIX of the semantic spread, or off (repeatable; "
                         "default: the default's)")
+    parser.add_argument("--judge", action="append", choices=["on", "off"], help="the classifier judging a class's "
+                        "fine box (repeatable; default on)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,12 +146,13 @@ def main() -> None:
     half = len(data.names) // 2
     halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
     print(f"{args.data.name}, fine extent from scales {args.fine}\n")
-    print("| coarse scales | spread | CorLoc first / second half | CorLoc | box AP50 | box AP | mask IoU | segm AP50 | "
-          "boxes/object | CorLoc fine only / coarse only / better of the two |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for variant, spread in itertools.product(args.coarse or ["1.0,1.5"], args.spread or ["default"]):
+    print("| coarse scales | spread | judge | CorLoc first / second half | CorLoc | box AP50 | box AP | mask IoU | "
+          "segm AP50 | boxes/object | CorLoc fine only / coarse only / better of the two |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, spread, judge in itertools.product(args.coarse or ["1.0,1.5"], args.spread or ["default"],
+                                                    args.judge or ["on"]):
         coarse = tuple(float(x) for x in variant.split(","))
-        chosen = data.predictions(fine, coarse, DEFAULT, spread)
+        chosen = data.predictions(fine, coarse, DEFAULT, spread, judge == "on")
         r = evaluate(data.gt, chosen)
         by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
                             [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
@@ -155,7 +160,7 @@ def main() -> None:
         coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread))
         n = len(fine_hits)
         either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
-        print(f"| {variant} | {spread} | {by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | "
+        print(f"| {variant} | {spread} | {judge} | {by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | "
               f"{r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | {r.get('segm_AP50', 0):.3f} | "
               f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"
               f" / {either / n:.3f} |", flush=True)

@@ -275,6 +275,39 @@ def test_a_large_object_is_one_instance_not_its_parts():
     assert [p.bbox for p in fine_kept] == [p.bbox for p in parts]
 
 
+def test_a_judge_asked_of_a_class_taking_its_coarse_extent_can_keep_it_on_its_fine_box():
+    # two images x two class slots: image 0's second class is the large object above (its first slot an
+    # empty map), image 1's one class a small object. Only the large object's class is about to take its
+    # coarse extent, so only it is asked about, with its top fine box: that of its mask (above 0.5), in
+    # working cells. A judge that says the fine box holds the object keeps the class there.
+    fine = torch.zeros(2, 2, 32, 32)
+    fine[0, 1, 6:12, 4:10] = 1.0
+    fine[0, 1, 20:26, 22:28] = 0.9
+    fine[1, 0, 4:10, 2:8] = 1.0
+    coarse = torch.zeros(2, 2, 32, 32)
+    coarse[0, 1, 4:28, 2:30] = 0.5
+    coarse[0, 1, 8:20, 6:20] = 1.0
+    coarse[1, 0] = fine[1, 0]
+    args = (torch.tensor([[5, 3], [7, -1]]), torch.ones(2, 2), torch.tensor([[128, 128]] * 2), (128, 128),
+            [(128, 128)] * 2)
+    asked = []
+
+    def judge(answer: bool):
+        def ask(images, classes, fine_boxes):
+            asked.append((images.tolist(), classes.tolist(), fine_boxes.tolist()))
+            return torch.full((len(images),), answer)
+        return ask
+
+    plain = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse)
+    parts = labels_from_work(fine, *args, rule=replace(RULES["instances"], large=None))
+    assert len(plain[0]) == 1 and len(parts[0]) == 2  # the whole object from the coarse maps, or its parts
+    held = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse, judge=judge(True))
+    assert asked == [([0], [3], [[4.0, 6.0, 10.0, 12.0]])]
+    assert [[p.bbox for p in found] for found in held] == [[p.bbox for p in found] for found in parts]
+    context = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse, judge=judge(False))
+    assert [[p.bbox for p in found] for found in context] == [[p.bbox for p in found] for found in plain]
+
+
 def test_a_wide_components_mask_reaches_lower_than_a_narrow_ones():
     # two objects of one class, each with a rim at 0.47: between the wide mask threshold (0.45) and the
     # mask threshold (0.5); only the object whose box covers over 15% of the image keeps its rim

@@ -7,7 +7,14 @@ from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from camlabel.workers.regions import CROP_CONTEXT, CROP_SIZE, name_regions, one_box_per_object
+from camlabel.workers.regions import (
+    CROP_CONTEXT,
+    CROP_SIZE,
+    SURE,
+    fine_box_holds,
+    name_regions,
+    one_box_per_object,
+)
 from skimage import data
 from torch import nn
 from torchvision.transforms.functional import resized_crop
@@ -37,6 +44,26 @@ def test_a_crop_is_square_around_the_region_with_context():
     row = values.view(CROP_SIZE, CROP_SIZE)[CROP_SIZE // 2]
     span = (row[-1] - row[0]) * CROP_SIZE / (CROP_SIZE - 1)
     assert abs(float(span) - 40 * CROP_CONTEXT) < 1
+
+
+def test_a_box_holds_its_object_when_it_alone_keeps_the_class_as_surely_as_the_whole_image():
+    # class 0's logit = 64 x (mean of channel 0) - 2: an object of 8 x 8 ones in 32 x 32 gives logit 2,
+    # probability 0.88 (sure); the object at half strength gives 0.5 (not sure, never judged)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].weight[0, 0] = 64.0
+        model[2].bias.copy_(torch.tensor([-2.0, 0.0]))
+    small = torch.zeros(2, 3, 32, 32)
+    small[0, 0, 8:16, 8:16] = 1.0
+    small[1, 0, 8:16, 8:16] = 0.5
+    small[0, 1] = 3.0  # background in another channel: the class does not see it
+    assert torch.sigmoid(torch.tensor(2.0)) >= SURE > 0.5
+    whole, half, around = [8.0, 8, 16, 16], [8.0, 8, 12, 16], [4.0, 4, 20, 20]
+    holds = fine_box_holds(model, small, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 0]),
+                           torch.tensor([whole, half, around, whole]))
+    # the object alone, or with a margin of background, keeps all it had; half of it, probability 0.5
+    assert holds.tolist() == [True, False, True, False]
 
 
 def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
-from .boxes import RULES, WORK_STRIDE, BoxRule, PseudoLabel, pseudo_labels, working_maps
+from .boxes import RULES, WORK_STRIDE, BoxRule, Judge, PseudoLabel, pseudo_labels, working_maps
 from .heatmaps import classify, compute_heatmaps, hooked, peak_evidence
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
-from .regions import name_regions, one_box_per_object
+from .regions import fine_box_holds, name_regions, one_box_per_object
 
 CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
 
@@ -50,10 +50,11 @@ class WorkingMaps:
     batch: Tensor | None = None  # the network input [B,3,H,W] the namer crops; kept only with a namer
     min_score: float = 0.0  # regions whose crop's best class is less probable are dropped
     named: bool = False  # the classes were named by the look (no labels): one box per object across them
+    judge: Judge | None = None  # whether a class's fine box already holds its object (the classifier's view)
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
         found = pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule,
-                              self.coarse)
+                              self.coarse, self.judge)
         if self.namer is not None:
             return self._named(found)
         return _one_box_per_object(found, self.valid, self.sizes) if self.named else found
@@ -82,6 +83,16 @@ class WorkingMaps:
         """Each image's maps over the image only (the padding cut off)."""
         return [self.work[j, :, : -(-h // WORK_STRIDE), : -(-w // WORK_STRIDE)]
                 for j, (h, w) in enumerate(self.valid.tolist())]
+
+
+def classifier_judge(model: nn.Module, batch: Tensor) -> Judge:
+    """The Judge (workers.boxes) of a batch [B,3,H,W]: `workers.regions.fine_box_holds` at half the batch's
+    resolution, near the classifier's own 224 pixels (a quarter of the batch's memory kept)."""
+    return partial(_judged_at_half, model, F.interpolate(batch.float(), scale_factor=0.5, mode="area"))
+
+
+def _judged_at_half(model: nn.Module, small: Tensor, images: Tensor, classes: Tensor, boxes: Tensor) -> Tensor:
+    return fine_box_holds(model, small, images, classes, boxes * (WORK_STRIDE / 2))  # cells -> pixels of small
 
 
 def _input_boxes(bboxes: list[list[float]], owners: Tensor, valid: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
@@ -213,8 +224,9 @@ class Annotator:
                             features=captured.get("features"), set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         if labels is not None:
+            judge = None if coarse is None else classifier_judge(self.loaded.model, batch)
             return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
-                               top.values, named=sureness is not None)
+                               top.values, named=sureness is not None, judge=judge)
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
                            top.values, self.loaded.model, batch, s.min_score)

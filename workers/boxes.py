@@ -8,7 +8,7 @@ masks as COCO RLE (Fortran order, `counts` as str).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,6 +335,7 @@ def pseudo_labels(
     original_sizes: list[tuple[int, int]],
     rule: BoxRule = RULES["instances"],
     coarse: Tensor | None = None,
+    judge: Judge | None = None,
 ) -> list[list[PseudoLabel]]:
     """Working maps [B,K,H/4,W/4] (from `working_maps`), classes/scores [B,K] -> each image's labels.
 
@@ -343,7 +344,9 @@ def pseudo_labels(
     original_sizes: each image's (height, width).
     coarse: the same classes' maps from smaller input scales. With a rule that has a `large` rule, a class
     whose top coarse instance (under `rule.large`) has a box over `rule.large_share` of the image takes
-    its instances from `coarse`, every other class from `work`.
+    its instances from `coarse`, every other class from `work`. judge: asked, for each class about to take
+    its coarse extent whose top fine box differs from its top coarse one, whether that fine box already
+    holds the object (see `Judge`); a class it says so of keeps its fine instances.
     """
     b, k = classes.shape
     rules = [rule] if coarse is None or rule.large is None else [rule, rule.large]
@@ -363,11 +366,13 @@ def pseudo_labels(
     share = mass / maps.flatten(2).sum(-1).flatten()[owner].clamp(min=1e-7)  # of the map's whole evidence
     confidence = instance_confidence(scores.repeat(1, len(rules)).flatten()[owner].float(), peak, share)
     kept = _select(rule, owner, area, peak, cells, per_map("threshold")[owner])
+    wider = (box[:, 2:] - box[:, :2]).prod(1) > per_map("wide_share")[owner] * cells[owner]
+    mask_threshold = per_map("mask_threshold")[owner] - wider * per_map("wide_drop")[owner]  # per component
     if len(rules) == 2:
-        kept = kept[_extent_chosen(owner[kept], box[kept], cells[owner[kept]], rule.large_share, b, k)]
-    mask_thresholds = per_map("mask_threshold")[owner[kept]]
-    wider = (box[kept, 2:] - box[kept, :2]).prod(1) > per_map("wide_share")[owner[kept]] * cells[owner[kept]]
-    mask_thresholds = mask_thresholds - wider * per_map("wide_drop")[owner[kept]]
+        judged = None if judge is None else _JudgedMaps(judge, maps.flatten(0, 1), labels, owner, ids, mask_threshold,
+                                                        classes)
+        kept = kept[_extent_chosen(kept, owner, box, cells, rule.large_share, b, k, judged)]
+    mask_thresholds = mask_threshold[kept]
     # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
     class_of, valid_hw = classes.tolist(), valid.tolist()
@@ -394,28 +399,72 @@ def pseudo_labels(
     return results
 
 
-def _extent_chosen(owner: Tensor, box: Tensor, cells: Tensor, large_share: float, b: int, k: int) -> Tensor:
-    """Which kept components (ordered by owner map, best first, over B images x 2k maps: k fine, then k
-    coarse) come from the extent chosen for their class. A class takes its coarse instances when its top
-    coarse instance is a large object: its box covers over `large_share` of the image (cells: the image's
-    area), or it holds (half or more of the box of) two or more of the class's fine instances, which are
-    then parts of one object. Otherwise it keeps its fine instances."""
-    top = torch.ones_like(owner, dtype=torch.bool)
-    top[1:] = owner[1:] != owner[:-1]
-    image, slot = owner // (2 * k), owner % (2 * k)
+def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, large_share: float, b: int, k: int,
+                   judged: _JudgedMaps | None = None) -> Tensor:
+    """Which of the kept components (indices, ordered by owner map, best first, over B images x 2k maps: k
+    fine, then k coarse) come from the extent chosen for their class. A class takes its coarse instances
+    when its top coarse instance is a large object: its box covers over `large_share` of the image (cells:
+    each map's image area), or it holds (half or more of the box of) two or more of the class's fine
+    instances, which are then parts of one object; unless `judged` finds its top fine box already holds
+    the object. Otherwise it keeps its fine instances."""
+    mine = owner[kept]
+    top = torch.ones_like(mine, dtype=torch.bool)
+    top[1:] = mine[1:] != mine[:-1]
+    image, slot = mine // (2 * k), mine % (2 * k)
     coarse = slot >= k
-    cls = image * k + slot % k  # [M] the (image, class) each component belongs to
+    cls = image * k + slot % k  # the (image, class) each component belongs to
     leader = top & coarse
     top_box = torch.zeros(b * k, 4, device=box.device)
-    top_box[cls[leader]] = box[leader]
+    top_box[cls[leader]] = box[kept[leader]]
     share = torch.zeros(b * k, device=box.device)
-    share[cls[leader]] = ((box[leader, 2:] - box[leader, :2]).prod(1) / cells[leader])
-    lo = torch.maximum(box[:, :2], top_box[cls, :2])
-    hi = torch.minimum(box[:, 2:], top_box[cls, 2:])
-    held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[:, 2:] - box[:, :2]).prod(1)
+    share[cls[leader]] = (box[kept[leader], 2:] - box[kept[leader], :2]).prod(1) / cells[mine[leader]]
+    lo = torch.maximum(box[kept, :2], top_box[cls, :2])
+    hi = torch.minimum(box[kept, 2:], top_box[cls, 2:])
+    held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[kept, 2:] - box[kept, :2]).prod(1)
     parts = torch.zeros(b * k, device=box.device).index_add_(0, cls[~coarse], held[~coarse].float())
     large = (share > large_share) | (parts >= 2)  # [B*K]
+    if judged is not None:
+        fine_top = torch.full((b * k,), -1, dtype=torch.long, device=box.device)
+        fine_top[cls[top & ~coarse]] = kept[top & ~coarse]
+        coarse_top = torch.full_like(fine_top, -1)
+        coarse_top[cls[leader]] = kept[leader]
+        asked = (large & (fine_top >= 0) & (coarse_top >= 0)).nonzero()[:, 0]
+        large[asked] &= ~judged.fine_holds(asked, fine_top[asked], coarse_top[asked], k)
     return torch.where(coarse, large[cls], ~large[cls])
+
+
+Judge = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""judge(images [N], classes [N], fine boxes [N,4]) -> [N] bool: whether each class's top fine box (x1, y1,
+x2, y2 in working cells) already holds its object in that image, so that what its coarse instances add is
+context (`workers.regions.fine_box_holds`)."""
+
+
+@dataclass
+class _JudgedMaps:
+    """What `_extent_chosen` needs to ask a Judge: each component's mask box on the working grid."""
+
+    judge: Judge
+    maps: Tensor  # [B*m,h,w]
+    labels: Tensor  # [B*m,h,w] component ids
+    owner: Tensor  # [M] each component's map
+    ids: Tensor  # [M] each component's id
+    mask_threshold: Tensor  # [M]
+    classes: Tensor  # [B,K]
+
+    def fine_holds(self, pairs: Tensor, fine: Tensor, coarse: Tensor, k: int) -> Tensor:
+        """pairs [N] (image x k + class slot) with their top fine and coarse components -> [N] bool. Boxes
+        are those of the components' masks (their pixels above the mask threshold), as the labels' are;
+        a class whose two boxes are the same is not asked."""
+        owners = torch.cat([fine, coarse])
+        masks = (self.maps[self.owner[owners]] >= self.mask_threshold[owners, None, None]) & (
+            self.labels[self.owner[owners]] == self.ids[owners, None, None])
+        boxes = _corners(_boxes(masks)).view(2, len(pairs), 4)
+        differ = (boxes[0] != boxes[1]).any(1)
+        holds = torch.zeros_like(differ)
+        ask = differ.nonzero()[:, 0]
+        if len(ask):
+            holds[ask] = self.judge(pairs[ask] // k, self.classes.flatten()[pairs[ask]], boxes[0, ask])
+        return holds
 
 
 MASK_BUDGET = 1 << 26  # instance-pixels sampled at once at original size (~400 MB): a 60 MP photo goes one
@@ -494,6 +543,11 @@ def _encode(pending: list[Sampled], results: list[list[PseudoLabel]]) -> None:
                 results[s.image].append(PseudoLabel(s.class_indices[j], bbox, float(s.scores[j]), int(area), rle))
         row += c
     pending.clear()
+
+
+def _corners(boxes: Tensor) -> Tensor:
+    """COCO boxes [N,4] (x, y, w, h) -> (x1, y1, x2, y2)."""
+    return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1)
 
 
 def _boxes(masks: Tensor) -> Tensor:

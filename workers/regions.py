@@ -1,4 +1,5 @@
-"""Name each found region by classifying its crop, and keep one box per object.
+"""The classifier looks at found regions: it names each by its crop, keeps one box per object, and judges
+whether a box alone holds its object (`fine_box_holds`).
 
 Without image-level labels the classes come from the classifier itself. Its whole-image top classes
 rarely name an object that fills a tenth of a cluttered scene, and near-synonyms (tabby, tiger cat,
@@ -17,6 +18,7 @@ CROP_SIZE = 224  # the resolution ImageNet classifiers were trained at
 CROP_CONTEXT = 1.25  # a crop's side, as a multiple of the region's longer side: a little context, as in training
 SAME_OBJECT_IOU = 0.5  # boxes overlapping more than this cover one object
 PART_OVERLAP = 0.8  # a box of one class lying this much inside a better one of its class is a part of it
+SURE = 0.7  # fine_box_holds: the whole image's probability of a class above which the classifier judges its boxes
 
 
 @torch.no_grad()
@@ -51,3 +53,26 @@ def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: T
     better = torch.ones(len(keep), len(keep), dtype=torch.bool, device=boxes.device).tril(-1)  # j before i
     part = (same & better & (inside > PART_OVERLAP)).any(1)
     return keep[~part]
+
+
+@torch.no_grad()
+def fine_box_holds(model: nn.Module, small: Tensor, images: Tensor, classes: Tensor, boxes: Tensor) -> Tensor:
+    """Whether each class classes[n]'s fine box boxes[n] already holds its object in image images[n], so
+    that what a larger box adds is context (a football's pitch, a squirrel's branch): [N] bool.
+
+    small: the batch at half the input's resolution [B,3,H/2,W/2], near the 224 pixels the classifier was
+    trained at; boxes [N,4] x1, y1, x2, y2 in its pixels. The classifier sees the whole image and the box
+    alone (everything outside it set to the dataset mean, 0): the box holds the object when, alone, it
+    keeps at least the class's probability in the whole image, the smallest sufficient region of Dabkowski
+    & Gal 2017. Only where the whole image gives the class at least SURE: where the classifier doubts
+    the class (most objects pasted on another scene), it cannot judge a box. One pass over 2N images."""
+    h, w = small.shape[-2:]
+    rows = torch.arange(h, device=small.device)[None, :, None]
+    cols = torch.arange(w, device=small.device)[None, None, :]
+    x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
+    alone = small[images] * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]
+    seen = torch.cat([small[images], alone]).contiguous(memory_format=torch.channels_last)
+    with torch.backends.cudnn.flags(enabled=False):  # each count is a new shape: Annotator._passes
+        probability = model(seen).float().softmax(1).gather(1, classes.repeat(2)[:, None]).view(2, -1)
+    whole, kept = probability
+    return (whole >= SURE) & (kept >= whole)
