@@ -423,13 +423,16 @@ def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, larg
     held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[kept, 2:] - box[kept, :2]).prod(1)
     parts = torch.zeros(b * k, device=box.device).index_add_(0, cls[~coarse], held[~coarse].float())
     large = (share > large_share) | (parts >= 2)  # [B*K]
-    if judged is not None:
+    if judged is not None and len(kept):
         fine_top = torch.full((b * k,), -1, dtype=torch.long, device=box.device)
         fine_top[cls[top & ~coarse]] = kept[top & ~coarse]
         coarse_top = torch.full_like(fine_top, -1)
         coarse_top[cls[leader]] = kept[leader]
-        asked = (large & (fine_top >= 0) & (coarse_top >= 0)).nonzero()[:, 0]
-        large[asked] &= ~judged.fine_holds(asked, fine_top[asked], coarse_top[asked], k)
+        fine_box, coarse_box = judged.mask_boxes(fine_top.clamp(min=0)), judged.mask_boxes(coarse_top.clamp(min=0))
+        # a class about to take its coarse extent whose two top boxes differ: one host sync for the batch
+        asked = (large & (fine_top >= 0) & (coarse_top >= 0) & (fine_box != coarse_box).any(1)).nonzero()[:, 0]
+        if len(asked):
+            large[asked] &= ~judged.judge(asked // k, judged.classes.flatten()[asked], fine_box[asked])
     return torch.where(coarse, large[cls], ~large[cls])
 
 
@@ -441,7 +444,7 @@ context (`workers.regions.fine_box_holds`)."""
 
 @dataclass
 class _JudgedMaps:
-    """What `_extent_chosen` needs to ask a Judge: each component's mask box on the working grid."""
+    """A Judge and what it needs to be asked: each component's mask box on the working grid."""
 
     judge: Judge
     maps: Tensor  # [B*m,h,w]
@@ -451,20 +454,13 @@ class _JudgedMaps:
     mask_threshold: Tensor  # [M]
     classes: Tensor  # [B,K]
 
-    def fine_holds(self, pairs: Tensor, fine: Tensor, coarse: Tensor, k: int) -> Tensor:
-        """pairs [N] (image x k + class slot) with their top fine and coarse components -> [N] bool. Boxes
-        are those of the components' masks (their pixels above the mask threshold), as the labels' are;
-        a class whose two boxes are the same is not asked."""
-        owners = torch.cat([fine, coarse])
-        masks = (self.maps[self.owner[owners]] >= self.mask_threshold[owners, None, None]) & (
-            self.labels[self.owner[owners]] == self.ids[owners, None, None])
-        boxes = _corners(_boxes(masks)).view(2, len(pairs), 4)
-        differ = (boxes[0] != boxes[1]).any(1)
-        holds = torch.zeros_like(differ)
-        ask = differ.nonzero()[:, 0]
-        if len(ask):
-            holds[ask] = self.judge(pairs[ask] // k, self.classes.flatten()[pairs[ask]], boxes[0, ask])
-        return holds
+    def mask_boxes(self, components: Tensor) -> Tensor:
+        """Boxes [N,4] (x1, y1, x2, y2 in cells) of the components' masks, their pixels above the mask
+        threshold: the boxes the labels will have."""
+        maps = self.owner[components]
+        masks = (self.maps[maps] >= self.mask_threshold[components, None, None]) & (
+            self.labels[maps] == self.ids[components, None, None])
+        return _corners(_boxes(masks))
 
 
 MASK_BUDGET = 1 << 26  # instance-pixels sampled at once at original size (~400 MB): a 60 MP photo goes one

@@ -70,8 +70,9 @@ def fine_box_holds(model: nn.Module, small: Tensor, images: Tensor, classes: Ten
     rows = torch.arange(h, device=small.device)[None, :, None]
     cols = torch.arange(w, device=small.device)[None, None, :]
     x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
-    alone = small[images] * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]
-    seen = torch.cat([small[images], alone]).contiguous(memory_format=torch.channels_last)
+    whole = small[images]
+    seen = torch.cat([whole, whole * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]])
+    seen = seen.contiguous(memory_format=torch.channels_last)
     with torch.backends.cudnn.flags(enabled=False):  # each count is a new shape: Annotator._passes
         probability = model(seen).float().softmax(1).gather(1, classes.repeat(2)[:, None]).view(2, -1)
     whole, kept = probability
