@@ -68,6 +68,21 @@ def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_
     torch.testing.assert_close(seen[1], expected)
 
 
+def test_without_labels_the_looks_pass_serves_the_named_classes_at_input_size():
+    loaded = load_model(device="cpu")
+    cat = photo(120, 160)
+    rows, cols = shape_key(120, 160, 96)
+    shapes = []
+    handle = loaded.model.register_forward_pre_hook(lambda _m, inputs: shapes.append(tuple(inputs[0].shape)))
+    try:
+        Annotator(loaded, AnnotateSettings(input_size=96, scales=(1.0, 1.5)))([cat])
+    finally:
+        handle.remove()
+    # at input_size: the look's one pass (its proposals and their maps) and the named classes' mirrored
+    # pass; their unmirrored maps come from the look's pass (a pass of their own gave the same maps)
+    assert shapes.count((1, 3, rows * annotator_module.GROUP_STEP, cols * annotator_module.GROUP_STEP)) == 2
+
+
 def test_maps_of_another_scale_are_sampled_at_the_same_image_points():
     # maps of a padded batch whose value is the image's own x coordinate (0..1) at each cell centre;
     # bilinear sampling of a linear ramp is exact, so every interior target cell must read its own x

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from camlabel.workers.heatmaps import METHODS, HeatmapError, compute_heatmaps, eigen_projection
+from camlabel.workers.heatmaps import METHODS, HeatmapError, class_maps, compute_heatmaps, eigen_projection
 from torch import nn
 
 
@@ -103,6 +103,27 @@ def test_cam_checks_the_head_on_a_layers_first_cam_only_and_keeps_what_it_found(
         for i, c in enumerate([2, 0]):
             expected = torch.einsum("c,chw->hw", model.fc.weight[c], f[i]).clamp(min=0)
             torch.testing.assert_close(heat.maps[i, 0], expected / expected.max(), atol=1e-5, rtol=1e-4)
+
+
+def test_every_class_map_of_one_pass_gives_what_compute_heatmaps_gives_for_any_targets(gapnet):
+    x = torch.randn(3, 3, 32, 32)
+    maps = class_maps(gapnet, x, target_layer="features")
+    for targets in (torch.tensor([[0, 1], [2, -1], [4, 3]]), torch.tensor([[3], [1], [0]])):
+        got, want = maps.heatmaps(targets), compute_heatmaps(gapnet, x, target_layer="features", targets=targets)
+        torch.testing.assert_close(got.maps, want.maps)
+        assert torch.equal(got.classes, want.classes)
+        torch.testing.assert_close(got.scores, want.scores)
+    assert (got.maps <= 1).all() and torch.equal(got.probs, want.probs)
+
+
+def test_peak_evidence_finds_a_small_object_the_whole_images_softmax_buries():
+    x = planted(side=2)  # 4 red pixels of 1024: class 1's whole-image logit 20 x 4/1024 < class 0's bias 0.5
+    maps = class_maps(RedDetector().eval(), x, target_layer="features")
+    assert maps.probs[0].argmax().item() == 0
+    peaks = maps.peak_evidence(torch.tensor([[32, 32]]), 32)
+    assert peaks[0].argmax().item() == 1 and peaks[0, 1] > 0.99  # where the red is, class 1 wins outright
+    # cells outside the image's valid region (padding) are not searched: the red lies in columns 20-21
+    assert maps.peak_evidence(torch.tensor([[32, 16]]), 32)[0].argmax().item() == 0
 
 
 def test_cam_refuses_a_head_that_is_not_gap_linear():

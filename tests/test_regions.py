@@ -98,7 +98,7 @@ def test_without_labels_one_cat_gets_one_box_named_by_its_crop():
     assert label.class_index in CATS
     # the look names it: its best region's class is that region's crop's own best class (classify the
     # same square crop independently)
-    region = annotator.look.regions([cat], [(300, 451)])[0][0]
+    region = annotator.look.regions([cat], [(300, 451)])[0][0][0]
     assert region.class_index == label.class_index
     x, y, w, h = region.bbox
     side = max(w, h) * CROP_CONTEXT

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
 from .boxes import RULES, WORK_STRIDE, BoxRule, Judge, PseudoLabel, pseudo_labels, working_maps
-from .heatmaps import classify, compute_heatmaps, hooked, peak_evidence
+from .heatmaps import ClassMaps, class_maps, classify, compute_heatmaps, hooked
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
 from .regions import fine_box_holds, name_regions, one_box_per_object
@@ -30,6 +30,15 @@ class BatchResult:
     top_scores: Tensor  # [B, top_k]
     maps: list[Tensor]  # per image [K, h, w]: the refined maps behind the labels, over the image only
     classes: Tensor  # [B, K] the class of each map (-1: none)
+
+
+@dataclass
+class FirstPass:
+    """A shape group's pass at input_size, unmirrored, as the look makes it: every class's CAM and the
+    affinity layer's features. The classes the look names are mapped from it, not from a pass of their own."""
+
+    class_maps: ClassMaps
+    features: Tensor | None
 
 
 @dataclass
@@ -51,6 +60,7 @@ class WorkingMaps:
     min_score: float = 0.0  # regions whose crop's best class is less probable are dropped
     named: bool = False  # the classes were named by the look (no labels): one box per object across them
     judge: Judge | None = None  # whether a class's fine box already holds its object (the classifier's view)
+    first_pass: FirstPass | None = None  # the look's: what the classes it names are mapped from
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
         found = pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule,
@@ -165,10 +175,11 @@ class Annotator:
         if labels is not None:
             return self._groups(images, labels, sizes)
         named: list[dict[int, float]] = [{} for _ in images]  # each image's named classes, each's best score
-        for i, regions in enumerate(self.look.regions(images, sizes)):
+        found, first_passes = self.look.regions(images, sizes)
+        for i, regions in enumerate(found):
             for p in regions:  # best first
                 named[i].setdefault(p.class_index, p.score)
-        return self._groups(images, [list(n) for n in named], sizes, [list(n.values()) for n in named])
+        return self._groups(images, [list(n) for n in named], sizes, [list(n.values()) for n in named], first_passes)
 
     @cached_property
     def look(self) -> Annotator:
@@ -180,39 +191,53 @@ class Annotator:
         return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False, refine=False,
                                               threshold=None, mask_threshold=None))
 
-    def regions(self, images: list[Tensor], sizes: list[tuple[int, int]]) -> list[list[PseudoLabel]]:
+    def regions(self, images: list[Tensor], sizes: list[tuple[int, int]],
+                ) -> tuple[list[list[PseudoLabel]], list[FirstPass | None]]:
         """Each image's regions, proposed by its top classes and named by their crops (`WorkingMaps._named`),
-        best first: what the look is for."""
+        best first: what the look is for; and each shape group's first pass, to map the named classes from."""
         found: list[list[PseudoLabel]] = [[] for _ in images]
+        first_passes = []
         for group in self._groups(images, None, sizes):
             for i, labels in zip(group.members, group.labels(self.rule), strict=True):
                 found[i] = labels
-        return found
+            first_passes.append(group.first_pass)
+        return found, first_passes
 
     def _groups(self, images: list[Tensor], labels: list[list[int]] | None, sizes: list[tuple[int, int]],
-                sureness: list[list[float]] | None = None) -> list[WorkingMaps]:
+                sureness: list[list[float]] | None = None, first_passes: list[FirstPass | None] | None = None,
+                ) -> list[WorkingMaps]:
+        """first_passes: the look's, group by group (the same images group alike)."""
         groups = []
-        for (rows, cols), members in shape_groups(images, self.settings.input_size).items():
+        for g, ((rows, cols), members) in enumerate(shape_groups(images, self.settings.input_size).items()):
             padded_size = (rows * GROUP_STEP, cols * GROUP_STEP)
             groups.append(self._work([images[i] for i in members],
                                      None if labels is None else [labels[i] for i in members], padded_size, members,
                                      [sizes[i] for i in members],
-                                     None if sureness is None else [sureness[i] for i in members]))
+                                     None if sureness is None else [sureness[i] for i in members],
+                                     None if first_passes is None else first_passes[g]))
         return groups
 
     def _work(self, images: list[Tensor], labels: list[list[int]] | None, padded_size, members,
-              sizes: list[tuple[int, int]], sureness: list[list[float]] | None) -> WorkingMaps:
+              sizes: list[tuple[int, int]], sureness: list[list[float]] | None,
+              first: FirstPass | None = None) -> WorkingMaps:
         """One shape group's WorkingMaps: of the labelled (or named) classes, or of the look's proposals.
-        sureness: how surely each named class was named (it scales its instances' scores); None: labelled."""
+        sureness: how surely each named class was named (it scales its instances' scores); None: labelled.
+        first: the look's first pass over these images, which their maps at input_size come from."""
         s = self.settings
         device = self.loaded.device
         batch, valid = prepare_batch(images, s.input_size, device, pad_to=padded_size)
-        targets = self._proposals(batch, valid) if labels is None else _rows(labels, -1, torch.long, device)
+        if labels is None:  # the look: the classes whose evidence peaks highest, from a pass kept for later
+            first = self._first_pass(batch)
+            targets = None if first is None else first.class_maps.peak_evidence(valid, batch.shape[-2]).topk(
+                min(s.top_k, first.class_maps.probs.shape[1]), dim=1).indices
+        else:
+            targets = _rows(labels, -1, torch.long, device)
         # the spread widens whatever a map holds: only the classes labelled or named (a proposal's, of a class
         # that may be wrong, would swell over the background and its crop take the object's name)
         spread = s.refine and labels is not None
-        with self.features_captured() if spread else nullcontext({}) as captured:
-            heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets)
+        with self.features_captured() if spread and first is None else nullcontext({}) as captured:
+            heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets, first)
+        features = None if not spread else captured.get("features") if first is None else first.features
         classes, scores = heat.classes, heat.scores
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
         # labelled classes are present; named ones as surely as they were named; the look's regions are
@@ -221,7 +246,7 @@ class Annotator:
         input_size = tuple(batch.shape[-2:])
         both = heat.maps if coarse is None else torch.cat([heat.maps, coarse], 1)  # refined together
         work = working_maps(both, valid, input_size, guide=batch if s.refine else None,
-                            features=captured.get("features"), set_size=heat.maps.shape[1])
+                            features=features, set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         if labels is not None:
             judge = None if coarse is None else classifier_judge(self.loaded.model, batch)
@@ -229,7 +254,7 @@ class Annotator:
                                top.values, named=sureness is not None, judge=judge)
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
-                           top.values, self.loaded.model, batch, s.min_score)
+                           top.values, self.loaded.model, batch, s.min_score, first_pass=first)
 
     @contextmanager
     def features_captured(self) -> Iterator[dict[str, Tensor]]:
@@ -247,20 +272,21 @@ class Annotator:
         with hooked(self.loaded.model.get_submodule(layer), keep_first):
             yield captured
 
-    def _proposals(self, batch: Tensor, valid: Tensor) -> Tensor | None:
-        """Without labels, the top_k classes whose evidence peaks highest anywhere in the image
-        (`peak_evidence`); None (the top predicted classes) for heads that are not GAP + linear."""
-        with self._passes():
-            peaks = peak_evidence(self.loaded.model, batch, valid, target_layer=self.loaded.target_layer)
-        return None if peaks is None else peaks.topk(min(self.settings.top_k, peaks.shape[1]), dim=1).indices
+    def _first_pass(self, batch: Tensor) -> FirstPass | None:
+        """The look's pass over `batch`: every class's CAM (`heatmaps.ClassMaps`: whose evidence peaks
+        highest, and their maps) and the features the spread reads; None for heads that are not GAP + linear
+        (the top predicted classes are proposed)."""
+        with self.features_captured() as captured, self._passes():
+            maps = class_maps(self.loaded.model, batch, target_layer=self.loaded.target_layer)
+        return None if maps is None else FirstPass(maps, captured.get("features"))
 
-    def _heatmaps_multiscale(self, images, batch, valid, targets):
+    def _heatmaps_multiscale(self, images, batch, valid, targets, first: FirstPass | None = None):
         """Maps at every scale, each sampled straight onto the working grid (WORK_STRIDE cells of the
         input_size batch, the same image point per cell). Scales above 1 resolve small objects that one
         coarse map blurs together with their surroundings; smaller ones see a large object whole. With a
         rule for large objects, returns (heatmaps with the mean map of all scales but the smallest, mean
         map of all but the largest); else (heatmaps with the mean of all, None)."""
-        kept, per_scale = self.maps_per_scale(images, batch, valid, targets)
+        kept, per_scale = self.maps_per_scale(images, batch, valid, targets, first)
         ordered = [per_scale[s] for s in sorted(per_scale)]
         if self.rule.large is None or len(ordered) < 2:
             kept.maps = mean_map(ordered)
@@ -268,10 +294,11 @@ class Annotator:
         kept.maps = mean_map(ordered[1:])
         return kept, mean_map(ordered[:-1])
 
-    def maps_per_scale(self, images, batch, valid, targets):
+    def maps_per_scale(self, images, batch, valid, targets, first: FirstPass | None = None):
         """(heatmaps at input_size, {scale: maps [B,K,H/4,W/4] on the working grid of `batch`}). Classes
         and probabilities always come from input_size, nearer the resolution the classifier was trained
-        at; every scale maps the same classes (bench/extents.py sweeps how scales are combined)."""
+        at; every scale maps the same classes (bench/extents.py sweeps how scales are combined). first: a
+        pass already made over `batch`, which CAM's unmirrored maps at input_size are taken from."""
         scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
         kept = None
         if scales[0] != 1.0:
@@ -285,17 +312,21 @@ class Annotator:
             else:
                 size = round(self.settings.input_size * scale)
                 scaled, scaled_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
-            here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes)
+            here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes,
+                                  first if scale == 1.0 else None)
             kept = here if kept is None else kept
             per_scale[scale] = resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
         return kept, per_scale
 
-    def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None):
+    def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None, first: FirstPass | None = None):
         s = self.settings
         model, layer = self.loaded.model, self.loaded.target_layer
-        with self._passes():
-            heat = compute_heatmaps(model, batch, target_layer=layer, method=s.method, targets=targets,
-                                    top_k=s.top_k)
+        if first is not None and s.method == "cam":
+            heat = first.class_maps.heatmaps(targets)
+        else:
+            with self._passes():
+                heat = compute_heatmaps(model, batch, target_layer=layer, method=s.method, targets=targets,
+                                        top_k=s.top_k)
         if s.flip:
             # flip each image inside its own valid region so padding stays bottom/right
             flipped = _flip_valid(batch, valid).contiguous(memory_format=torch.channels_last)

@@ -170,30 +170,57 @@ def classify(model: nn.Module, images: Tensor, targets: Tensor | None = None, to
     return Heatmaps(images.new_zeros(0), classes, probs.gather(1, classes.clamp(min=0)) * (classes >= 0), probs)
 
 
-def peak_evidence(model: nn.Module, images: Tensor, valid: Tensor, *, target_layer: str) -> Tensor | None:
-    """Each class's highest local probability anywhere in each image [B, classes], or None for a model
-    whose head is not GAP + linear.
+@dataclass
+class ClassMaps:
+    """Every class's CAM of a batch, from one forward pass of a GAP + linear head: the heatmaps of any
+    classes and each class's peak evidence without another pass (the look proposes classes, maps them,
+    and the classes its crops name are mapped again, all on the same batch)."""
 
-    A GAP + linear head scores every location of the target layer as it scores the whole image (the
-    CAM of every class plus its bias); the softmax over classes at each location, maxed over the image's
-    own cells (valid [B,2] of the padded input), finds an object that fills a tenth of a cluttered
-    scene, which the whole image's average (its softmax) buries under the background's classes.
-    """
+    cams: Tensor  # [B, classes, h, w]: sum_k w_kc f_k, before normalising
+    bias: Tensor  # [classes] the head's bias
+    probs: Tensor  # [B, classes] the softmax of the pass
+
+    def heatmaps(self, targets: Tensor) -> Heatmaps:
+        """What `compute_heatmaps` gives for method "cam" and these targets [B,K] (-1 pads)."""
+        safe = targets.clamp(min=0)
+        raw = self.cams.gather(1, safe[..., None, None].expand(-1, -1, *self.cams.shape[-2:]))
+        present = targets >= 0
+        return Heatmaps(normalise(raw.float()) * present[..., None, None], targets,
+                        self.probs.gather(1, safe) * present, self.probs)
+
+    def peak_evidence(self, valid: Tensor, input_height: int) -> Tensor:
+        """Each class's highest local probability anywhere in each image [B, classes].
+
+        A GAP + linear head scores every location of the target layer as it scores the whole image (the
+        CAM of every class plus its bias); the softmax over classes at each location, maxed over the
+        image's own cells (valid [B,2] of the padded input, `input_height` pixels high), finds an object
+        that fills a tenth of a cluttered scene, which the whole image's average (its softmax) buries under
+        the background's classes.
+        """
+        local = self.cams.float() + self.bias.float()[:, None, None]
+        h, w = local.shape[-2:]
+        stride = input_height / h
+        rows = torch.arange(h, device=local.device)[None, :, None] < (valid[:, 0, None, None] / stride).ceil()
+        cols = torch.arange(w, device=local.device)[None, None, :] < (valid[:, 1, None, None] / stride).ceil()
+        probability = local.softmax(1) * (rows & cols)[:, None]
+        return probability.flatten(2).amax(2)
+
+
+def class_maps(model: nn.Module, images: Tensor, *, target_layer: str) -> ClassMaps | None:
+    """Every class's CAM of `images` [B,3,H,W] from one pass, or None for a model whose head is not
+    GAP + linear."""
     layer = _layer(model, target_layer)
     with restored(model), torch.no_grad():
         model.eval()
-        _, acts, head_in = _forward_capturing(model, layer, images, with_grad=False)
-        classes = torch.arange(_classifier(model).out_features, device=images.device).expand(len(images), -1)
+        logits, acts, head_in = _forward_capturing(model, layer, images, with_grad=False)
+        head = _classifier(model)
+        classes = torch.arange(head.out_features, device=images.device).expand(len(images), -1)
         try:
-            local = _cam(model, layer, acts, head_in, classes).float() + _classifier(model).bias.float()[:, None, None]
+            cams = _cam(model, layer, acts, head_in, classes)
         except HeatmapError:
             return None
-    h, w = local.shape[-2:]
-    stride = images.shape[-2] / h
-    rows = torch.arange(h, device=images.device)[None, :, None] < (valid[:, 0, None, None] / stride).ceil()
-    cols = torch.arange(w, device=images.device)[None, None, :] < (valid[:, 1, None, None] / stride).ceil()
-    probability = local.softmax(1) * (rows & cols)[:, None]
-    return probability.flatten(2).amax(2)
+    bias = head.bias if head.bias is not None else cams.new_zeros(head.out_features)
+    return ClassMaps(cams, bias, logits.float().softmax(1))
 
 
 def compute_heatmaps(
