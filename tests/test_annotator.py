@@ -11,6 +11,7 @@ from camlabel.workers.annotator import Annotator, resample_maps, shape_groups, s
 from camlabel.workers.boxes import working_maps
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
+from camlabel.workers.regions import CROP_SIZE
 from PIL import Image
 from skimage import data
 
@@ -164,16 +165,21 @@ def test_bfloat16_runs_the_model_in_bfloat16_and_finds_the_same_cat(method):
     assert inter / (a[2] * a[3] + b[2] * b[3] - inter) > 0.8
 
 
-def test_the_models_passes_run_without_cudnn_and_leave_it_as_they_found_it():
-    """cuDNN chooses kernels anew for each input shape (15-34 s a batch on an H200); every pass goes without."""
+def test_the_models_passes_run_without_cudnn_at_the_precision_asked_and_leave_cudnn_as_they_found_it():
+    """cuDNN chooses kernels anew for each input shape (15-34 s a batch on an H200); every pass goes without.
+    The maps' passes run under bfloat16 autocast when that precision is asked, the regions' crops in float32."""
     loaded = load_model(device="cpu")
     seen = []
-    handle = loaded.model.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.enabled))
+    handle = loaded.model.register_forward_pre_hook(lambda _m, inputs: seen.append(
+        (tuple(inputs[0].shape[-2:]), torch.backends.cudnn.enabled, torch.is_autocast_enabled("cpu"))))
     try:
-        Annotator(loaded, AnnotateSettings(input_size=96))([photo(120, 160)], None)
+        Annotator(loaded, AnnotateSettings(input_size=96, precision="bfloat16"))([photo(120, 160)], None)
     finally:
         handle.remove()
-    assert seen and not any(seen)  # every pass: the look, each scale, each mirror
+    assert not any(cudnn for _, cudnn, _ in seen)  # the look, each scale and mirror, the crops
+    crops = [autocast for shape, _, autocast in seen if shape == (CROP_SIZE, CROP_SIZE)]
+    maps = [autocast for shape, _, autocast in seen if shape != (CROP_SIZE, CROP_SIZE)]
+    assert crops and not any(crops) and maps and all(maps)
     assert torch.backends.cudnn.enabled
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
 from .boxes import RULES, WORK_STRIDE, BoxRule, Judge, PseudoLabel, pseudo_labels, working_maps
 from .heatmaps import ClassMaps, class_maps, classify, compute_heatmaps, hooked
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
-from .regions import fine_box_holds, name_regions, one_box_per_object
+from .regions import Classify, fine_box_holds, name_regions, one_box_per_object
 
 CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
 
@@ -55,7 +55,7 @@ class WorkingMaps:
     sizes: list[tuple[int, int]]  # original (height, width)
     top_classes: Tensor
     top_scores: Tensor
-    namer: nn.Module | None = None  # the look's: the model that names each region from its crop
+    namer: Classify | None = None  # the look's: the model that names each region from its crop
     batch: Tensor | None = None  # the network input [B,3,H,W] the namer crops; kept only with a namer
     min_score: float = 0.0  # regions whose crop's best class is less probable are dropped
     named: bool = False  # the classes were named by the look (no labels): one box per object across them
@@ -95,13 +95,13 @@ class WorkingMaps:
                 for j, (h, w) in enumerate(self.valid.tolist())]
 
 
-def classifier_judge(model: nn.Module, batch: Tensor) -> Judge:
+def classifier_judge(model: Classify, batch: Tensor) -> Judge:
     """The Judge (workers.boxes) of a batch [B,3,H,W]: `workers.regions.fine_box_holds` at half the batch's
     resolution, near the classifier's own 224 pixels (a quarter of the batch's memory kept)."""
     return partial(_judged_at_half, model, F.interpolate(batch.float(), scale_factor=0.5, mode="area"))
 
 
-def _judged_at_half(model: nn.Module, small: Tensor, images: Tensor, classes: Tensor, boxes: Tensor) -> Tensor:
+def _judged_at_half(model: Classify, small: Tensor, images: Tensor, classes: Tensor, boxes: Tensor) -> Tensor:
     return fine_box_holds(model, small, images, classes, boxes * (WORK_STRIDE / 2))  # cells -> pixels of small
 
 
@@ -249,12 +249,12 @@ class Annotator:
                             features=features, set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         if labels is not None:
-            judge = None if coarse is None else classifier_judge(self.loaded.model, batch)
+            judge = None if coarse is None else classifier_judge(self._classify, batch)
             return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
                                top.values, named=sureness is not None, judge=judge)
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
-                           top.values, self.loaded.model, batch, s.min_score, first_pass=first)
+                           top.values, self._classify, batch, s.min_score, first_pass=first)
 
     @contextmanager
     def features_captured(self) -> Iterator[dict[str, Tensor]]:
@@ -337,6 +337,13 @@ class Annotator:
             heat.maps = (heat.maps + _flip_valid(other.maps, (valid.float() * scale).ceil().long())) / 2
             heat.maps = heat.maps / heat.maps.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
         return heat
+
+    def _classify(self, images: Tensor) -> Tensor:
+        """The model's logits for `images`: how regions' crops and the judge's images are classified. Without
+        cuDNN, as every pass (`_passes`), but in float32 whatever the precision: named in bfloat16, the crops
+        cost stamps-public 7 of its 495 objects without labels (bench/README.md)."""
+        with torch.autocast(self.loaded.device.type, enabled=False), torch.backends.cudnn.flags(enabled=False):
+            return self.loaded.model(images)
 
     @contextmanager
     def _passes(self):

@@ -10,8 +10,10 @@ classifier's training images, and boxes that cover one object are merged into th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import batched_nms, roi_align
 
 CROP_SIZE = 224  # the resolution ImageNet classifiers were trained at
@@ -20,9 +22,13 @@ SAME_OBJECT_IOU = 0.5  # boxes overlapping more than this cover one object
 PART_OVERLAP = 0.8  # a box of one class lying this much inside a better one of its class is a part of it
 SURE = 0.7  # fine_box_holds: the whole image's probability of a class above which the classifier judges its boxes
 
+Classify = Callable[[Tensor], Tensor]
+"""images [N,3,H,W] -> the classifier's logits [N, classes]: the model, or the annotator's pass of it
+(float32, without cuDNN: `Annotator._classify`)."""
+
 
 @torch.no_grad()
-def name_regions(model: nn.Module, batch: Tensor, boxes: Tensor, owners: Tensor) -> Tensor:
+def name_regions(model: Classify, batch: Tensor, boxes: Tensor, owners: Tensor) -> Tensor:
     """Class probabilities [N, classes] of regions boxes [N,4] (x1, y1, x2, y2, input pixels) of images
     owners [N] in `batch` [B,3,H,W] (normalised network input): one square crop per region, centred on
     it, CROP_CONTEXT times its longer side, resampled to CROP_SIZE (roi_align, so the crops never leave
@@ -33,8 +39,7 @@ def name_regions(model: nn.Module, batch: Tensor, boxes: Tensor, owners: Tensor)
     half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True).clamp(min=1) * CROP_CONTEXT / 2
     rois = torch.cat([owners[:, None].to(batch.dtype), centre - half, centre + half], 1)
     crops = roi_align(batch.float(), rois.float(), output_size=CROP_SIZE, aligned=True, sampling_ratio=2)
-    with torch.backends.cudnn.flags(enabled=False):  # each count of crops is a new shape: Annotator._passes
-        return model(crops.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+    return model(crops.contiguous(memory_format=torch.channels_last)).float().softmax(1)
 
 
 def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: Tensor) -> Tensor:
@@ -56,7 +61,7 @@ def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: T
 
 
 @torch.no_grad()
-def fine_box_holds(model: nn.Module, small: Tensor, images: Tensor, classes: Tensor, boxes: Tensor) -> Tensor:
+def fine_box_holds(model: Classify, small: Tensor, images: Tensor, classes: Tensor, boxes: Tensor) -> Tensor:
     """Whether each class classes[n]'s fine box boxes[n] already holds its object in image images[n], so
     that what a larger box adds is context (a football's pitch, a squirrel's branch): [N] bool.
 
@@ -73,7 +78,6 @@ def fine_box_holds(model: nn.Module, small: Tensor, images: Tensor, classes: Ten
     whole = small[images]
     seen = torch.cat([whole, whole * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]])
     seen = seen.contiguous(memory_format=torch.channels_last)
-    with torch.backends.cudnn.flags(enabled=False):  # each count is a new shape: Annotator._passes
-        probability = model(seen).float().softmax(1).gather(1, classes.repeat(2)[:, None]).view(2, -1)
+    probability = model(seen).float().softmax(1).gather(1, classes.repeat(2)[:, None]).view(2, -1)
     whole, kept = probability
     return (whole >= SURE) & (kept >= whole)
