@@ -5,7 +5,8 @@
 Rows: the model's plain forward pass on already decoded tensors (the ceiling); the glue a user writes
 today (pytorch-grad-cam per image + the CAM paper's 20% rule with scipy + pycocotools RLE); camlabel's
 whole job (JPEG bytes to Parquet) with 1 and 2 actors, in its fast setting (one scale, no flip, no
-refinement) and its default quality setting, in float32 and under bfloat16 autocast. "whole job" includes
+refinement) and its default quality setting, in float32 and under bfloat16 autocast, without labels
+(a quick look names the objects first) and, last, with the set's image-level labels (no look). "whole job" includes
 starting the actors and loading the model; "steady" is each actor's images per second of its own work (decode,
 annotate, write: the manifest's `steady_images_per_second`), times the actors. Ratios are to the
 plain float32 forward pass and to the glue (which runs in float32, as users write it).
@@ -77,12 +78,12 @@ def glue(paths, input_size: int) -> float:
 
 
 def job(source: Path, actors: int, input_size: int, fast: bool, method: str = "cam",
-        precision: str = "float32") -> tuple[float, float]:
+        precision: str = "float32", labels: Path | None = None) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp(prefix="camlabel-bench-"))
     try:
         options = {"flip": False, "refine": False, "scales": [1.0]} if fast else {}
         config = JobConfig(source=str(source), out=str(out / "run"), actors=actors, input_size=input_size,
-                           method=method, precision=precision, **options)
+                           method=method, precision=precision, labels=labels and str(labels), **options)
         manifest = annotate(config, progress=False)
         return manifest["counts"]["this_run"] / manifest["seconds"], manifest.get("steady_images_per_second", 0)
     finally:
@@ -120,13 +121,18 @@ def main() -> None:
         print(f"| {name} | {speed:.2f} | {speed / base:.2f} | {speed / glue_speed:.2f} |", flush=True)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     job(sources["default"], 1, args.input_size, True)  # warm Ray's worker pool once, for every row alike
-    rows = [(True, actors, method, "float32") for actors in (1, 2) for method in ("cam", "gradcam")]
-    rows += [(True, 2, "cam", "bfloat16"), (False, 2, "cam", "float32"), (False, 2, "cam", "bfloat16")]
-    for fast, actors, method, precision in rows:
-        whole, steady = job(sources["fast" if fast else "default"], actors, args.input_size, fast, method, precision)
+    labels = args.data.parent / "labels.csv"
+    rows = [(True, actors, method, "float32", None) for actors in (1, 2) for method in ("cam", "gradcam")]
+    rows += [(True, 2, "cam", "bfloat16", None), (False, 2, "cam", "float32", None),
+             (False, 2, "cam", "bfloat16", None), (True, 2, "cam", "bfloat16", labels),
+             (False, 2, "cam", "bfloat16", labels)]
+    for fast, actors, method, precision, given in rows:
+        whole, steady = job(sources["fast" if fast else "default"], actors, args.input_size, fast, method, precision,
+                            given)
         setting = "fast (1 scale, no flip, no refinement)" if fast else "default (3 scales, flip, refined)"
-        print(f"| camlabel annotate {method}, {setting}, {precision}, {actors} actor(s) | {whole:.2f} / {steady:.2f} "
-              f"| {whole / base:.2f} / {steady / base:.2f} | {steady / glue_speed:.2f} |", flush=True)
+        print(f"| camlabel annotate {method}, {setting}, {precision}, {actors} actor(s){', labels' if given else ''} | "
+              f"{whole:.2f} / {steady:.2f} | {whole / base:.2f} / {steady / base:.2f} | {steady / glue_speed:.2f} |",
+              flush=True)
     ray.shutdown()
     for source in sources.values():
         shutil.rmtree(source)
