@@ -237,7 +237,7 @@ class Annotator:
         spread = s.refine and labels is not None
         with self.features_captured() if spread and first is None else nullcontext({}) as captured:
             heat, coarse = self._heatmaps_multiscale(images, batch, valid, targets, first)
-        features = None if not spread else captured.get("features") if first is None else first.features
+        features = (captured.get("features") if first is None else first.features) if spread else None
         classes, scores = heat.classes, heat.scores
         top = heat.probs.topk(min(s.top_k, heat.probs.shape[1]), dim=1)
         # labelled classes are present; named ones as surely as they were named; the look's regions are
