@@ -275,6 +275,42 @@ def test_a_large_object_is_one_instance_not_its_parts():
     assert [p.bbox for p in fine_kept] == [p.bbox for p in parts]
 
 
+def test_a_class_takes_its_coarse_extent_when_any_coarse_instance_is_large():
+    # a bird: the fine maps see only its head; the coarse maps see its body whole (a box of 47% of the
+    # image) and, brighter, a foot apart from it, which ranks first among the coarse instances
+    fine = torch.zeros(1, 1, 32, 32)
+    fine[0, 0, 6:10, 6:10] = 1.0
+    coarse = torch.zeros(1, 1, 32, 32)
+    coarse[0, 0, 4:26, 4:26] = 0.6
+    coarse[0, 0, 28:31, 28:31] = 1.0
+    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
+    found = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse)[0]
+    best = max(found, key=lambda p: p.score)
+    # cells 4..25 of stride 4, less the edge pixel each side that samples the map halfway to 0
+    assert best.bbox == [17.0, 17.0, 86.0, 86.0]
+    assert len(found) == 2  # the body and the foot: both coarse instances, no fine one (the head)
+
+
+def test_the_extent_is_chosen_by_any_large_coarse_instance_and_parts_by_the_best_scored_one():
+    # one image, one class: components 0-1 on its fine map (owner 0), 2-3 on its coarse map (owner 1), in
+    # the order `_select` keeps them (by peak); cells: each map's image area; returns which are kept
+    owner = torch.tensor([0, 0, 1, 1])
+    cells = torch.tensor([10000.0, 10000.0])
+    fine_parts = [[10, 10, 20, 20], [40, 40, 50, 50]]
+
+    def chosen(coarse_boxes, confidence):
+        box = torch.tensor(fine_parts + coarse_boxes, dtype=torch.float)
+        return boxes._extent_chosen(torch.arange(4), owner, box, cells, torch.tensor(confidence), 0.4, 1, 1).tolist()
+
+    # a bright speck ranks first and scores best; the other coarse instance covers 49% of the image
+    assert chosen([[80, 80, 90, 90], [0, 0, 70, 70]], [0.9, 0.5, 0.8, 0.3]) == [False, False, True, True]
+    # no coarse instance is large, and the speck holds no part: the fine instances stay
+    assert chosen([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.8, 0.3]) == [True, True, False, False]
+    # the same boxes, but the instance holding both parts scores best (the speck only ranks first by peak):
+    # the parts are one object's
+    assert chosen([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.1, 0.3]) == [False, False, True, True]
+
+
 def test_a_judge_asked_of_a_class_taking_its_coarse_extent_can_keep_it_on_its_fine_box():
     # two images x two class slots: image 0's second class is the large object above (its first slot an
     # empty map), image 1's one class a small object. Only the large object's class is about to take its

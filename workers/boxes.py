@@ -343,10 +343,10 @@ def pseudo_labels(
     valid [B,2]: each image's (h, w) inside the padded network input of `input_size` (H, W).
     original_sizes: each image's (height, width).
     coarse: the same classes' maps from smaller input scales. With a rule that has a `large` rule, a class
-    whose top coarse instance (under `rule.large`) has a box over `rule.large_share` of the image takes
-    its instances from `coarse`, every other class from `work`. judge: asked, for each class about to take
-    its coarse extent whose top fine box differs from its top coarse one, whether that fine box already
-    holds the object (see `Judge`); a class it says so of keeps its fine instances.
+    with a coarse instance (under `rule.large`) whose box covers over `rule.large_share` of the image takes
+    its instances from `coarse`, every other class from `work` (`_extent_chosen`). judge: asked, for each
+    class about to take its coarse extent whose top fine box differs from its top coarse one, whether that
+    fine box already holds the object (see `Judge`); a class it says so of keeps its fine instances.
     """
     b, k = classes.shape
     rules = [rule] if coarse is None or rule.large is None else [rule, rule.large]
@@ -371,7 +371,7 @@ def pseudo_labels(
     if len(rules) == 2:
         judged = None if judge is None else _JudgedMaps(judge, maps.flatten(0, 1), labels, owner, ids, mask_threshold,
                                                         classes)
-        kept = kept[_extent_chosen(kept, owner, box, cells, rule.large_share, b, k, judged)]
+        kept = kept[_extent_chosen(kept, owner, box, cells, confidence, rule.large_share, b, k, judged)]
     mask_thresholds = mask_threshold[kept]
     # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
@@ -399,25 +399,32 @@ def pseudo_labels(
     return results
 
 
-def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, large_share: float, b: int, k: int,
-                   judged: _JudgedMaps | None = None) -> Tensor:
+def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, confidence: Tensor, large_share: float,
+                   b: int, k: int, judged: _JudgedMaps | None = None) -> Tensor:
     """Which of the kept components (indices, ordered by owner map, best first, over B images x 2k maps: k
     fine, then k coarse) come from the extent chosen for their class. A class takes its coarse instances
-    when its top coarse instance is a large object: its box covers over `large_share` of the image (cells:
-    each map's image area), or it holds (half or more of the box of) two or more of the class's fine
-    instances, which are then parts of one object; unless `judged` finds its top fine box already holds
-    the object. Otherwise it keeps its fine instances."""
+    when one of them is a large object, its box covering over `large_share` of the image (cells: each map's
+    image area), or when its top coarse instance holds (half or more of the box of) two or more of the
+    class's fine instances, which are then parts of one object; unless `judged` finds its top fine box
+    already holds the object. Otherwise it keeps its fine instances. A map's top instance is its best by
+    `confidence`, the one its labels rank first."""
     mine = owner[kept]
-    top = torch.ones_like(mine, dtype=torch.bool)
-    top[1:] = mine[1:] != mine[:-1]
+    by_score = torch.argsort(confidence[kept], descending=True, stable=True)
+    by_score = by_score[torch.argsort(mine[by_score], stable=True)]
+    first = torch.ones_like(by_score, dtype=torch.bool)
+    first[1:] = mine[by_score[1:]] != mine[by_score[:-1]]
+    top = torch.zeros_like(mine, dtype=torch.bool)
+    top[by_score[first]] = True
     image, slot = mine // (2 * k), mine % (2 * k)
     coarse = slot >= k
     cls = image * k + slot % k  # the (image, class) each component belongs to
     leader = top & coarse
     top_box = torch.zeros(b * k, 4, device=box.device)
     top_box[cls[leader]] = box[kept[leader]]
-    share = torch.zeros(b * k, device=box.device)
-    share[cls[leader]] = (box[kept[leader], 2:] - box[kept[leader], :2]).prod(1) / cells[mine[leader]]
+    # the largest coarse instance's share of the image: a large object's brightest coarse component may be a
+    # speck (a bird's foot) beside its body
+    every = (box[kept, 2:] - box[kept, :2]).prod(1) / cells[mine]
+    share = torch.zeros(b * k, device=box.device).scatter_reduce(0, cls[coarse], every[coarse], "amax")
     lo = torch.maximum(box[kept, :2], top_box[cls, :2])
     hi = torch.minimum(box[kept, 2:], top_box[cls, 2:])
     held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[kept, 2:] - box[kept, :2]).prod(1)
