@@ -129,7 +129,8 @@ def main() -> None:
     for fast, actors, method, precision, given in rows:
         whole, steady = job(sources["fast" if fast else "default"], actors, args.input_size, fast, method, precision,
                             given)
-        setting = "fast (1 scale, no flip, no refinement)" if fast else "default (3 scales, flip, refined)"
+        setting = ("fast (1 scale, no flip, no refinement)" if fast
+                   else "default (3 scales, the two smaller mirrored, refined)")
         print(f"| camlabel annotate {method}, {setting}, {precision}, {actors} actor(s){', labels' if given else ''} | "
               f"{whole:.2f} / {steady:.2f} | {whole / base:.2f} / {steady / base:.2f} | {steady / glue_speed:.2f} |",
               flush=True)

@@ -60,8 +60,8 @@ class AnnotateSettings:
                                            "rule's, 0.5; eigencam 0.65)")
     top_k: int = setting(5, "without labels: the classes whose evidence peaks highest propose regions")
     min_score: float = setting(0.1, "without labels: a region's crop must name its class with this probability")
-    flip: bool | None = setting(None, "average with the mirrored image's maps (default: yes; not for "
-                                "scorecam and occlusion)")
+    flip: bool | None = setting(None, "average with the mirrored image's maps, at every scale but the largest "
+                                "of several (default: yes; not for scorecam and occlusion)")
     scales: tuple[float, ...] | None = setting(None, "input sizes whose maps are averaged, as multiples of "
                                                f"input_size (default {','.join(map(str, SCALES))}; per method: "
                                                "eigencam 1.0,1.5, scorecam and occlusion 1.0)")

@@ -113,6 +113,21 @@ def test_every_scale_sees_the_cat_in_the_same_place():
         assert torch.corrcoef(torch.stack([maps[0], other]))[0, 1] > 0.6
 
 
+def test_every_scale_but_the_largest_is_averaged_with_its_mirror():
+    loaded = load_model(device="cpu")
+    cat, targets = photo(96, 140), torch.tensor([[281]])
+    batch, valid = prepare_batch([cat], 64, "cpu")
+
+    def per_scale(scales, flip):
+        settings = AnnotateSettings(input_size=64, scales=scales, flip=flip, refine=False)
+        return Annotator(loaded, settings).maps_per_scale([cat], batch, valid, targets)[1]
+
+    mirrored, plain = per_scale((1.0, 2.0), True), per_scale((1.0, 2.0), False)
+    torch.testing.assert_close(mirrored[2.0], plain[2.0])  # the largest: as computed, unmirrored
+    assert (mirrored[1.0] - plain[1.0]).abs().max() > 0.02  # the cat is not symmetric: the mirror shows
+    torch.testing.assert_close(mirrored[1.0], per_scale((1.0,), True)[1.0])  # one scale alone is mirrored
+
+
 def test_predicted_classes_come_from_the_input_size_whatever_the_scales():
     loaded = load_model(device="cpu")
     cat = photo(240, 320)

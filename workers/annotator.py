@@ -300,6 +300,7 @@ class Annotator:
         at; every scale maps the same classes (bench/extents.py sweeps how scales are combined). first: a
         pass already made over `batch`, which CAM's unmirrored maps at input_size are taken from."""
         scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
+        largest = max(scales) if len(scales) > 1 else None
         kept = None
         if scales[0] != 1.0:
             with self._passes():
@@ -313,12 +314,16 @@ class Annotator:
                 size = round(self.settings.input_size * scale)
                 scaled, scaled_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
             here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes,
-                                  first if scale == 1.0 else None)
+                                  first if scale == 1.0 else None, mirror=scale != largest)
             kept = here if kept is None else kept
             per_scale[scale] = resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
         return kept, per_scale
 
-    def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None, first: FirstPass | None = None):
+    def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None, first: FirstPass | None = None,
+                  mirror: bool = True):
+        """Maps of `batch`, averaged with its mirror image's when the settings flip and `mirror` says so. The
+        largest of several scales is not mirrored: its map is the finest, the mirror changed its labels by
+        a point or less either way, and it was a fifth of the default's time (bench/README.md)."""
         s = self.settings
         model, layer = self.loaded.model, self.loaded.target_layer
         if first is not None and s.method == "cam":
@@ -327,7 +332,7 @@ class Annotator:
             with self._passes():
                 heat = compute_heatmaps(model, batch, target_layer=layer, method=s.method, targets=targets,
                                         top_k=s.top_k)
-        if s.flip:
+        if s.flip and mirror:
             # flip each image inside its own valid region so padding stays bottom/right
             flipped = _flip_valid(batch, valid).contiguous(memory_format=torch.channels_last)
             with self._passes():
