@@ -15,6 +15,7 @@ plain float32 forward pass and to the glue (which runs in float32, as users writ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import tempfile
 import time
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--quality-images", type=int, default=64, help="images for the default quality setting")
     parser.add_argument("--input-size", type=int, default=448)
     args = parser.parse_args()
+    if importlib.util.find_spec("pytorch_grad_cam") is None:  # fail before the first row, not at the glue's
+        raise SystemExit('the glue row needs pytorch-grad-cam: .venv/bin/pip install -e ".[bench]"')
     paths = sorted(args.data.glob("*.jpg"))[: args.images]
     sources = {"fast": linked(paths), "default": linked(paths[: args.quality_images])}
     print(f"{date.today()}, stamps-public, shorter side {args.input_size}, {torch.get_num_threads()} CPU threads "
