@@ -2,6 +2,7 @@
 
     python -m bench.extents [--data DIR] [--fine 1.5,2.0] [--coarse 1.0,1.5 --coarse 0.75,1.0,1.5]
         [--spread 4,0.6 --spread 8,0.6 --spread off] [--judge on --judge off]
+        [--refine default --refine sigma=0.1 --refine iterations=3,steps=120]
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
 the mean of its smaller ones, choosing per class (workers.boxes `_extent_chosen`). Every image's maps at
@@ -11,6 +12,8 @@ and cached under --cache; a variant then only refines, thresholds and scores, ab
 --spread POWER,MIX sets the semantic spread's power and mix (workers.boxes.SPREAD_POWER, SPREAD_MIX) for
 a variant, `off` leaves the spread out; each --spread is run with each --coarse. --judge off leaves out the
 classifier's judgement of a class's fine box (workers.regions.fine_box_holds); each is run with each.
+--refine KEY=VALUE,... sets the colour refinement's parameters for a variant: sigma, steps, radius of the
+random walk (workers.boxes.affinity_refine), iterations, bins of the colour model (colour_refine).
 
 Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
 all; box AP50, box AP, mask IoU, segm AP50, boxes per object), then CorLoc with the fine extent only,
@@ -23,6 +26,7 @@ import argparse
 import csv
 import itertools
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from unittest.mock import patch
 
@@ -78,35 +82,52 @@ class CachedSet:
             torch.save(cached, path)
         return cached
 
-    def work(self, name: str, scales: tuple[float, ...], spread: str = "default") -> torch.Tensor:
-        """The refined mean map of `scales`, as the annotator refines it with the spread given (kept in
-        memory per variant)."""
-        if (name, scales, spread) not in self.refined:
+    def work(self, name: str, scales: tuple[float, ...], spread: str = "default", refine: str = "default"
+             ) -> torch.Tensor:
+        """The refined mean map of `scales`, as the annotator refines it with the spread and the refinement's
+        parameters given (kept in memory per variant)."""
+        if (name, scales, spread, refine) not in self.refined:
             cached = self.maps(name)
             _, batch, valid = self._input(name)
             maps = mean_map([cached["maps"][s].float() for s in scales])
             power, mix = (boxes.SPREAD_POWER, boxes.SPREAD_MIX) if spread in ("default", "off") else map(
                 float, spread.split(","))
-            with patch.multiple(boxes, SPREAD_POWER=power, SPREAD_MIX=mix):
-                self.refined[name, scales, spread] = working_maps(
+            with patch.multiple(boxes, SPREAD_POWER=power, SPREAD_MIX=mix, **refinement(refine)):
+                self.refined[name, scales, spread, refine] = working_maps(
                     maps, valid, tuple(batch.shape[-2:]), guide=batch,
                     features=None if spread == "off" else cached["features"].float())
-        return self.refined[name, scales, spread]
+        return self.refined[name, scales, spread, refine]
 
     def predictions(self, fine: tuple[float, ...], coarse: tuple[float, ...] | None, rule,
-                    spread: str = "default", judge: bool = True) -> list[dict]:
+                    spread: str = "default", judge: bool = True, refine: str = "default") -> list[dict]:
         found = []
         for name in self.names:
             cached = self.maps(name)
-            work = self.work(name, fine, spread)
+            work = self.work(name, fine, spread, refine)
             classes = cached["classes"]
             judged = classifier_judge(self.annotator.loaded.model, self._input(name)[1]) if judge else None
             labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
                                    tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
-                                   None if coarse is None else self.work(name, coarse, spread), judged)[0]
+                                   None if coarse is None else self.work(name, coarse, spread, refine), judged)[0]
             found += [{"image_id": self.ids[name], "category_id": p.class_index + 1, "bbox": p.bbox,
                        "score": p.score, "segmentation": p.rle, "area": p.area} for p in labels]
         return found
+
+
+def refinement(refine: str) -> dict:
+    """--refine's KEY=VALUE,... as replacements of workers.boxes' refinement functions ({} for default)."""
+    walk = {"sigma", "steps", "radius"}
+    given = {} if refine == "default" else {k: float(v) if k == "sigma" else int(v)
+                                               for k, v in (kv.split("=") for kv in refine.split(","))}
+    unknown = set(given) - walk - {"iterations", "bins"}
+    if unknown:
+        raise SystemExit(f"--refine: unknown {sorted(unknown)}; known: sigma, steps, radius, iterations, bins")
+    out = {}
+    if walk & set(given):
+        out["affinity_refine"] = partial(boxes.affinity_refine, **{k: v for k, v in given.items() if k in walk})
+    if {"iterations", "bins"} & set(given):
+        out["colour_refine"] = partial(boxes.colour_refine, **{k: v for k, v in given.items() if k not in walk})
+    return out
 
 
 def hits(gt, preds: list[dict]) -> dict[int, bool]:
@@ -137,6 +158,8 @@ def main() -> None:
                         "default: the default's)")
     parser.add_argument("--judge", action="append", choices=["on", "off"], help="the classifier judging a class's "
                         "fine box (repeatable; default on)")
+    parser.add_argument("--refine", action="append", help="KEY=VALUE,... of the colour refinement (sigma, steps, "
+                        "radius, iterations, bins), or default (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,22 +169,23 @@ def main() -> None:
     half = len(data.names) // 2
     halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
     print(f"{args.data.name}, fine extent from scales {args.fine}\n")
-    print("| coarse scales | spread | judge | CorLoc first / second half | CorLoc | box AP50 | box AP | mask IoU | "
-          "segm AP50 | boxes/object | CorLoc fine only / coarse only / better of the two |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for variant, spread, judge in itertools.product(args.coarse or ["1.0,1.5"], args.spread or ["default"],
-                                                    args.judge or ["on"]):
+    print("| coarse scales | spread | judge | refine | CorLoc first / second half | CorLoc | box AP50 | box AP | "
+          "mask IoU | segm AP50 | boxes/object | CorLoc fine only / coarse only / better of the two |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, spread, judge, refine in itertools.product(args.coarse or ["1.0,1.5"], args.spread or ["default"],
+                                                            args.judge or ["on"], args.refine or ["default"]):
         coarse = tuple(float(x) for x in variant.split(","))
-        chosen = data.predictions(fine, coarse, DEFAULT, spread, judge == "on")
+        chosen = data.predictions(fine, coarse, DEFAULT, spread, judge == "on", refine)
         r = evaluate(data.gt, chosen)
         by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
                             [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
-        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY, spread))
-        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread))
+        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY, spread, refine=refine))
+        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread, refine=refine))
         n = len(fine_hits)
         either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
-        print(f"| {variant} | {spread} | {judge} | {by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | "
-              f"{r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | {r.get('segm_AP50', 0):.3f} | "
+        print(f"| {variant} | {spread} | {judge} | {refine} | {by_half[0]:.3f} / {by_half[1]:.3f} | "
+              f"{r['corloc']:.3f} | {r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | "
+              f"{r.get('segm_AP50', 0):.3f} | "
               f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"
               f" / {either / n:.3f} |", flush=True)
 

@@ -311,6 +311,33 @@ def test_the_extent_is_chosen_by_any_large_coarse_instance_and_parts_by_the_best
     assert chosen([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.1, 0.3]) == [False, False, True, True]
 
 
+def test_agreement_is_the_iou_of_a_class_top_boxes_on_its_two_extents():
+    # one image, three classes: maps 0-2 fine, 3-5 coarse. Class 0's top boxes overlap by half of their union,
+    # class 1's lie apart, class 2 has no coarse instance; each class's two maps get its value
+    tops = torch.tensor([0, 3, 1, 4, 2])
+    box = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 20], [20, 20, 30, 30], [0, 0, 5, 5], [0, 0, 10, 10]],
+                       dtype=torch.float)
+    assert boxes._agreement(tops, box, 1, 3).tolist() == [0.5, 0.0, 0.0, 0.5, 0.0, 0.0]
+    # two images of one class: the maps are per image, fine then coarse
+    two = boxes._agreement(torch.tensor([0, 1, 2, 3]), box[[0, 1, 2, 2]], 2, 1)
+    assert two.tolist() == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_a_box_both_extents_agree_on_outscores_one_they_do_not():
+    # two images of one class, each object equally bright on the fine maps: in image 0 the coarse map puts its
+    # object in the same place, in image 1 elsewhere (a large object's context), and there the class keeps its
+    # fine instance (the coarse one is no large object)
+    fine = torch.zeros(2, 1, 32, 32)
+    fine[:, 0, 8:16, 8:16] = 1.0
+    coarse = torch.zeros(2, 1, 32, 32)
+    coarse[0, 0, 8:16, 8:16] = 1.0
+    coarse[1, 0, 20:28, 20:28] = 1.0
+    args = (torch.tensor([[3], [3]]), torch.ones(2, 1), torch.tensor([[128, 128]] * 2), (128, 128), [(128, 128)] * 2)
+    agreed, apart = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse)
+    assert [p.bbox for p in agreed] == [p.bbox for p in apart]  # the same fine box in both
+    assert len(apart) == 1 and apart[0].score == pytest.approx(agreed[0].score / 2)
+
+
 def test_a_judge_asked_of_a_class_taking_its_coarse_extent_can_keep_it_on_its_fine_box():
     # two images x two class slots: image 0's second class is the large object above (its first slot an
     # empty map), image 1's one class a small object. Only the large object's class is about to take its

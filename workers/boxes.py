@@ -41,7 +41,8 @@ class BoxRule:
     (of the refined map's max) is an instance when it holds a seed, a pixel above `threshold`, and covers
     `min_area`; its mask is the component's pixels above `mask_threshold` (less `wide_drop` when the
     component's box covers over `wide_share` of the image: a wide object's evidence is spread thinner),
-    its box that mask's, its score class probability x peak x share of the map's evidence. Seeds say
+    its box that mask's, its score class probability x peak x share of the map's evidence (with a `large`
+    rule, x (1 + how far the class's two extents agree) / 2, `_agreement`). Seeds say
     where an object is, the lower extent how far it reaches: a large object's weaker parts join its most
     telling one.
 
@@ -346,7 +347,8 @@ def pseudo_labels(
     with a coarse instance (under `rule.large`) whose box covers over `rule.large_share` of the image takes
     its instances from `coarse`, every other class from `work` (`_extent_chosen`). judge: asked, for each
     class about to take its coarse extent whose top fine box differs from its top coarse one, whether that
-    fine box already holds the object (see `Judge`); a class it says so of keeps its fine instances.
+    fine box already holds the object (see `Judge`); a class it says so of keeps its fine instances. With
+    `coarse`, a class's scores are multiplied by (1 + the IoU of its top boxes on the two extents) / 2.
     """
     b, k = classes.shape
     rules = [rule] if coarse is None or rule.large is None else [rule, rule.large]
@@ -371,7 +373,13 @@ def pseudo_labels(
     if len(rules) == 2:
         judged = None if judge is None else _JudgedMaps(judge, maps.flatten(0, 1), labels, owner, ids, mask_threshold,
                                                         classes)
-        kept = kept[_extent_chosen(kept, owner, box, cells, confidence, rule.large_share, b, k, judged)]
+        chosen = _extent_chosen(kept, owner, box, cells, confidence, rule.large_share, b, k, judged)
+        # a class's score rises with how far its two extents' top boxes agree: a re-ranking across classes and
+        # images that changes no box and no class's top instance
+        tops = kept[_tops(owner[kept], confidence[kept])]
+        top_boxes = _mask_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, tops)
+        confidence = confidence * (1 + _agreement(owner[tops], top_boxes, b, k)[owner]) / 2
+        kept = kept[chosen]
     mask_thresholds = mask_threshold[kept]
     # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
@@ -409,12 +417,7 @@ def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, conf
     already holds the object. Otherwise it keeps its fine instances. A map's top instance is its best by
     `confidence`, the one its labels rank first."""
     mine = owner[kept]
-    by_score = torch.argsort(confidence[kept], descending=True, stable=True)
-    by_score = by_score[torch.argsort(mine[by_score], stable=True)]
-    first = torch.ones_like(by_score, dtype=torch.bool)
-    first[1:] = mine[by_score[1:]] != mine[by_score[:-1]]
-    top = torch.zeros_like(mine, dtype=torch.bool)
-    top[by_score[first]] = True
+    top = _tops(mine, confidence[kept])
     image, slot = mine // (2 * k), mine % (2 * k)
     coarse = slot >= k
     cls = image * k + slot % k  # the (image, class) each component belongs to
@@ -443,6 +446,42 @@ def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, conf
     return torch.where(coarse, large[cls], ~large[cls])
 
 
+def _tops(mine: Tensor, confidence: Tensor) -> Tensor:
+    """Which of the components (each of map `mine`, scored `confidence`) is its map's best by score: [N] bool."""
+    by_score = torch.argsort(confidence, descending=True, stable=True)
+    by_score = by_score[torch.argsort(mine[by_score], stable=True)]
+    first = torch.ones_like(by_score, dtype=torch.bool)
+    first[1:] = mine[by_score[1:]] != mine[by_score[:-1]]
+    top = torch.zeros_like(mine, dtype=torch.bool)
+    top[by_score[first]] = True
+    return top
+
+
+def _agreement(tops: Tensor, boxes: Tensor, b: int, k: int) -> Tensor:
+    """How far a class's two extents agree, per map [B*2k] (k fine, then k coarse, per image; a class's two
+    maps get the same value): the IoU of its top instance's box on each, 0 where either has none. tops [N]: the
+    maps that have a top instance, boxes [N,4] its box (x1, y1, x2, y2). Where the larger and the smaller
+    scales put a class's object in one place, its box is more often right (bench/README.md)."""
+    top_box = torch.zeros(b * 2 * k, 4, device=boxes.device)
+    has = torch.zeros(b * 2 * k, dtype=torch.bool, device=boxes.device)
+    top_box[tops], has[tops] = boxes, True
+    fine, coarse = top_box.view(b, 2, k, 4).unbind(1)
+    inter = (torch.minimum(fine[..., 2:], coarse[..., 2:]) - torch.maximum(fine[..., :2], coarse[..., :2])).clamp(min=0)
+    inter = inter.prod(-1)
+    union = (fine[..., 2:] - fine[..., :2]).prod(-1) + (coarse[..., 2:] - coarse[..., :2]).prod(-1) - inter
+    iou = torch.where(has.view(b, 2, k).all(1), inter / union.clamp(min=1e-7), 0.0)  # [B,k]
+    return iou[:, None].expand(b, 2, k).flatten()
+
+
+def _mask_boxes(maps: Tensor, labels: Tensor, owner: Tensor, ids: Tensor, mask_threshold: Tensor,
+                components: Tensor) -> Tensor:
+    """Boxes [N,4] (x1, y1, x2, y2 in working cells) of the components' masks, their pixels above the mask
+    threshold: the boxes the labels will have. maps, labels [B*m,h,w]; owner, ids, mask_threshold [M]."""
+    which = owner[components]
+    masks = (maps[which] >= mask_threshold[components, None, None]) & (labels[which] == ids[components, None, None])
+    return _corners(_boxes(masks))
+
+
 Judge = Callable[[Tensor, Tensor, Tensor], Tensor]
 """judge(images [N], classes [N], fine boxes [N,4]) -> [N] bool: whether each class's top fine box (x1, y1,
 x2, y2 in working cells) already holds its object in that image, so that what its coarse instances add is
@@ -462,12 +501,7 @@ class _JudgedMaps:
     classes: Tensor  # [B,K]
 
     def mask_boxes(self, components: Tensor) -> Tensor:
-        """Boxes [N,4] (x1, y1, x2, y2 in cells) of the components' masks, their pixels above the mask
-        threshold: the boxes the labels will have."""
-        maps = self.owner[components]
-        masks = (self.maps[maps] >= self.mask_threshold[components, None, None]) & (
-            self.labels[maps] == self.ids[components, None, None])
-        return _corners(_boxes(masks))
+        return _mask_boxes(self.maps, self.labels, self.owner, self.ids, self.mask_threshold, components)
 
 
 MASK_BUDGET = 1 << 26  # instance-pixels sampled at once at original size (~400 MB): a 60 MP photo goes one
