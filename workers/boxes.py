@@ -375,7 +375,8 @@ def pseudo_labels(
                                                         classes)
         chosen = _extent_chosen(kept, owner, box, cells, confidence, rule.large_share, b, k, judged)
         # a class's score rises with how far its two extents' top boxes agree: a re-ranking across classes and
-        # images that changes no box and no class's top instance
+        # images that changes no class's top instance (without labels, one box per object across classes follows
+        # scores, so there it can change which box an object keeps)
         tops = kept[_tops(owner[kept], confidence[kept])]
         top_boxes = _mask_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, tops)
         confidence = confidence * (1 + _agreement(owner[tops], top_boxes, b, k)[owner]) / 2
