@@ -5,7 +5,7 @@
         [--refine default --refine sigma=0.1 --refine iterations=3,steps=120]
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
-the mean of its smaller ones, choosing per class (workers.boxes `_extent_chosen`). Every image's maps at
+the mean of its smaller ones, choosing per class (workers.boxes `_large_objects`). Every image's maps at
 each scale of --scales are computed once, with image-level labels and the default settings otherwise,
 and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
 

@@ -293,34 +293,52 @@ def test_a_class_takes_its_coarse_extent_when_any_coarse_instance_is_large():
 
 def test_the_extent_is_chosen_by_any_large_coarse_instance_and_parts_by_the_best_scored_one():
     # one image, one class: components 0-1 on its fine map (owner 0), 2-3 on its coarse map (owner 1), in
-    # the order `_select` keeps them (by peak); cells: each map's image area; returns which are kept
+    # the order `_select` keeps them (by peak); cells: each map's image area; returns whether the class takes
+    # its coarse instances
     owner = torch.tensor([0, 0, 1, 1])
     cells = torch.tensor([10000.0, 10000.0])
     fine_parts = [[10, 10, 20, 20], [40, 40, 50, 50]]
 
-    def chosen(coarse_boxes, confidence):
+    def coarse_taken(coarse_boxes, confidence):
         box = torch.tensor(fine_parts + coarse_boxes, dtype=torch.float)
-        return boxes._extent_chosen(torch.arange(4), owner, box, cells, torch.tensor(confidence), 0.4, 1, 1).tolist()
+        top = boxes._tops(owner, torch.tensor(confidence))
+        return boxes._large_objects(torch.arange(4), top, owner, box, cells, 0.4, 1, 1).tolist()
 
     # a bright speck ranks first and scores best; the other coarse instance covers 49% of the image
-    assert chosen([[80, 80, 90, 90], [0, 0, 70, 70]], [0.9, 0.5, 0.8, 0.3]) == [False, False, True, True]
+    assert coarse_taken([[80, 80, 90, 90], [0, 0, 70, 70]], [0.9, 0.5, 0.8, 0.3]) == [True]
     # no coarse instance is large, and the speck holds no part: the fine instances stay
-    assert chosen([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.8, 0.3]) == [True, True, False, False]
+    assert coarse_taken([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.8, 0.3]) == [False]
     # the same boxes, but the instance holding both parts scores best (the speck only ranks first by peak):
     # the parts are one object's
-    assert chosen([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.1, 0.3]) == [False, False, True, True]
+    assert coarse_taken([[80, 80, 90, 90], [5, 5, 55, 55]], [0.9, 0.5, 0.1, 0.3]) == [True]
 
 
 def test_agreement_is_the_iou_of_a_class_top_boxes_on_its_two_extents():
     # one image, three classes: maps 0-2 fine, 3-5 coarse. Class 0's top boxes overlap by half of their union,
     # class 1's lie apart, class 2 has no coarse instance; each class's two maps get its value
-    tops = torch.tensor([0, 3, 1, 4, 2])
     box = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 20], [20, 20, 30, 30], [0, 0, 5, 5], [0, 0, 10, 10]],
                        dtype=torch.float)
-    assert boxes._agreement(tops, box, 1, 3).tolist() == [0.5, 0.0, 0.0, 0.5, 0.0, 0.0]
+    top_box = torch.zeros(6, 4)
+    top_box[[0, 3, 1, 4, 2]] = box
+    has_top = torch.tensor([True, True, True, True, True, False])
+    assert boxes._agreement(top_box, has_top, 1, 3).tolist() == [0.5, 0.0, 0.0, 0.5, 0.0, 0.0]
     # two images of one class: the maps are per image, fine then coarse
-    two = boxes._agreement(torch.tensor([0, 1, 2, 3]), box[[0, 1, 2, 2]], 2, 1)
+    two = boxes._agreement(box[[0, 1, 2, 2]], torch.ones(4, dtype=torch.bool), 2, 1)
     assert two.tolist() == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_top_boxes_are_each_map_top_instance_mask_box():
+    # two maps: map 0's top instance (component 1) has a dim rim below its mask threshold; map 1 has none
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 1:6, 1:6] = 0.35
+    maps[0, 2:5, 2:4] = 1.0
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, 1:6, 1:6] = 1
+    top_box, has_top = boxes._top_boxes(maps, labels, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]),
+                                        torch.tensor([0]))
+    assert has_top.tolist() == [True, False]
+    assert top_box[0].tolist() == [2.0, 2.0, 4.0, 5.0]  # the mask's cells 2..3 x 2..4, as corners
+    assert top_box[1].tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_a_box_both_extents_agree_on_outscores_one_they_do_not():

@@ -345,7 +345,7 @@ def pseudo_labels(
     original_sizes: each image's (height, width).
     coarse: the same classes' maps from smaller input scales. With a rule that has a `large` rule, a class
     with a coarse instance (under `rule.large`) whose box covers over `rule.large_share` of the image takes
-    its instances from `coarse`, every other class from `work` (`_extent_chosen`). judge: asked, for each
+    its instances from `coarse`, every other class from `work` (`_large_objects`). judge: asked, for each
     class about to take its coarse extent whose top fine box differs from its top coarse one, whether that
     fine box already holds the object (see `Judge`); a class it says so of keeps its fine instances. With
     `coarse`, a class's scores are multiplied by (1 + the IoU of its top boxes on the two extents) / 2.
@@ -371,16 +371,18 @@ def pseudo_labels(
     wider = (box[:, 2:] - box[:, :2]).prod(1) > per_map("wide_share")[owner] * cells[owner]
     mask_threshold = per_map("mask_threshold")[owner] - wider * per_map("wide_drop")[owner]  # per component
     if len(rules) == 2:
-        judged = None if judge is None else _JudgedMaps(judge, maps.flatten(0, 1), labels, owner, ids, mask_threshold,
-                                                        classes)
-        chosen = _extent_chosen(kept, owner, box, cells, confidence, rule.large_share, b, k, judged)
+        mine = owner[kept]
+        top = _tops(mine, confidence[kept])
+        top_box, has_top = _top_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, kept[top])
+        large = _large_objects(kept, top, owner, box, cells, rule.large_share, b, k)
+        if judge is not None:
+            large = _judged(large, judge, classes, top_box, has_top)
         # a class's score rises with how far its two extents' top boxes agree: a re-ranking across classes and
         # images that changes no class's top instance (without labels, one box per object across classes follows
         # scores, so there it can change which box an object keeps)
-        tops = kept[_tops(owner[kept], confidence[kept])]
-        top_boxes = _mask_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, tops)
-        confidence = confidence * (1 + _agreement(owner[tops], top_boxes, b, k)[owner]) / 2
-        kept = kept[chosen]
+        confidence = confidence * (1 + _agreement(top_box, has_top, b, k)[owner]) / 2
+        # a class's instances come from its coarse maps when it is a large object, else from its fine ones
+        kept = kept[(mine % m >= k) == large.view(b, 1, k).expand(b, 2, k).flatten()[mine]]
     mask_thresholds = mask_threshold[kept]
     # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
@@ -408,17 +410,14 @@ def pseudo_labels(
     return results
 
 
-def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, confidence: Tensor, large_share: float,
-                   b: int, k: int, judged: _JudgedMaps | None = None) -> Tensor:
-    """Which of the kept components (indices, ordered by owner map, best first, over B images x 2k maps: k
-    fine, then k coarse) come from the extent chosen for their class. A class takes its coarse instances
-    when one of them is a large object, its box covering over `large_share` of the image (cells: each map's
-    image area), or when its top coarse instance holds (half or more of the box of) two or more of the
-    class's fine instances, which are then parts of one object; unless `judged` finds its top fine box
-    already holds the object. Otherwise it keeps its fine instances. A map's top instance is its best by
-    `confidence`, the one its labels rank first."""
+def _large_objects(kept: Tensor, top: Tensor, owner: Tensor, box: Tensor, cells: Tensor, large_share: float,
+                   b: int, k: int) -> Tensor:
+    """Which classes [B*K] take their coarse instances: those with a large object, a coarse instance whose box
+    covers over `large_share` of the image (cells: each map's image area), or whose top coarse instance holds
+    (half or more of the box of) two or more of the class's fine instances, which are then parts of one
+    object. kept: the kept components (indices, ordered by owner map, over B images x 2k maps: k fine, then k
+    coarse); top [len(kept)]: which is its map's top instance, its best by score (`_tops`)."""
     mine = owner[kept]
-    top = _tops(mine, confidence[kept])
     image, slot = mine // (2 * k), mine % (2 * k)
     coarse = slot >= k
     cls = image * k + slot % k  # the (image, class) each component belongs to
@@ -433,18 +432,21 @@ def _extent_chosen(kept: Tensor, owner: Tensor, box: Tensor, cells: Tensor, conf
     hi = torch.minimum(box[kept, 2:], top_box[cls, 2:])
     held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[kept, 2:] - box[kept, :2]).prod(1)
     parts = torch.zeros(b * k, device=box.device).index_add_(0, cls[~coarse], held[~coarse].float())
-    large = (share > large_share) | (parts >= 2)  # [B*K]
-    if judged is not None and len(kept):
-        fine_top = torch.full((b * k,), -1, dtype=torch.long, device=box.device)
-        fine_top[cls[top & ~coarse]] = kept[top & ~coarse]
-        coarse_top = torch.full_like(fine_top, -1)
-        coarse_top[cls[leader]] = kept[leader]
-        fine_box, coarse_box = judged.mask_boxes(fine_top.clamp(min=0)), judged.mask_boxes(coarse_top.clamp(min=0))
-        # a class about to take its coarse extent whose two top boxes differ: one host sync for the batch
-        asked = (large & (fine_top >= 0) & (coarse_top >= 0) & (fine_box != coarse_box).any(1)).nonzero()[:, 0]
-        if len(asked):
-            large[asked] &= ~judged.judge(asked // k, judged.classes.flatten()[asked], fine_box[asked])
-    return torch.where(coarse, large[cls], ~large[cls])
+    return (share > large_share) | (parts >= 2)
+
+
+def _judged(large: Tensor, judge: Judge, classes: Tensor, top_box: Tensor, has_top: Tensor) -> Tensor:
+    """`large` [B*K], less the classes the judge finds already held by their top fine box. Only a class about
+    to take its coarse extent whose two top boxes differ is asked: one host sync for the batch. top_box
+    [B*2k,4], has_top [B*2k]: from `_top_boxes`."""
+    b, k = classes.shape
+    fine, coarse = top_box.view(b, 2, k, 4).unbind(1)
+    asked = (large & has_top.view(b, 2, k).all(1).flatten() & (fine != coarse).any(-1).flatten()).nonzero()[:, 0]
+    if not len(asked):
+        return large
+    large = large.clone()
+    large[asked] &= ~judge(asked // k, classes.flatten()[asked], fine.reshape(-1, 4)[asked])
+    return large
 
 
 def _tops(mine: Tensor, confidence: Tensor) -> Tensor:
@@ -458,51 +460,36 @@ def _tops(mine: Tensor, confidence: Tensor) -> Tensor:
     return top
 
 
-def _agreement(tops: Tensor, boxes: Tensor, b: int, k: int) -> Tensor:
+def _agreement(top_box: Tensor, has_top: Tensor, b: int, k: int) -> Tensor:
     """How far a class's two extents agree, per map [B*2k] (k fine, then k coarse, per image; a class's two
-    maps get the same value): the IoU of its top instance's box on each, 0 where either has none. tops [N]: the
-    maps that have a top instance, boxes [N,4] its box (x1, y1, x2, y2). Where the larger and the smaller
-    scales put a class's object in one place, its box is more often right (bench/README.md)."""
-    top_box = torch.zeros(b * 2 * k, 4, device=boxes.device)
-    has = torch.zeros(b * 2 * k, dtype=torch.bool, device=boxes.device)
-    top_box[tops], has[tops] = boxes, True
+    maps get the same value): the IoU of its top instance's box on each, 0 where either has none. top_box
+    [B*2k,4] (x1, y1, x2, y2), has_top [B*2k]: from `_top_boxes`. Where the larger and the smaller scales put
+    a class's object in one place, its box is more often right (bench/README.md)."""
     fine, coarse = top_box.view(b, 2, k, 4).unbind(1)
     inter = (torch.minimum(fine[..., 2:], coarse[..., 2:]) - torch.maximum(fine[..., :2], coarse[..., :2])).clamp(min=0)
     inter = inter.prod(-1)
     union = (fine[..., 2:] - fine[..., :2]).prod(-1) + (coarse[..., 2:] - coarse[..., :2]).prod(-1) - inter
-    iou = torch.where(has.view(b, 2, k).all(1), inter / union.clamp(min=1e-7), 0.0)  # [B,k]
+    iou = torch.where(has_top.view(b, 2, k).all(1), inter / union.clamp(min=1e-7), 0.0)  # [B,k]
     return iou[:, None].expand(b, 2, k).flatten()
 
 
-def _mask_boxes(maps: Tensor, labels: Tensor, owner: Tensor, ids: Tensor, mask_threshold: Tensor,
-                components: Tensor) -> Tensor:
-    """Boxes [N,4] (x1, y1, x2, y2 in working cells) of the components' masks, their pixels above the mask
-    threshold: the boxes the labels will have. maps, labels [B*m,h,w]; owner, ids, mask_threshold [M]."""
-    which = owner[components]
-    masks = (maps[which] >= mask_threshold[components, None, None]) & (labels[which] == ids[components, None, None])
-    return _corners(_boxes(masks))
+def _top_boxes(maps: Tensor, labels: Tensor, owner: Tensor, ids: Tensor, mask_threshold: Tensor,
+               tops: Tensor) -> tuple[Tensor, Tensor]:
+    """Each map's top instance's box, the box its label will have (its mask: the component's pixels above its
+    mask threshold), [B*m,4] x1, y1, x2, y2 in working cells, and whether the map has one [B*m]. maps, labels
+    [B*m,h,w]; owner, ids, mask_threshold [M]; tops: the top instances' component indices."""
+    which = owner[tops]
+    masks = (maps[which] >= mask_threshold[tops, None, None]) & (labels[which] == ids[tops, None, None])
+    top_box = torch.zeros(len(maps), 4, device=maps.device)
+    has_top = torch.zeros(len(maps), dtype=torch.bool, device=maps.device)
+    top_box[which], has_top[which] = _corners(_boxes(masks)), True
+    return top_box, has_top
 
 
 Judge = Callable[[Tensor, Tensor, Tensor], Tensor]
 """judge(images [N], classes [N], fine boxes [N,4]) -> [N] bool: whether each class's top fine box (x1, y1,
 x2, y2 in working cells) already holds its object in that image, so that what its coarse instances add is
 context (`workers.regions.fine_box_holds`)."""
-
-
-@dataclass
-class _JudgedMaps:
-    """A Judge and what it needs to be asked: each component's mask box on the working grid."""
-
-    judge: Judge
-    maps: Tensor  # [B*m,h,w]
-    labels: Tensor  # [B*m,h,w] component ids
-    owner: Tensor  # [M] each component's map
-    ids: Tensor  # [M] each component's id
-    mask_threshold: Tensor  # [M]
-    classes: Tensor  # [B,K]
-
-    def mask_boxes(self, components: Tensor) -> Tensor:
-        return _mask_boxes(self.maps, self.labels, self.owner, self.ids, self.mask_threshold, components)
 
 
 MASK_BUDGET = 1 << 26  # instance-pixels sampled at once at original size (~400 MB): a 60 MP photo goes one
