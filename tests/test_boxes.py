@@ -339,6 +339,10 @@ def test_top_boxes_are_each_map_top_instance_mask_box():
     assert has_top.tolist() == [True, False]
     assert top_box[0].tolist() == [2.0, 2.0, 4.0, 5.0]  # the mask's cells 2..3 x 2..4, as corners
     assert top_box[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    # a top instance whose every pixel lies under its mask threshold has no box to agree on or judge
+    _, has_top = boxes._top_boxes(maps, labels, torch.tensor([0]), torch.tensor([1]), torch.tensor([1.5]),
+                                  torch.tensor([0]))
+    assert has_top.tolist() == [False, False]
 
 
 def test_a_box_both_extents_agree_on_outscores_one_they_do_not():

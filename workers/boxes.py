@@ -477,12 +477,13 @@ def _top_boxes(maps: Tensor, labels: Tensor, owner: Tensor, ids: Tensor, mask_th
                tops: Tensor) -> tuple[Tensor, Tensor]:
     """Each map's top instance's box, the box its label will have (its mask: the component's pixels above its
     mask threshold), [B*m,4] x1, y1, x2, y2 in working cells, and whether the map has one [B*m]. maps, labels
-    [B*m,h,w]; owner, ids, mask_threshold [M]; tops: the top instances' component indices."""
+    [B*m,h,w]; owner, ids, mask_threshold [M]; tops: the top instances' component indices. A seed under the
+    mask threshold can leave a top instance's mask empty: then its map has no box."""
     which = owner[tops]
     masks = (maps[which] >= mask_threshold[tops, None, None]) & (labels[which] == ids[tops, None, None])
     top_box = torch.zeros(len(maps), 4, device=maps.device)
     has_top = torch.zeros(len(maps), dtype=torch.bool, device=maps.device)
-    top_box[which], has_top[which] = _corners(_boxes(masks)), True
+    top_box[which], has_top[which] = _corners(_boxes(masks)), masks.flatten(1).any(1)
     return top_box, has_top
 
 
