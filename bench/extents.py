@@ -34,7 +34,7 @@ import torch
 from camlabel.pipeline.evaluate import evaluate, load_ground_truth
 from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers import boxes
-from camlabel.workers.annotator import GROUP_STEP, Annotator, classifier_judge, mean_map, shape_groups
+from camlabel.workers.annotator import GROUP_STEP, Annotator, classifier_judge, mean_map, scored_by_crops, shape_groups
 from camlabel.workers.boxes import RULES, WORK_STRIDE, pseudo_labels, working_maps
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
@@ -105,10 +105,12 @@ class CachedSet:
             cached = self.maps(name)
             work = self.work(name, fine, spread, refine)
             classes = cached["classes"]
-            judged = classifier_judge(self.annotator.loaded.model, self._input(name)[1]) if judge else None
+            batch = self._input(name)[1]
+            judged = classifier_judge(self.annotator.loaded.model, batch) if judge else None
             labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
                                    tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
-                                   None if coarse is None else self.work(name, coarse, spread, refine), judged)[0]
+                                   None if coarse is None else self.work(name, coarse, spread, refine), judged)
+            labels = scored_by_crops(labels, self.annotator._classify, batch, cached["valid"], [cached["size"]])[0]
             found += [{"image_id": self.ids[name], "category_id": p.class_index + 1, "bbox": p.bbox,
                        "score": p.score, "segmentation": p.rle, "area": p.area} for p in labels]
         return found

@@ -1,5 +1,7 @@
 """Without labels: regions named by their crops, one box per object."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,18 +102,48 @@ def test_without_labels_one_cat_gets_one_box_named_by_its_crop():
     # same square crop independently)
     region = annotator.look.regions([cat], [(300, 451)])[0][0][0]
     assert region.class_index == label.class_index
-    x, y, w, h = region.bbox
-    side = max(w, h) * CROP_CONTEXT
-    normalised = (cat.float()[None] / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
-        IMAGENET_STD)[:, None, None]  # outside the photo a crop sees 0, the dataset mean, as the annotator's does
-    crop = resized_crop(normalised, round(y + h / 2 - side / 2), round(x + w / 2 - side / 2), round(side),
-                        round(side), [CROP_SIZE, CROP_SIZE], antialias=True)
-    with torch.no_grad():
-        probs = loaded.model(crop).softmax(1)[0]
+    probs = crop_probabilities(loaded.model, cat, region.bbox)
     assert probs.argmax().item() == region.class_index
     # its score = localisation confidence (at most 1) x the crop's probability (resampled a little differently)
     assert region.score <= probs.max().item() * 1.05
     # the named class is then mapped as a labelled one: the same box, its score x how surely it was named
-    labelled = annotator([cat], [[label.class_index]]).labels[0][0]
+    # (a labelled class's instances are scored by their crops instead: that factor taken out here)
+    group = annotator.work([cat], [[label.class_index]])[0]
+    labelled = replace(group, namer=None).labels(annotator.rule)[0][0]
     assert labelled.bbox == label.bbox and labelled.rle == label.rle
     assert label.score == pytest.approx(labelled.score * region.score, rel=1e-5)
+
+
+def crop_probabilities(model, image, bbox) -> torch.Tensor:
+    """The classifier's probabilities [classes] for the square crop around COCO box `bbox` of uint8 `image`
+    [3,H,W] at its own size, CROP_CONTEXT times its longer side, made independently of the annotator's."""
+    x, y, w, h = bbox
+    side = max(w, h) * CROP_CONTEXT
+    normalised = (image.float()[None] / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD)[:, None, None]  # outside the photo a crop sees 0, the dataset mean, as the annotator's does
+    crop = resized_crop(normalised, round(y + h / 2 - side / 2), round(x + w / 2 - side / 2), round(side),
+                        round(side), [CROP_SIZE, CROP_SIZE], antialias=True)
+    with torch.no_grad():
+        return model(crop).softmax(1)[0]
+
+
+def test_a_labelled_class_instances_are_scored_by_what_their_crops_show():
+    """With labels, each instance's score is its localisation confidence times the square root of the probability
+    its crop gives its class: a wrong label's boxes (a toilet tissue on the cat) rank far below the cat's."""
+    loaded = load_model(device="cpu")
+    annotator = Annotator(loaded, AnnotateSettings(input_size=224, scales=(1.0,), flip=False, precision="float32"))
+    cat = photo("chelsea", 300, 451)
+    group = annotator.work([cat], [[281, 999]])[0]
+    scored = group.labels(annotator.rule)[0]
+    unscored = replace(group, namer=None).labels(annotator.rule)[0]
+    assert [(p.class_index, p.bbox) for p in scored] == [(p.class_index, p.bbox) for p in unscored]
+    assert {p.class_index for p in scored} == {281, 999}  # the wrong label still gets its boxes, ranked low
+    for mine, plain in zip(scored, unscored, strict=True):
+        shown = crop_probabilities(loaded.model, cat, plain.bbox)[plain.class_index].item()
+        assert mine.score == pytest.approx(plain.score * shown**0.5, rel=0.05, abs=1e-3)  # crops resampled apart
+    best = {c: max(p.score for p in scored if p.class_index == c) for c in (281, 999)}
+    assert best[999] < 0.1 * best[281]
+    # the paper's rule, a baseline, keeps the scores it had
+    paper = Annotator(loaded, replace(annotator.settings, rule="paper"))
+    group = paper.work([cat], [[281, 999]])[0]
+    assert group.labels(paper.rule) == replace(group, namer=None).labels(paper.rule)
