@@ -1,4 +1,5 @@
-"""Without labels: regions named by their crops, one box per object."""
+"""What the classifier sees in crops: without labels it names regions by them (one box per object); with labels
+it scores each box by them."""
 
 from dataclasses import replace
 

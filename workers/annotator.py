@@ -75,14 +75,11 @@ class WorkingMaps:
     def _named(self, found: list[list[PseudoLabel]]) -> list[list[PseudoLabel]]:
         """Each region renamed by its crop's best class (score x that class's probability), then one box
         per object (workers.regions)."""
-        flat = [(i, p) for i, labels in enumerate(found) for p in labels]
+        flat, owners, boxes = _flattened(found, self.valid, self.sizes)
         if not flat:
             return found
-        device = self.batch.device
-        owners = torch.tensor([i for i, _ in flat], device=device)
-        boxes = _input_boxes([p.bbox for _, p in flat], owners, self.valid, self.sizes)
         probability, named = name_regions(self.namer, self.batch, boxes, owners).max(1)
-        scores = torch.tensor([p.score for _, p in flat], device=device) * probability
+        scores = torch.tensor([p.score for _, p in flat], device=boxes.device) * probability
         keep = one_box_per_object(boxes, scores, named, owners)
         keep = keep[probability[keep] >= self.min_score].tolist()
         named, scores = named.tolist(), scores.tolist()
@@ -105,11 +102,9 @@ def scored_by_crops(found: list[list[PseudoLabel]], classify: Classify, batch: T
     a box that shows its class ranks above one on the background, across images (box AP50 +0.007 on
     stamps-large, +0.012 on stamps-public). The root, chosen on the sets' first halves, keeps localisation
     first: a part (a head) can look more like its class than the whole object does (bench/README.md)."""
-    flat = [(i, p) for i, labels in enumerate(found) for p in labels]
+    flat, owners, boxes = _flattened(found, valid, sizes)
     if not flat:
         return found
-    owners = torch.tensor([i for i, _ in flat], device=batch.device)
-    boxes = _input_boxes([p.bbox for _, p in flat], owners, valid, sizes)
     classes = torch.tensor([p.class_index for _, p in flat], device=batch.device)
     shown = name_regions(classify, batch, boxes, owners).gather(1, classes[:, None])[:, 0].sqrt().tolist()
     scored: list[list[PseudoLabel]] = [[] for _ in found]
@@ -128,21 +123,23 @@ def _judged_at_half(model: Classify, small: Tensor, images: Tensor, classes: Ten
     return fine_box_holds(model, small, images, classes, boxes * (WORK_STRIDE / 2))  # cells -> pixels of small
 
 
-def _input_boxes(bboxes: list[list[float]], owners: Tensor, valid: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
-    """COCO boxes [x, y, w, h] in original pixels of images `owners` -> [N,4] x1, y1, x2, y2 in input pixels."""
-    boxes = torch.tensor(bboxes, device=valid.device).view(-1, 4)
+def _flattened(found: list[list[PseudoLabel]], valid: Tensor, sizes: list[tuple[int, int]],
+               ) -> tuple[list[tuple[int, PseudoLabel]], Tensor, Tensor]:
+    """Every label of `found` as (image, label), with its image [N] and its box [N,4] (x1, y1, x2, y2 in input
+    pixels of images with valid (h, w) and original `sizes`), on valid's device: one tensor for the batch."""
+    flat = [(i, p) for i, labels in enumerate(found) for p in labels]
+    owners = torch.tensor([i for i, _ in flat], dtype=torch.long, device=valid.device)
+    boxes = torch.tensor([p.bbox for _, p in flat], device=valid.device).view(-1, 4)
     scale = valid.flip(1).float() / torch.tensor([(w, h) for h, w in sizes], device=valid.device)
-    return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
+    return flat, owners, torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) * scale[owners].repeat(1, 2)
 
 
 def _one_box_per_object(found: list[list[PseudoLabel]], valid: Tensor, sizes: list[tuple[int, int]],
                         ) -> list[list[PseudoLabel]]:
     """`found` less the boxes that cover an object a better box covers (`workers.regions.one_box_per_object`)."""
-    flat = [(i, p) for i, labels in enumerate(found) for p in labels]
+    flat, owners, boxes = _flattened(found, valid, sizes)
     if not flat:
         return found
-    owners = torch.tensor([i for i, _ in flat], device=valid.device)
-    boxes = _input_boxes([p.bbox for _, p in flat], owners, valid, sizes)
     scores = torch.tensor([p.score for _, p in flat], device=valid.device)
     classes = torch.tensor([p.class_index for _, p in flat], device=valid.device)
     kept: list[list[PseudoLabel]] = [[] for _ in found]
