@@ -110,7 +110,9 @@ class CachedSet:
             labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
                                    tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
                                    None if coarse is None else self.work(name, coarse, spread, refine), judged)
-            labels = scored_by_crops(labels, self.annotator._classify, batch, cached["valid"], [cached["size"]])[0]
+            if rule.crop_scores:
+                labels = scored_by_crops(labels, self.annotator._classify, batch, cached["valid"], [cached["size"]])
+            labels = labels[0]
             found += [{"image_id": self.ids[name], "category_id": p.class_index + 1, "bbox": p.bbox,
                        "score": p.score, "segmentation": p.rle, "area": p.area} for p in labels]
         return found

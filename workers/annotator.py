@@ -269,9 +269,9 @@ class Annotator:
                             features=features, set_size=heat.maps.shape[1])
         work, coarse = (work, None) if coarse is None else work.split(heat.maps.shape[1], 1)
         # calibrate keeps every group's WorkingMaps: the batch (megabytes an image) only where it is cropped:
-        # for the look's regions and labelled classes' instances (named classes are scored as surely as named;
-        # the paper's rule, a baseline, is left as the paper made it)
-        crops = labels is None or (sureness is None and self.rule.name != "paper")
+        # for the look's regions and, where the rule says so, labelled classes' instances (named classes are
+        # scored as surely as they were named)
+        crops = labels is None or (sureness is None and self.rule.crop_scores)
         cropped = {"namer": self._classify, "batch": batch} if crops else {}
         if labels is not None:
             judge = None if coarse is None else classifier_judge(self._classify, batch)

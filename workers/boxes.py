@@ -49,6 +49,10 @@ class BoxRule:
     large: the rule for objects whose box covers over `large_share` of the image, applied to maps from
     smaller input scales (`pseudo_labels`' `coarse`): there a large object shows whole, where the larger
     scales that separate small objects from their surroundings see only its most telling parts.
+
+    crop_scores: with labels, each instance's score is then scaled by what the classifier sees in its crop
+    (`workers.annotator.scored_by_crops`); the paper's rule, a baseline, keeps the scores above. A field of
+    the rule, so that runs scored otherwise form another series (`pipeline.job.series_of`).
     """
 
     name: str = "instances"
@@ -61,13 +65,14 @@ class BoxRule:
     wide_share: float = 0.15
     large: BoxRule | None = None
     large_share: float = 0.4
+    crop_scores: bool = True
 
     @property
     def extent(self) -> float:
         return self.threshold if self.grow is None else min(self.grow, self.threshold)
 
 
-PAPER_RULE = BoxRule("paper", threshold=0.2, mask_threshold=0.2, min_area=0.0, max_instances=1)
+PAPER_RULE = BoxRule("paper", threshold=0.2, mask_threshold=0.2, min_area=0.0, max_instances=1, crop_scores=False)
 # Seeds at 0.45 of the max; objects reach down to 0.3, large ones (on the coarse maps) to 0.25; masks at
 # 0.5, 0.45 for components wider than 15% of the image, 0.4 on the coarse maps. Chosen on the first half of
 # stamps-public and of stamps-large, checked on the second (bench/README.md).
