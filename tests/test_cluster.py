@@ -8,6 +8,7 @@ Also checks the deploy/ manifests for the fields the cluster relies on.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,27 +37,51 @@ def ray_cli(*args, env, timeout=300, check=True):
 
 @pytest.fixture
 def cluster(tmp_path):
-    """`ray start --head`; the test joins a worker node with cluster["join"]() (`ray start --address`).
-    Both are stopped afterwards."""
+    """A head node; the test joins a worker node with cluster["join"](). Each node runs under its own
+    `ray start --block`, ended by SIGTERM afterwards, which stops that node's processes and no others
+    (`ray stop` would end every Ray process on the machine, other people's local jobs included)."""
     import ray
 
     ray.shutdown()
     gcs, dashboard = free_port(), free_port()
     # loopback-only test cluster: no token (real clusters share one: RAY_AUTH_MODE=token, see deploy/README.md)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
+           "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
+    nodes: list[subprocess.Popen] = []
+
+    def start(*args: str) -> None:
+        """`ray start --block ARGS` in a session of its own; returns once the node is up. Its agents get
+        free ports: Ray's fixed defaults would collide with any other Ray on the machine."""
+        log = tmp_path / f"node{len(nodes)}.log"
+        agents = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc",
+                                                               "runtime-env-agent", "metrics-export")]
+        with open(log, "w") as out:
+            nodes.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus=1",
+                                           "--disable-usage-stats", *agents, *args], env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert nodes[-1].poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
     try:
-        ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats", env=env)
-        deadline = time.time() + 120  # the dashboard's job server comes up after `ray start` returns
+        start("--head", f"--port={gcs}", f"--ray-client-server-port={free_port()}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
+        deadline = time.time() + 120  # the dashboard's job server comes up after the node does
         while ray_cli("job", "list", "--address", f"http://127.0.0.1:{dashboard}", env=env, check=False).returncode:
             assert time.time() < deadline, "the Ray job server did not come up"
             time.sleep(2)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "join": lambda: ray_cli(
-            "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--disable-usage-stats", env=env)}
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}",
+               "join": lambda: start(f"--address=127.0.0.1:{gcs}")}
     finally:
-        ray_cli("stop", "--force", env=env, check=False)
+        for node in reversed(nodes):  # the worker node first, as its head still answers
+            node.terminate()
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # only this node's session
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
 
 
 def submit(cluster, submission_id: str, config: Path, *flags: str, wait: bool = True) -> None:
