@@ -110,7 +110,7 @@ def main() -> None:
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
           "PxAP | boxes/object | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    sizes = []
+    sizes, company = [], []
     for method in args.methods.split(","):
         for setting in args.settings.split(","):
             if setting == "agnostic" and method != "eigencam":
@@ -123,11 +123,15 @@ def main() -> None:
             scores, speed = run(args.data, settings, setting != "predicted", chosen)
             sizes.append(f"{method} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
+            company.append(f"{method} {setting}: " + ", ".join(
+                f"{name} {v['corloc']:.3f} of {v['objects']}" for name, v in scores["corloc_by_company"].items()))
             print(f"| {method} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
                   f"{scores['bbox_AP50']:.3f} | {scores['bbox_AP']:.3f} | {scores['mean_mask_iou']:.3f} | "
                   f"{scores.get('segm_AP50', 0):.3f} | {scores.get('segm_AP', 0):.3f} | {scores['MaxBoxAccV2']:.3f} | "
                   f"{scores['PxAP']:.3f} | {scores['boxes_per_object']:.2f} | {speed:.2f} |", flush=True)
     print("\nCorLoc by object size (its box's share of the image):\n\n" + "\n".join(f"- {s}" for s in sizes))
+    print("\nCorLoc of objects alone in their image and of those sharing it:\n")
+    print("\n".join(f"- {c}" for c in company))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ class LocalisationMeter:
     it: CorLoc is the share with box IoU >= 0.5; box and mask IoU are averaged (0 when no prediction).
     CorLoc is also given by object size (its box's share of the image), where CAM's failures differ:
     large objects tend to be boxed by their most telling part, small ones together with their surroundings.
-    Crowd regions (`iscrowd: 1`) are not objects and are skipped. Boxes per object counts, for each
-    object, the predicted boxes of its class that overlap it (IoU >= 0.1) or lie inside it: 1 is one box
-    per object; more means its parts were boxed as objects of their own.
+    And by company: an object alone in its image, or sharing it with others, which may cover part of it
+    and whose maps compete with its own (most misses on both public sets, bench/README.md). Crowd regions
+    (`iscrowd: 1`) are not objects and are skipped. Boxes per object counts, for each object, the
+    predicted boxes of its class that overlap it (IoU >= 0.1) or lie inside it: 1 is one box per object;
+    more means its parts were boxed as objects of their own.
     """
 
     SIZES = ((0.0, "<3%"), (0.03, "3-8%"), (0.08, "8-20%"), (0.2, ">=20%"))
@@ -43,6 +45,7 @@ class LocalisationMeter:
         self.objects = 0
         self.hits = 0
         self.by_size = {name: [0, 0] for _, name in self.SIZES}  # [hits, objects]
+        self.by_company = {"alone": [0, 0], "with others": [0, 0]}
         self.box_iou = 0.0
         self.mask_iou = 0.0
         self.boxes_on_objects = 0
@@ -52,10 +55,11 @@ class LocalisationMeter:
         for p in preds:
             if p["category_id"] not in best or p["score"] > best[p["category_id"]]["score"]:
                 best[p["category_id"]] = p
-        for g in gt:
-            if g.get("iscrowd", 0):
-                continue
+        objects = [g for g in gt if not g.get("iscrowd", 0)]
+        company = self.by_company["alone" if len(objects) == 1 else "with others"]
+        for g in objects:
             self.objects += 1
+            company[1] += 1
             mine = [p["bbox"] for p in preds if p["category_id"] == g["category_id"]]
             self.boxes_on_objects += _boxes_on(g["bbox"], mine)
             share = g["bbox"][2] * g["bbox"][3] / max(height * width, 1)
@@ -68,6 +72,7 @@ class LocalisationMeter:
             self.box_iou += biou
             self.hits += biou >= 0.5
             size[0] += biou >= 0.5
+            company[0] += biou >= 0.5
             if "segmentation" in p and "segmentation" in g:
                 gseg = _rle(g["segmentation"], height, width)
                 self.mask_iou += float(mask_utils.iou([_rle(p["segmentation"], height, width)], [gseg], [0])[0, 0])
@@ -76,8 +81,12 @@ class LocalisationMeter:
         n = max(self.objects, 1)
         return {"objects": self.objects, "corloc": self.hits / n, "mean_box_iou": self.box_iou / n,
                 "mean_mask_iou": self.mask_iou / n, "boxes_per_object": self.boxes_on_objects / n,
-                "corloc_by_size": {name: {"objects": k, "corloc": hits / max(k, 1)}
-                                   for name, (hits, k) in self.by_size.items()}}
+                "corloc_by_size": _by_bin(self.by_size), "corloc_by_company": _by_bin(self.by_company)}
+
+
+def _by_bin(counts: dict[str, list[int]]) -> dict[str, dict]:
+    """Each bin's [hits, objects] as its objects and CorLoc."""
+    return {name: {"objects": k, "corloc": hits / max(k, 1)} for name, (hits, k) in counts.items()}
 
 
 def _boxes_on(obj: list[float], boxes: list[list[float]]) -> int:

@@ -93,7 +93,7 @@ def test_map_meter_on_planted_maps():
     assert noisy.compute()["PxAP"] == pytest.approx(200 / 1600)  # a flat map: precision = mask share
 
 
-def test_corloc_by_object_size_counts_each_object_in_its_bin():
+def test_corloc_by_object_size_and_company_counts_each_object_in_its_bin():
     from camlabel.pipeline.evaluate import LocalisationMeter
 
     meter = LocalisationMeter()  # a 100 x 100 image: objects of 1%, 16% and 36% of it
@@ -107,6 +107,9 @@ def test_corloc_by_object_size_counts_each_object_in_its_bin():
     assert r["corloc"] == pytest.approx(2 / 3)
     assert r["corloc_by_size"] == {"<3%": {"objects": 1, "corloc": 1.0}, "3-8%": {"objects": 0, "corloc": 0.0},
                                    "8-20%": {"objects": 1, "corloc": 1.0}, ">=20%": {"objects": 1, "corloc": 0.0}}
+    meter.accumulate(gt[:1], [], 100, 100)  # an object alone in its image, missed
+    assert meter.compute()["corloc_by_company"] == {"alone": {"objects": 1, "corloc": 0.0},
+                                                    "with others": {"objects": 3, "corloc": 2 / 3}}
 
 
 def test_boxes_per_object_counts_overlapping_boxes_and_parts(gt_path):
