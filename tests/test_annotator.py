@@ -324,3 +324,21 @@ def test_a_part_is_annotated_a_model_batch_at_a_time_and_written_as_one_file(tmp
     assert [(s["annotated"], s["errors"]) for s in status] == [(5, 1)]
     assert [pq.read_metadata(p).num_rows for p in (tmp_path / "run" / "annotations").glob("part-*.parquet")] == [5]
     assert [pq.read_metadata(p).num_rows for p in (tmp_path / "run" / "errors").glob("part-*.parquet")] == [1]
+
+
+def test_only_labelled_classes_cut_each_others_masks():
+    """Two labelled classes are two objects: the hidden one's mask leaves out the one in front, its box spans
+    it. Two named classes may be one object's near-synonyms: no mask is cut (one box per object then keeps
+    the better)."""
+    from camlabel.workers.annotator import WorkingMaps
+
+    work = torch.zeros(1, 2, 32, 32)
+    work[0, 0, 4:28, 4:28] = 0.8  # the hidden object, its map reaching over the one in front
+    work[0, 1, 12:20, 12:20] = 1.0  # the one in front
+    maps = WorkingMaps([0], work, None, torch.tensor([[3, 5]]), torch.ones(1, 2), torch.tensor([[128, 128]]),
+                       (128, 128), [(128, 128)], torch.tensor([[3, 5]]), torch.ones(1, 2))
+    rule = replace(annotator_module.RULES["instances"], large=None)
+    (labelled,) = [p for p in maps.labels(rule)[0] if p.class_index == 3]
+    (named,) = [p for p in replace(maps, named=True).labels(rule)[0] if p.class_index == 3]
+    assert labelled.bbox == named.bbox == [16.0, 16.0, 96.0, 96.0]
+    assert labelled.area < named.area - 30 * 30  # the one in front: cut from the labelled mask only

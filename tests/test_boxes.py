@@ -413,6 +413,31 @@ def test_a_wide_components_mask_reaches_lower_than_a_narrow_ones():
     assert found[1].bbox == plain[1].bbox and found[1].area == plain[1].area  # the narrow one's: not
 
 
+
+def test_a_hidden_objects_box_spans_the_one_in_front_and_its_mask_leaves_it_out():
+    """Class 3's object is partly hidden by class 5's: its map reaches over the one in front, weaker there
+    than class 5's by more than the rival margin (0.4 > 0.1). Its box spans that map; its mask keeps only
+    its own pixels. Within the margin, and for the paper's rule, masks keep every pixel; a lone class's
+    mask is never cut."""
+    work = torch.zeros(1, 2, 32, 32)
+    work[0, 0, 4:28, 4:28] = 0.8  # the hidden object
+    work[0, 0, 12:20, 12:20] = 0.6  # its map over the object in front
+    work[0, 1, 12:20, 12:20] = 1.0  # the object in front
+    args = (torch.tensor([[3, 5]]), torch.ones(1, 2), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
+    rule = replace(RULES["instances"], large=None)
+    hidden, front = sorted(labels_from_work(work, *args, rule=rule)[0], key=lambda p: p.class_index)
+    whole = min(labels_from_work(work, *args, rule=replace(rule, rival_margin=0.5))[0], key=lambda p: p.class_index)
+    assert hidden.bbox == whole.bbox == [16.0, 16.0, 96.0, 96.0]  # the whole component, over the one in front
+    assert hidden.area == whole.area - 32 * 32  # the mask: all of it but the one in front
+    inside = mask_utils.decode(hidden.rle)
+    assert inside[48:80, 48:80].sum() == 0 and inside[16:48, 20:108].all()
+    assert front.bbox == [48.0, 48.0, 32.0, 32.0]
+    (paper,) = [p for p in labels_from_work(work, *args, rule=PAPER_RULE)[0] if p.class_index == 3]
+    assert paper.area >= whole.area  # every pixel above 20% of the max, the one in front too
+    (alone,) = labels_from_work(work[:, :1], torch.tensor([[3]]), torch.ones(1, 1), *args[2:], rule=rule)[0]
+    assert alone.area == whole.area
+
+
 def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
     # a mid-sized object (a fifth of the image): the fine maps split it into two parts, the coarse map
     # holds both in one instance, so the class takes the coarse instance although it is not "large"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -64,6 +65,10 @@ class WorkingMaps:
     first_pass: FirstPass | None = None  # the look's: what the classes it names are mapped from
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
+        # classes the model names may be one object's near-synonyms (a tabby, a tiger cat): only labelled
+        # classes are rivals for pixels (their masks cut, `BoxRule.rival_margin`)
+        if self.named or self.renames:
+            rule = replace(rule, rival_margin=math.inf)
         found = pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule,
                               self.coarse, self.judge)
         if self.renames:
