@@ -328,8 +328,7 @@ def test_a_part_is_annotated_a_model_batch_at_a_time_and_written_as_one_file(tmp
 
 def test_only_labelled_classes_cut_each_others_masks():
     """Two labelled classes are two objects: the hidden one's mask leaves out the one in front, its box spans
-    it. Two named classes may be one object's near-synonyms: no mask is cut (one box per object then keeps
-    the better)."""
+    it. Two named classes may be one object's near-synonyms: no mask is cut."""
     from camlabel.workers.annotator import WorkingMaps
 
     work = torch.zeros(1, 2, 32, 32)

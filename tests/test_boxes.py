@@ -413,7 +413,6 @@ def test_a_wide_components_mask_reaches_lower_than_a_narrow_ones():
     assert found[1].bbox == plain[1].bbox and found[1].area == plain[1].area  # the narrow one's: not
 
 
-
 def test_a_hidden_objects_box_spans_the_one_in_front_and_its_mask_leaves_it_out():
     """Class 3's object is partly hidden by class 5's: its map reaches over the one in front, weaker there
     than class 5's by more than the rival margin (0.4 > 0.1). Its box spans that map; its mask keeps only
