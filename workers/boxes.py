@@ -405,19 +405,22 @@ def pseudo_labels(
     for j, o in enumerate(owner):
         by_image.setdefault(o // m, []).append(j)
     pending: list[Sampled] = []  # masks of several images, copied to the host together
-    # the cells each map's masks may hold; the paper's rule boxes the largest component but keeps every pixel
-    # above threshold as mask (None)
-    owned = None if rule.name == "paper" else stronger_rival(maps, k) <= rule.rival_margin
+    # the cells each map's masks may hold (`rival_margin`); None: nothing to cut (one class, the paper's rule,
+    # or no margin)
+    cut = k > 1 and rule.name != "paper" and math.isfinite(rule.rival_margin)
+    owned = stronger_rival(maps, k) <= rule.rival_margin if cut else None
     for i, members in by_image.items():
         ranks = [owner[j] % m for j in members]
         names, scores_i = [class_of[i][r % k] for r in ranks], [confidence[j] for j in members]
         need = original_sizes[i][0] * original_sizes[i][1] * len(members)
         if sum(s.box_masks.numel() for s in pending) + need > MASK_BUDGET:
             _encode(pending, results)
-        for component, region, chunk in masks_at_original_size(
+        for component, region, kept, chunk in masks_at_original_size(
                 maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid_hw[i], input_size, original_sizes[i],
                 ranks, ids[members], mask_thresholds[members], None if owned is None else owned[i]):
-            pending.append(Sampled(i, component, region, names[chunk], scores_i[chunk]))
+            # the paper's rule boxes the largest component but keeps every pixel above threshold as mask
+            pending.append(Sampled(i, component, region if rule.name == "paper" else kept, names[chunk],
+                                   scores_i[chunk]))
             if need > MASK_BUDGET:  # a photo too large for one go: its chunks go one at a time
                 _encode(pending, results)
     _encode(pending, results)
@@ -529,11 +532,11 @@ def _sampling_weights(original: int, valid: int, padded: int, cells: int, device
 
 def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: list[int], input_size: tuple[int, int],
                            original: tuple[int, int], ranks: list[int], ids: Tensor, thresholds: Tensor,
-                           owned_i: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor, slice]]:
+                           owned_i: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor, slice]]:
     """Image i's chosen maps and components at every original pixel, in chunks that fit MASK_BUDGET:
-    yields (component masks, which give the boxes; masks to keep; which instances), each [c, h0, w0] bool.
-    A mask keeps its component's pixels in the cells of owned_i [m,h,w] bool (its map's), or, when owned_i is
-    None, every pixel of its map above its threshold.
+    yields (component masks, which give the boxes; thresholded-map masks; kept masks, the component's pixels
+    in its map's cells of owned_i [m,h,w] bool, all of them when it is None; which instances), each mask
+    [c, h0, w0] bool.
     Separable sampling (two small matrix products, one gather) instead of a full-size sampling grid."""
     h0, w0 = original
     vh, vw = valid_i
@@ -547,7 +550,7 @@ def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: list[int], 
         region = values >= thresholds[chunk, None, None]
         del values
         component = region & (labels_i[rank] == ids[chunk, None, None])[:, iy][:, :, ix]  # compare, then gather
-        yield component, region if owned_i is None else component & owned_i[rank][:, iy][:, :, ix], chunk
+        yield component, region, component if owned_i is None else component & owned_i[rank][:, iy][:, :, ix], chunk
 
 
 @dataclass
