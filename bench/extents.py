@@ -2,10 +2,11 @@
 
     python -m bench.extents [--data DIR] [--fine 1.5,2.0] [--coarse 1.0,1.5 --coarse 0.75,1.0,1.5]
         [--spread 4,0.6 --spread 8,0.6 --spread off] [--judge on --judge off]
-        [--refine default --refine sigma=0.1 --refine iterations=3,steps=120]
+        [--refine default --refine sigma=0.1 --refine iterations=3,steps=120] [--detail on --detail off]
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
-the mean of its smaller ones, choosing per class (workers.boxes `_large_objects`). Every image's maps at
+the mean of its smaller ones, choosing per class (workers.boxes `_large_objects`); the fine mean also holds
+the detail map (workers.annotator `Annotator.detail_map`), which --detail off leaves out. Every image's maps at
 each scale of --scales are computed once, with image-level labels and the default settings otherwise,
 and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
 
@@ -78,32 +79,37 @@ class CachedSet:
                                                                 torch.tensor([self.labels[name]]))
             cached = {"maps": {s: m.half() for s, m in per_scale.items()}, "classes": kept.classes,
                       "valid": valid, "size": tuple(image.shape[-2:]), "features": captured["features"].half()}
+        if "detail" not in cached:  # nor the detail map, those made before it
+            _, batch, valid = self._input(name)
+            cached["detail"] = self.annotator.detail_map(batch, valid, cached["classes"]).half()
             self.cache.mkdir(parents=True, exist_ok=True)
             torch.save(cached, path)
         return cached
 
-    def work(self, name: str, scales: tuple[float, ...], spread: str = "default", refine: str = "default"
-             ) -> torch.Tensor:
-        """The refined mean map of `scales`, as the annotator refines it with the spread and the refinement's
-        parameters given (kept in memory per variant)."""
-        if (name, scales, spread, refine) not in self.refined:
+    def work(self, name: str, scales: tuple[float, ...], spread: str = "default", refine: str = "default",
+             detail: bool = False) -> torch.Tensor:
+        """The refined mean map of `scales` (and of the detail map, `Annotator.detail_map`, with `detail`), as
+        the annotator refines it with the spread and the refinement's parameters given (kept in memory per
+        variant)."""
+        if (name, scales, spread, refine, detail) not in self.refined:
             cached = self.maps(name)
             _, batch, valid = self._input(name)
-            maps = mean_map([cached["maps"][s].float() for s in scales])
+            maps = mean_map([cached["maps"][s].float() for s in scales] + [cached["detail"].float()] * detail)
             power, mix = (boxes.SPREAD_POWER, boxes.SPREAD_MIX) if spread in ("default", "off") else map(
                 float, spread.split(","))
             with patch.multiple(boxes, SPREAD_POWER=power, SPREAD_MIX=mix, **refinement(refine)):
-                self.refined[name, scales, spread, refine] = working_maps(
+                self.refined[name, scales, spread, refine, detail] = working_maps(
                     maps, valid, tuple(batch.shape[-2:]), guide=batch,
                     features=None if spread == "off" else cached["features"].float())
-        return self.refined[name, scales, spread, refine]
+        return self.refined[name, scales, spread, refine, detail]
 
     def predictions(self, fine: tuple[float, ...], coarse: tuple[float, ...] | None, rule,
-                    spread: str = "default", judge: bool = True, refine: str = "default") -> list[dict]:
+                    spread: str = "default", judge: bool = True, refine: str = "default", detail: bool = True
+                    ) -> list[dict]:
         found = []
         for name in self.names:
             cached = self.maps(name)
-            work = self.work(name, fine, spread, refine)
+            work = self.work(name, fine, spread, refine, detail)
             classes = cached["classes"]
             batch = self._input(name)[1]
             judged = classifier_judge(self.annotator.loaded.model, batch) if judge else None
@@ -164,6 +170,8 @@ def main() -> None:
                         "fine box (repeatable; default on)")
     parser.add_argument("--refine", action="append", help="KEY=VALUE,... of the colour refinement (sigma, steps, "
                         "radius, iterations, bins), or default (repeatable)")
+    parser.add_argument("--detail", action="append", choices=["on", "off"], help="the detail map in the fine mean "
+                        "(repeatable; default on)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,21 +181,22 @@ def main() -> None:
     half = len(data.names) // 2
     halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
     print(f"{args.data.name}, fine extent from scales {args.fine}\n")
-    print("| coarse scales | spread | judge | refine | CorLoc first / second half | CorLoc | box AP50 | box AP | "
-          "mask IoU | segm AP50 | boxes/object | CorLoc fine only / coarse only / better of the two |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for variant, spread, judge, refine in itertools.product(args.coarse or ["1.0,1.5"], args.spread or ["default"],
-                                                            args.judge or ["on"], args.refine or ["default"]):
+    print("| coarse scales | spread | judge | refine | detail | CorLoc first / second half | CorLoc | box AP50 | "
+          "box AP | mask IoU | segm AP50 | boxes/object | CorLoc fine only / coarse only / better of the two |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, spread, judge, refine, detail in itertools.product(
+            args.coarse or ["1.0,1.5"], args.spread or ["default"], args.judge or ["on"], args.refine or ["default"],
+            args.detail or ["on"]):
         coarse = tuple(float(x) for x in variant.split(","))
-        chosen = data.predictions(fine, coarse, DEFAULT, spread, judge == "on", refine)
+        chosen = data.predictions(fine, coarse, DEFAULT, spread, judge == "on", refine, detail == "on")
         r = evaluate(data.gt, chosen)
         by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
                             [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
-        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY, spread, refine=refine))
-        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread, refine=refine))
+        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY, spread, refine=refine, detail=detail == "on"))
+        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread, refine=refine, detail=False))
         n = len(fine_hits)
         either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
-        print(f"| {variant} | {spread} | {judge} | {refine} | {by_half[0]:.3f} / {by_half[1]:.3f} | "
+        print(f"| {variant} | {spread} | {judge} | {refine} | {detail} | {by_half[0]:.3f} / {by_half[1]:.3f} | "
               f"{r['corloc']:.3f} | {r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | "
               f"{r.get('segm_AP50', 0):.3f} | "
               f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig
-from ..workers.annotator import box_rule
+from ..workers.annotator import box_rule, detail_layer
 from ..workers.heatmaps import HeatmapError, compute_heatmaps
 from ..workers.models import load_model
 from . import contents
@@ -127,8 +127,8 @@ def series_of(loaded, settings: AnnotateSettings) -> str:
     """Runs whose results may be merged: same model, weights, layers, method, settings and box rule (a
     camlabel whose default rule or refinement changed starts a new series: its labels differ)."""
     key = json.dumps([loaded.name, loaded.weights_sha256 or loaded.weights_source, loaded.target_layer,
-                      loaded.affinity_layer, settings.__dict__, asdict(box_rule(settings))], sort_keys=True,
-                     default=str)
+                      loaded.affinity_layer, detail_layer(loaded, settings), settings.__dict__,
+                      asdict(box_rule(settings))], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -158,10 +158,12 @@ def check_resumable(run_dir: Location, manifest: dict) -> None:
     old = json.loads(path.read_text())
     if old.get("series") == manifest["series"]:
         return
-    fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k]) for k in ("name", "weights_sha256",
-                                                                                   "target_layer", "affinity_layer")]
+    fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k])
+              for k in ("name", "weights_sha256", "target_layer", "affinity_layer")]
     fields += [(k, old["settings"].get(k), v) for k, v in json.loads(json.dumps(manifest["settings"])).items()]
     fields += [(f"rule.{k}", old.get("rule", {}).get(k), v) for k, v in manifest["rule"].items()]
+    # last: it follows from the method and scales, which name the cause when they differ
+    fields += [("model.detail_layer", old["model"].get("detail_layer"), manifest["model"]["detail_layer"])]
     field, was, now = next(((f, a, b) for f, a, b in fields if a != b), ("series", old.get("series"),
                                                                          manifest["series"]))
     raise ConfigError(f"{field}: {run_dir} holds a run made with {was!r}, not {now!r}; resume it with the same "
@@ -174,7 +176,7 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
         "config": config.as_dict(),
         "model": {"name": loaded.name, "weights": loaded.weights_source, "weights_sha256": loaded.weights_sha256,
                   "target_layer": loaded.target_layer, "affinity_layer": loaded.affinity_layer,
-                  "classes": len(loaded.class_names),
+                  "detail_layer": detail_layer(loaded, settings), "classes": len(loaded.class_names),
                   "class_names": loaded.class_names},
         "settings": settings.__dict__,
         "rule": asdict(box_rule(settings)),  # thresholds as run, the defaults included

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
-from camlabel.workers.annotator import Annotator, resample_maps, shape_groups, shape_key
+from camlabel.workers.annotator import Annotator, mean_map, resample_maps, shape_groups, shape_key
 from camlabel.workers.boxes import working_maps
+from camlabel.workers.heatmaps import compute_heatmaps
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
 from camlabel.workers.regions import CROP_SIZE
@@ -79,9 +80,10 @@ def test_without_labels_the_looks_pass_serves_the_named_classes_at_input_size():
         Annotator(loaded, AnnotateSettings(input_size=96, scales=(1.0, 1.5)))([cat])
     finally:
         handle.remove()
-    # at input_size: the look's one pass (its proposals and their maps) and the named classes' mirrored
-    # pass; their unmirrored maps come from the look's pass (a pass of their own gave the same maps)
-    assert shapes.count((1, 3, rows * annotator_module.GROUP_STEP, cols * annotator_module.GROUP_STEP)) == 2
+    # at input_size: the look's one pass (its proposals and their maps), the named classes' mirrored pass
+    # (their unmirrored maps come from the look's pass: a pass of their own gave the same maps), and the
+    # detail map's pass and mirrored pass (LayerCAM, with gradients)
+    assert shapes.count((1, 3, rows * annotator_module.GROUP_STEP, cols * annotator_module.GROUP_STEP)) == 4
 
 
 def test_maps_of_another_scale_are_sampled_at_the_same_image_points():
@@ -104,7 +106,7 @@ def test_every_scale_sees_the_cat_in_the_same_place():
     loaded = load_model(device="cpu")
     cat = photo(180, 240)
     maps = []
-    for scales in ((1.0,), (2.0,), (1.5, 2.0)):
+    for scales in ((1.0,), (2.0,), (1.5,)):
         settings = AnnotateSettings(input_size=96, scales=scales, flip=False, refine=False)
         result = Annotator(loaded, settings)([cat], [[281]])
         assert result.maps[0].shape == (1, 24, 32)  # always the working grid of --input-size
@@ -126,6 +128,36 @@ def test_every_scale_but_the_largest_is_averaged_with_its_mirror():
     torch.testing.assert_close(mirrored[2.0], plain[2.0])  # the largest: as computed, unmirrored
     assert (mirrored[1.0] - plain[1.0]).abs().max() > 0.02  # the cat is not symmetric: the mirror shows
     torch.testing.assert_close(mirrored[1.0], per_scale((1.0,), True)[1.0])  # one scale alone is mirrored
+
+
+def test_the_fine_extent_holds_layercam_of_the_affinity_layer_and_the_coarse_does_not():
+    loaded = load_model(device="cpu")
+    cat, targets = photo(96, 140), torch.tensor([[281]])
+    batch, valid = prepare_batch([cat], 64, "cpu")
+    settings = AnnotateSettings(input_size=64, scales=(1.0, 2.0), flip=False, refine=False, precision="float32")
+    annotator = Annotator(loaded, settings)
+    fine, coarse = annotator._heatmaps_multiscale([cat], batch, valid, targets)
+    per_scale = annotator.maps_per_scale([cat], batch, valid, targets)[1]
+    detail = annotator.detail_map(batch, valid, fine.classes)
+    torch.testing.assert_close(coarse, mean_map([per_scale[1.0]]))
+    torch.testing.assert_close(fine.maps, mean_map([per_scale[2.0], detail]))
+    layercam = compute_heatmaps(loaded.model, batch, target_layer=loaded.affinity_layer, method="layercam",
+                                targets=targets).maps
+    cam = compute_heatmaps(loaded.model, batch, target_layer=loaded.target_layer, targets=targets).maps
+    assert layercam.shape[-1] == 2 * cam.shape[-1]  # twice CAM's resolution
+    torch.testing.assert_close(detail, resample_maps(layercam, valid, batch.shape[-2:], per_scale[1.0].shape[-2:],
+                                                     valid, batch.shape[-2:]))
+    assert Annotator(loaded, replace(settings, method="gradcam")).detail_map(batch, valid, fine.classes) is None
+
+
+def test_the_detail_map_finds_a_cat_on_a_grey_wall():
+    canvas = torch.full((3, 384, 576), 128, dtype=torch.uint8)
+    canvas[:, 96:288, 192:448] = photo(192, 256)  # 22% of the image
+    batch, valid = prepare_batch([canvas], 384, "cpu")
+    settings = AnnotateSettings(input_size=384, flip=False, refine=False, precision="float32")
+    detail = Annotator(load_model(device="cpu"), settings).detail_map(batch, valid, torch.tensor([[281]]))[0, 0]
+    assert detail.shape == (96, 144)  # the working grid
+    assert detail[24:72, 48:112].sum() > 2 * 0.22 * detail.sum()  # over twice its share of the evidence on the cat
 
 
 def test_predicted_classes_come_from_the_input_size_whatever_the_scales():

@@ -373,6 +373,14 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
     (line,) = camlabel_lines(capsys.readouterr().err)
     assert "rule.wide_drop: " in line and "0.0, not 0.05" in line
 
+    # a run made before the fine maps held the detail map (its manifest does not name the layer)
+    made["rule"]["wide_drop"] = 0.05
+    assert made["model"].pop("detail_layer") == "features.13"
+    (out / "manifest.json").write_text(json.dumps(made))
+    assert main(["annotate", str(manifest), "--out", str(out), "--input-size", "160", "--no-flip"]) == 2
+    (line,) = camlabel_lines(capsys.readouterr().err)
+    assert "model.detail_layer: " in line and "None, not 'features.13'" in line
+
 
 def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(local_ray, collection, tmp_path,
                                                                                  capsys):

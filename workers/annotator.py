@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
 from .boxes import RULES, WORK_STRIDE, BoxRule, Judge, PseudoLabel, pseudo_labels, working_maps
-from .heatmaps import ClassMaps, class_maps, classify, compute_heatmaps, hooked
+from .heatmaps import ClassMaps, class_maps, classify, compute_heatmaps, hooked, normalise
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
 from .regions import Classify, fine_box_holds, name_regions, one_box_per_object
@@ -313,15 +313,33 @@ class Annotator:
         """Maps at every scale, each sampled straight onto the working grid (WORK_STRIDE cells of the
         input_size batch, the same image point per cell). Scales above 1 resolve small objects that one
         coarse map blurs together with their surroundings; smaller ones see a large object whole. With a
-        rule for large objects, returns (heatmaps with the mean map of all scales but the smallest, mean
-        map of all but the largest); else (heatmaps with the mean of all, None)."""
+        rule for large objects, returns (heatmaps with the mean map of all scales but the smallest and of the
+        detail map (`detail_map`), mean map of all but the largest); else (heatmaps with the mean of all,
+        None)."""
         kept, per_scale = self.maps_per_scale(images, batch, valid, targets, first)
         ordered = [per_scale[s] for s in sorted(per_scale)]
         if self.rule.large is None or len(ordered) < 2:
             kept.maps = mean_map(ordered)
             return kept, None
-        kept.maps = mean_map(ordered[1:])
+        detail = self.detail_map(batch, valid, kept.classes)
+        kept.maps = mean_map(ordered[1:] + ([] if detail is None else [detail]))
         return kept, mean_map(ordered[:-1])
+
+    def detail_map(self, batch: Tensor, valid: Tensor, classes: Tensor) -> Tensor | None:
+        """The fine extent's third map: LayerCAM (Jiang et al. 2021, positive gradients times activations) of
+        `classes` at the affinity layer (stride 16, twice CAM's resolution) of `batch` at input_size, on its
+        working grid. The larger scales resolve small objects but see a large one's most telling part; the
+        finer layer at input_size sees its whole outline. Added to the fine mean (a third of it), it lifted
+        every figure on both halves of both public sets (bench/README.md). With CAM only (the method it was
+        measured with) and a model that has an affinity layer; else None (`detail_layer`)."""
+        layer = detail_layer(self.loaded, self.settings)
+        if layer is None:
+            return None
+        heat = self._heatmaps(batch, valid, classes, method="layercam", layer=layer)
+        grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
+        # divided by its max again, so that it weighs in the mean as much as each scale's map: resampled onto the
+        # working grid, its sharper peaks fall to 0.8-0.9 of their height (the scales' to 0.95-0.99)
+        return normalise(resample_maps(heat.maps, valid, batch.shape[-2:], grid, valid, batch.shape[-2:]))
 
     def maps_per_scale(self, images, batch, valid, targets, first: FirstPass | None = None):
         """(heatmaps at input_size, {scale: maps [B,K,H/4,W/4] on the working grid of `batch`}). Classes
@@ -349,23 +367,25 @@ class Annotator:
         return kept, per_scale
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None, first: FirstPass | None = None,
-                  mirror: bool = True):
-        """Maps of `batch`, averaged with its mirror image's when the settings flip and `mirror` says so. The
-        largest of several scales is not mirrored: its map is the finest, the mirror changed its labels by
-        a point or less either way, and it was a fifth of the default's time (bench/README.md)."""
+                  mirror: bool = True, method: str | None = None, layer: str | None = None):
+        """Maps of `batch` (by the settings' method at the target layer, unless given), averaged with its
+        mirror image's when the settings flip and `mirror` says so. The largest of several scales is not
+        mirrored: its map is the finest, the mirror changed its labels by a point or less either way, and it
+        was a fifth of the default's time (bench/README.md)."""
         s = self.settings
-        model, layer = self.loaded.model, self.loaded.target_layer
-        if first is not None and s.method == "cam":
+        model = self.loaded.model
+        method, layer = method or s.method, layer or self.loaded.target_layer
+        if first is not None and method == "cam":
             heat = first.class_maps.heatmaps(targets)
         else:
             with self._passes():
-                heat = compute_heatmaps(model, batch, target_layer=layer, method=s.method, targets=targets,
+                heat = compute_heatmaps(model, batch, target_layer=layer, method=method, targets=targets,
                                         top_k=s.top_k)
         if s.flip and mirror:
             # flip each image inside its own valid region so padding stays bottom/right
             flipped = _flip_valid(batch, valid).contiguous(memory_format=torch.channels_last)
             with self._passes():
-                other = compute_heatmaps(model, flipped, target_layer=layer, method=s.method,
+                other = compute_heatmaps(model, flipped, target_layer=layer, method=method,
                                          targets=heat.classes, top_k=s.top_k)
             scale = heat.maps.shape[-1] / batch.shape[-1]
             heat.maps = (heat.maps + _flip_valid(other.maps, (valid.float() * scale).ceil().long())) / 2
@@ -402,6 +422,16 @@ def box_rule(settings: AnnotateSettings) -> BoxRule:
     if "threshold" in METHOD_DEFAULTS.get(settings.method, {}):
         rule = replace(rule, grow=None, large=None, wide_drop=0.0)
     return rule
+
+
+def detail_layer(loaded: LoadedModel, settings: AnnotateSettings) -> str | None:
+    """The layer whose LayerCAM joins the fine maps (`Annotator.detail_map`): the model's affinity layer, with
+    CAM and two extents (a rule for large objects and several scales); else None. Each manifest records it,
+    so that runs made without it form another series."""
+    settings = settings.resolved()
+    if settings.method != "cam" or box_rule(settings).large is None or len(settings.scales) < 2:
+        return None
+    return loaded.affinity_layer
 
 
 def _rows(rows: list[list], fill, dtype: torch.dtype, device: torch.device) -> Tensor:
