@@ -94,7 +94,8 @@ class CachedSet:
         if (name, scales, spread, refine, detail) not in self.refined:
             cached = self.maps(name)
             _, batch, valid = self._input(name)
-            maps = mean_map([cached["maps"][s].float() for s in scales] + [cached["detail"].float()] * detail)
+            fine_detail = [cached["detail"].float()] if detail else []
+            maps = mean_map([cached["maps"][s].float() for s in scales] + fine_detail)
             power, mix = (boxes.SPREAD_POWER, boxes.SPREAD_MIX) if spread in ("default", "off") else map(
                 float, spread.split(","))
             with patch.multiple(boxes, SPREAD_POWER=power, SPREAD_MIX=mix, **refinement(refine)):
