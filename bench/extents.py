@@ -6,7 +6,7 @@
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
 the mean of its smaller ones, choosing per class (workers.boxes `_large_objects`); the fine mean also holds
-the detail map (workers.annotator `Annotator.detail_map`), which --detail off leaves out. Every image's maps at
+the detail map (workers.annotator `Annotator.maps_per_scale`), which --detail off leaves out. Every image's maps at
 each scale of --scales are computed once, with image-level labels and the default settings otherwise,
 and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
 
@@ -72,23 +72,21 @@ class CachedSet:
     def maps(self, name: str) -> dict:
         path = self.cache / f"{name}.pt"
         cached = torch.load(path, weights_only=True) if path.exists() else {}
-        if "features" not in cached:  # caches made before the semantic spread lack them
+        if "detail" not in cached:  # caches made before the detail map lack it
             image, batch, valid = self._input(name)
             with self.annotator.features_captured() as captured:
-                kept, per_scale = self.annotator.maps_per_scale([image], batch, valid,
-                                                                torch.tensor([self.labels[name]]))
+                kept, per_scale, detail = self.annotator.maps_per_scale([image], batch, valid,
+                                                                        torch.tensor([self.labels[name]]))
             cached = {"maps": {s: m.half() for s, m in per_scale.items()}, "classes": kept.classes,
-                      "valid": valid, "size": tuple(image.shape[-2:]), "features": captured["features"].half()}
-        if "detail" not in cached:  # nor the detail map, those made before it
-            _, batch, valid = self._input(name)
-            cached["detail"] = self.annotator.detail_map(batch, valid, cached["classes"]).half()
+                      "valid": valid, "size": tuple(image.shape[-2:]), "features": captured["features"].half(),
+                      "detail": detail.half()}
             self.cache.mkdir(parents=True, exist_ok=True)
             torch.save(cached, path)
         return cached
 
     def work(self, name: str, scales: tuple[float, ...], spread: str = "default", refine: str = "default",
              detail: bool = False) -> torch.Tensor:
-        """The refined mean map of `scales` (and of the detail map, `Annotator.detail_map`, with `detail`), as
+        """The refined mean map of `scales` (and of the detail map, `Annotator.maps_per_scale`, with `detail`), as
         the annotator refines it with the spread and the refinement's parameters given (kept in memory per
         variant)."""
         if (name, scales, spread, refine, detail) not in self.refined:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
 from camlabel.workers.annotator import Annotator, mean_map, resample_maps, shape_groups, shape_key
 from camlabel.workers.boxes import working_maps
-from camlabel.workers.heatmaps import compute_heatmaps
+from camlabel.workers.heatmaps import compute_heatmaps, normalise
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
 from camlabel.workers.regions import CROP_SIZE
@@ -81,9 +81,17 @@ def test_without_labels_the_looks_pass_serves_the_named_classes_at_input_size():
     finally:
         handle.remove()
     # at input_size: the look's one pass (its proposals and their maps), the named classes' mirrored pass
-    # (their unmirrored maps come from the look's pass: a pass of their own gave the same maps), and the
-    # detail map's pass and mirrored pass (LayerCAM, with gradients)
-    assert shapes.count((1, 3, rows * annotator_module.GROUP_STEP, cols * annotator_module.GROUP_STEP)) == 4
+    # (CAM, with the detail map's LayerCAM), and the detail map's unmirrored pass (the look's took no
+    # gradients; CAM's unmirrored maps come from it: a pass of their own gave the same maps)
+    at_input_size = (1, 3, rows * annotator_module.GROUP_STEP, cols * annotator_module.GROUP_STEP)
+    assert shapes.count(at_input_size) == 3
+    shapes.clear()
+    handle = loaded.model.register_forward_pre_hook(lambda _m, inputs: shapes.append(tuple(inputs[0].shape)))
+    try:
+        Annotator(loaded, AnnotateSettings(input_size=96, scales=(1.0, 1.5)))([cat], [[281]])
+    finally:
+        handle.remove()
+    assert shapes.count(at_input_size) == 2  # with labels, one pass and its mirror give CAM and the detail map
 
 
 def test_maps_of_another_scale_are_sampled_at_the_same_image_points():
@@ -137,17 +145,17 @@ def test_the_fine_extent_holds_layercam_of_the_affinity_layer_and_the_coarse_doe
     settings = AnnotateSettings(input_size=64, scales=(1.0, 2.0), flip=False, refine=False, precision="float32")
     annotator = Annotator(loaded, settings)
     fine, coarse = annotator._heatmaps_multiscale([cat], batch, valid, targets)
-    per_scale = annotator.maps_per_scale([cat], batch, valid, targets)[1]
-    detail = annotator.detail_map(batch, valid, fine.classes)
+    _, per_scale, detail = annotator.maps_per_scale([cat], batch, valid, targets)
     torch.testing.assert_close(coarse, mean_map([per_scale[1.0]]))
     torch.testing.assert_close(fine.maps, mean_map([per_scale[2.0], detail]))
     layercam = compute_heatmaps(loaded.model, batch, target_layer=loaded.affinity_layer, method="layercam",
                                 targets=targets).maps
     cam = compute_heatmaps(loaded.model, batch, target_layer=loaded.target_layer, targets=targets).maps
     assert layercam.shape[-1] == 2 * cam.shape[-1]  # twice CAM's resolution
-    torch.testing.assert_close(detail, resample_maps(layercam, valid, batch.shape[-2:], per_scale[1.0].shape[-2:],
-                                                     valid, batch.shape[-2:]))
-    assert Annotator(loaded, replace(settings, method="gradcam")).detail_map(batch, valid, fine.classes) is None
+    torch.testing.assert_close(detail, normalise(resample_maps(layercam, valid, batch.shape[-2:],
+                                                               per_scale[1.0].shape[-2:], valid, batch.shape[-2:])))
+    for other in (replace(settings, method="gradcam"), replace(settings, scales=(1.5, 2.0))):
+        assert Annotator(loaded, other).maps_per_scale([cat], batch, valid, targets)[2] is None
 
 
 def test_the_detail_map_finds_a_cat_on_a_grey_wall():
@@ -155,7 +163,8 @@ def test_the_detail_map_finds_a_cat_on_a_grey_wall():
     canvas[:, 96:288, 192:448] = photo(192, 256)  # 22% of the image
     batch, valid = prepare_batch([canvas], 384, "cpu")
     settings = AnnotateSettings(input_size=384, flip=False, refine=False, precision="float32")
-    detail = Annotator(load_model(device="cpu"), settings).detail_map(batch, valid, torch.tensor([[281]]))[0, 0]
+    annotator = Annotator(load_model(device="cpu"), settings)
+    detail = annotator.maps_per_scale([canvas], batch, valid, torch.tensor([[281]]))[2][0, 0]
     assert detail.shape == (96, 144)  # the working grid
     assert detail[24:72, 48:112].sum() > 2 * 0.22 * detail.sum()  # over twice its share of the evidence on the cat
 

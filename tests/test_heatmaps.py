@@ -116,6 +116,27 @@ def test_every_class_map_of_one_pass_gives_what_compute_heatmaps_gives_for_any_t
     assert (got.maps <= 1).all() and torch.equal(got.probs, want.probs)
 
 
+def test_one_pass_gives_cam_and_layercam_at_an_earlier_layer_as_two_passes_would(gapnet):
+    x = torch.randn(3, 3, 32, 32)
+    targets = torch.tensor([[0, 1], [2, -1], [4, 3]])
+    passes = []
+    handle = gapnet.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        both = compute_heatmaps(gapnet, x, target_layer="features", targets=targets, detail_layer="features.1")
+    finally:
+        handle.remove()
+    assert len(passes) == 1
+    cam = compute_heatmaps(gapnet, x, target_layer="features", targets=targets)
+    layercam = compute_heatmaps(gapnet, x, target_layer="features.1", method="layercam", targets=targets)
+    torch.testing.assert_close(both.maps, cam.maps)
+    torch.testing.assert_close(both.detail, layercam.maps)
+    assert both.detail.shape[-1] == 2 * both.maps.shape[-1]  # the layer before the stride-2 conv
+    assert (both.detail[1, 1] == 0).all() and both.detail[0, 1].max() == 1  # padding stays empty
+    assert all(p.grad is None for p in gapnet.parameters())
+    with pytest.raises(HeatmapError, match="detail layer comes with method 'cam' only"):
+        compute_heatmaps(gapnet, x, target_layer="features", method="gradcam", detail_layer="features.1")
+
+
 def test_peak_evidence_finds_a_small_object_the_whole_images_softmax_buries():
     x = planted(side=2)  # 4 red pixels of 1024: class 1's whole-image logit 20 x 4/1024 < class 0's bias 0.5
     maps = class_maps(RedDetector().eval(), x, target_layer="features")

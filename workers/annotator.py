@@ -314,38 +314,28 @@ class Annotator:
         input_size batch, the same image point per cell). Scales above 1 resolve small objects that one
         coarse map blurs together with their surroundings; smaller ones see a large object whole. With a
         rule for large objects, returns (heatmaps with the mean map of all scales but the smallest and of the
-        detail map (`detail_map`), mean map of all but the largest); else (heatmaps with the mean of all,
+        detail map (`maps_per_scale`), mean map of all but the largest); else (heatmaps with the mean of all,
         None)."""
-        kept, per_scale = self.maps_per_scale(images, batch, valid, targets, first)
+        kept, per_scale, detail = self.maps_per_scale(images, batch, valid, targets, first)
         ordered = [per_scale[s] for s in sorted(per_scale)]
         if self.rule.large is None or len(ordered) < 2:
             kept.maps = mean_map(ordered)
             return kept, None
-        detail = self.detail_map(batch, valid, kept.classes)
         kept.maps = mean_map(ordered[1:] + ([] if detail is None else [detail]))
         return kept, mean_map(ordered[:-1])
 
-    def detail_map(self, batch: Tensor, valid: Tensor, classes: Tensor) -> Tensor | None:
-        """The fine extent's third map: LayerCAM (Jiang et al. 2021, positive gradients times activations) of
-        `classes` at the affinity layer (stride 16, twice CAM's resolution) of `batch` at input_size, on its
-        working grid. The larger scales resolve small objects but see a large one's most telling part; the
-        finer layer at input_size sees its whole outline. Added to the fine mean (a third of it), it lifted
-        every figure on both halves of both public sets (bench/README.md). With CAM only (the method it was
-        measured with) and a model that has an affinity layer; else None (`detail_layer`)."""
-        layer = detail_layer(self.loaded, self.settings)
-        if layer is None:
-            return None
-        heat = self._heatmaps(batch, valid, classes, method="layercam", layer=layer)
-        grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
-        # divided by its max again, so that it weighs in the mean as much as each scale's map: resampled onto the
-        # working grid, its sharper peaks fall to 0.8-0.9 of their height (the scales' to 0.95-0.99)
-        return normalise(resample_maps(heat.maps, valid, batch.shape[-2:], grid, valid, batch.shape[-2:]))
-
     def maps_per_scale(self, images, batch, valid, targets, first: FirstPass | None = None):
-        """(heatmaps at input_size, {scale: maps [B,K,H/4,W/4] on the working grid of `batch`}). Classes
-        and probabilities always come from input_size, nearer the resolution the classifier was trained
-        at; every scale maps the same classes (bench/extents.py sweeps how scales are combined). first: a
-        pass already made over `batch`, which CAM's unmirrored maps at input_size are taken from."""
+        """(heatmaps at input_size, {scale: maps [B,K,H/4,W/4] on the working grid of `batch`}, the detail map
+        on that grid or None). Classes and probabilities always come from input_size, nearer the resolution
+        the classifier was trained at; every scale maps the same classes (bench/extents.py sweeps how scales
+        are combined). first: a pass already made over `batch`, which CAM's unmirrored maps at input_size are
+        taken from.
+
+        The detail map joins the fine extent's mean (a third of it): LayerCAM (Jiang et al. 2021, positive
+        gradients times activations) at the affinity layer (stride 16, twice CAM's resolution) of the pass at
+        input_size, the same pass as CAM's there (`detail_layer`). The larger scales resolve small objects but
+        see a large one's most telling part; the finer layer at input_size sees its whole outline. It lifted
+        every figure on both halves of both public sets (bench/README.md)."""
         scales = sorted(self.settings.scales, key=lambda s: s != 1.0)  # input_size first, when present
         largest = max(scales) if len(scales) > 1 else None
         kept = None
@@ -353,7 +343,8 @@ class Annotator:
             with self._passes():
                 kept = classify(self.loaded.model, batch, targets, self.settings.top_k)
         grid = (batch.shape[-2] // WORK_STRIDE, batch.shape[-1] // WORK_STRIDE)
-        per_scale = {}
+        per_scale, detail = {}, None
+        layer = detail_layer(self.loaded, self.settings)
         for scale in scales:
             if scale == 1.0:
                 scaled, scaled_valid = batch, valid
@@ -361,35 +352,43 @@ class Annotator:
                 size = round(self.settings.input_size * scale)
                 scaled, scaled_valid = prepare_batch(images, size, batch.device, pad_to=_grid(batch.shape[-2:], scale))
             here = self._heatmaps(scaled, scaled_valid, targets if kept is None else kept.classes,
-                                  first if scale == 1.0 else None, mirror=scale != largest)
+                                  first if scale == 1.0 else None, mirror=scale != largest,
+                                  detail=layer if scale == 1.0 else None)
             kept = here if kept is None else kept
             per_scale[scale] = resample_maps(here.maps, scaled_valid, scaled.shape[-2:], grid, valid, batch.shape[-2:])
-        return kept, per_scale
+            if here.detail is not None:
+                # divided by its max again, so that it weighs in the mean as much as each scale's map: resampled
+                # onto the working grid, its sharper peaks fall to 0.8-0.9 of their height (the scales' 0.95-0.99)
+                detail = normalise(resample_maps(here.detail, valid, batch.shape[-2:], grid, valid, batch.shape[-2:]))
+        return kept, per_scale, detail
 
     def _heatmaps(self, batch: Tensor, valid: Tensor, targets: Tensor | None, first: FirstPass | None = None,
-                  mirror: bool = True, method: str | None = None, layer: str | None = None):
-        """Maps of `batch` (by the settings' method at the target layer, unless given), averaged with its
-        mirror image's when the settings flip and `mirror` says so. The largest of several scales is not
-        mirrored: its map is the finest, the mirror changed its labels by a point or less either way, and it
-        was a fifth of the default's time (bench/README.md)."""
+                  mirror: bool = True, detail: str | None = None):
+        """Maps of `batch` by the settings' method at the target layer (with `detail`, and CAM's LayerCAM at
+        that layer, `compute_heatmaps`), averaged with its mirror image's when the settings flip and `mirror`
+        says so. The largest of several scales is not mirrored: its map is the finest, the mirror changed its
+        labels by a point or less either way, and it was a fifth of the default's time (bench/README.md)."""
         s = self.settings
         model = self.loaded.model
-        method, layer = method or s.method, layer or self.loaded.target_layer
-        if first is not None and method == "cam":
+        heatmaps_of = partial(compute_heatmaps, model, target_layer=self.loaded.target_layer, method=s.method,
+                              top_k=s.top_k, detail_layer=detail)
+        if first is not None and s.method == "cam":
             heat = first.class_maps.heatmaps(targets)
+            if detail is not None:  # the look's pass took no gradients
+                with self._passes():
+                    heat.detail = compute_heatmaps(model, batch, target_layer=detail, method="layercam",
+                                                   targets=targets).maps
         else:
             with self._passes():
-                heat = compute_heatmaps(model, batch, target_layer=layer, method=method, targets=targets,
-                                        top_k=s.top_k)
+                heat = heatmaps_of(batch, targets=targets)
         if s.flip and mirror:
             # flip each image inside its own valid region so padding stays bottom/right
             flipped = _flip_valid(batch, valid).contiguous(memory_format=torch.channels_last)
             with self._passes():
-                other = compute_heatmaps(model, flipped, target_layer=layer, method=method,
-                                         targets=heat.classes, top_k=s.top_k)
-            scale = heat.maps.shape[-1] / batch.shape[-1]
-            heat.maps = (heat.maps + _flip_valid(other.maps, (valid.float() * scale).ceil().long())) / 2
-            heat.maps = heat.maps / heat.maps.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+                other = heatmaps_of(flipped, targets=heat.classes)
+            heat.maps = _mirror_mean(heat.maps, other.maps, valid, batch.shape[-1])
+            if detail is not None:
+                heat.detail = _mirror_mean(heat.detail, other.detail, valid, batch.shape[-1])
         return heat
 
     def _classify(self, images: Tensor) -> Tensor:
@@ -425,11 +424,13 @@ def box_rule(settings: AnnotateSettings) -> BoxRule:
 
 
 def detail_layer(loaded: LoadedModel, settings: AnnotateSettings) -> str | None:
-    """The layer whose LayerCAM joins the fine maps (`Annotator.detail_map`): the model's affinity layer, with
-    CAM and two extents (a rule for large objects and several scales); else None. Each manifest records it,
-    so that runs made without it form another series."""
+    """The layer whose LayerCAM joins the fine maps (`Annotator.maps_per_scale`): the model's affinity layer,
+    with CAM (the method it was measured with) and two extents (a rule for large objects and several scales,
+    input_size among them); else None. Each manifest records it, so that runs made without it form another
+    series."""
     settings = settings.resolved()
-    if settings.method != "cam" or box_rule(settings).large is None or len(settings.scales) < 2:
+    two_extents = box_rule(settings).large is not None and len(settings.scales) > 1
+    if settings.method != "cam" or not two_extents or 1.0 not in settings.scales:
         return None
     return loaded.affinity_layer
 
@@ -468,6 +469,14 @@ def mean_map(maps: list[Tensor]) -> Tensor:
     """The mean of maps [B,K,h,w], each result map divided by its max."""
     total = sum(maps)
     return total / total.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+
+
+def _mirror_mean(maps: Tensor, mirrored: Tensor, valid: Tensor, input_width: int) -> Tensor:
+    """The mean of maps [B,K,h,w] of a batch (valid [B,2] of an input `input_width` pixels wide) and those of
+    its mirror image, mirrored back, each mean divided by its max."""
+    scale = maps.shape[-1] / input_width
+    mean = (maps + _flip_valid(mirrored, (valid.float() * scale).ceil().long())) / 2
+    return mean / mean.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
 
 
 def _flip_valid(x: Tensor, valid: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -37,6 +37,7 @@ class Heatmaps:
     classes: Tensor
     scores: Tensor
     probs: Tensor
+    detail: Tensor | None = None  # [B,K,h',w'] LayerCAM at `compute_heatmaps`' detail_layer, from the same pass
 
 
 class HeatmapError(ValueError):
@@ -126,25 +127,34 @@ def _classifier(model: nn.Module) -> nn.Linear:
     return classifier_layer(model)[1]
 
 
-def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_grad: bool):
-    """Forward pass that returns (logits, activations of `layer`, input of the last Linear).
+def _forward_capturing(model: nn.Module, layer: nn.Module, images: Tensor, with_grad: bool,
+                       leaf: nn.Module | None = None):
+    """Forward pass that returns (logits, activations of `layer`, input of the last Linear, activations of
+    `leaf`, by default `layer`).
 
-    With `with_grad`, the activations become the graph's leaf so gradients stop there.
+    With `with_grad`, the leaf's activations become the graph's leaf so gradients stop there.
     """
+    leaf = leaf or layer
     store: dict[str, Tensor] = {}
 
-    def capture(_m, _i, out: Tensor) -> Tensor:
-        leaf = out.detach().requires_grad_(with_grad)
-        store["a"] = leaf
-        return leaf.clone()  # a later in-place op must not overwrite what we keep
+    def capture(name: str, is_leaf: bool) -> Callable:
+        def keep(_m, _i, out: Tensor) -> Tensor:
+            kept = out.detach().requires_grad_(with_grad and is_leaf)
+            store[name] = kept
+            return (kept if is_leaf else out).clone()  # a later in-place op must not overwrite what we keep
+        return keep
 
     def capture_head_input(_m, inputs) -> None:
         store["head_in"] = inputs[0]
 
-    with hooked(layer, capture), hooked(_classifier(model), capture_head_input, pre=True), \
-            torch.set_grad_enabled(with_grad):
+    with ExitStack() as hooks:
+        hooks.enter_context(hooked(leaf, capture("leaf", True)))
+        if leaf is not layer:
+            hooks.enter_context(hooked(layer, capture("a", False)))
+        hooks.enter_context(hooked(_classifier(model), capture_head_input, pre=True))
+        hooks.enter_context(torch.set_grad_enabled(with_grad))
         logits = model(images)
-    return logits, store["a"], store.get("head_in")
+    return logits, store.get("a", store["leaf"]), store.get("head_in"), store["leaf"]
 
 
 def _resolve_targets(probs: Tensor, targets: Tensor | None, top_k: int) -> Tensor:
@@ -212,7 +222,7 @@ def class_maps(model: nn.Module, images: Tensor, *, target_layer: str) -> ClassM
     layer = _layer(model, target_layer)
     with restored(model), torch.no_grad():
         model.eval()
-        logits, acts, head_in = _forward_capturing(model, layer, images, with_grad=False)
+        logits, acts, head_in, _ = _forward_capturing(model, layer, images, with_grad=False)
         head = _classifier(model)
         classes = torch.arange(head.out_features, device=images.device).expand(len(images), -1)
         try:
@@ -234,6 +244,7 @@ def compute_heatmaps(
     chunk_size: int = PERTURBATION_CHUNK,
     patch: int = OCCLUSION_PATCH,
     stride: int = OCCLUSION_STRIDE,
+    detail_layer: str | None = None,
 ) -> Heatmaps:
     """Heatmaps for `images` [B,3,H,W] (normalised, on the model's device).
 
@@ -241,18 +252,23 @@ def compute_heatmaps(
     classes. Eigen-CAM is class-agnostic: every target gets the same map. Maps are at the target layer's
     resolution, except occlusion (patch grid) and deconvnet/guided (input pixels).
     chunk_size bounds the extra forward passes held at once by Score-CAM and occlusion.
+    detail_layer: with CAM, an earlier layer whose LayerCAM the same pass also gives (`Heatmaps.detail`):
+    gradients flow down to that layer only, and a second pass is saved.
     """
     if method not in METHODS:
         raise HeatmapError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if detail_layer is not None and method != "cam":
+        raise HeatmapError(f"a detail layer comes with method 'cam' only, not {method!r}")
     layer = _layer(model, target_layer)
+    detail_at = None if detail_layer is None else _layer(model, detail_layer)
     with restored(model):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         if method in ("deconvnet", "guided"):
             return _pixel_views(model, images, targets, top_k, method)
-        with_grad = method in GRADIENT_METHODS
-        logits, acts, head_in = _forward_capturing(model, layer, images, with_grad)
+        with_grad = method in GRADIENT_METHODS or detail_at is not None
+        logits, acts, head_in, leaf = _forward_capturing(model, layer, images, with_grad, detail_at)
         probs = logits.detach().float().softmax(1)
         classes = _resolve_targets(probs, targets, top_k)
         safe = classes.clamp(min=0)
@@ -266,8 +282,12 @@ def compute_heatmaps(
             raw = _score_cam(model, images, acts.detach(), safe, chunk_size, SCORECAM_CHANNELS)
         else:
             raw = _occlusion(model, images, probs, safe, chunk_size, patch, stride)
-        maps = normalise(raw.detach().float()) * (classes >= 0)[..., None, None]
-        return Heatmaps(maps, classes, probs.gather(1, safe) * (classes >= 0), probs)
+        present = (classes >= 0)[..., None, None]
+        detail = None
+        if detail_at is not None:
+            detail = normalise(_gradient_cam(logits, leaf, safe, WEIGHTINGS["layercam"]).float()) * present
+        maps = normalise(raw.detach().float()) * present
+        return Heatmaps(maps, classes, probs.gather(1, safe) * (classes >= 0), probs, detail)
 
 
 def _cam(model: nn.Module, layer: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor) -> Tensor:
