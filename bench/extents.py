@@ -3,6 +3,7 @@
     python -m bench.extents [--data DIR] [--fine 1.5,2.0] [--coarse 1.0,1.5 --coarse 0.75,1.0,1.5]
         [--spread 4,0.6 --spread 8,0.6 --spread off] [--judge on --judge off]
         [--refine default --refine sigma=0.1 --refine iterations=3,steps=120] [--detail on --detail off]
+        [--rule default --rule grow=0.25 --rule large.grow=0.2,mask_threshold=0.55]
 
 With labels, the default cuts small objects from the mean map of its larger scales and large objects from
 the mean of its smaller ones, choosing per class (workers.boxes `_large_objects`); the fine mean also holds
@@ -15,6 +16,8 @@ a variant, `off` leaves the spread out; each --spread is run with each --coarse.
 classifier's judgement of a class's fine box (workers.regions.fine_box_holds); each is run with each.
 --refine KEY=VALUE,... sets the colour refinement's parameters for a variant: sigma, steps, radius of the
 random walk (workers.boxes.affinity_refine), iterations, bins of the colour model (colour_refine).
+--rule FIELD=VALUE,... sets fields of the default rule (workers.boxes.BoxRule: threshold, grow, mask_threshold,
+wide_drop, large_share, ...; large.FIELD those of its rule for large objects) for a variant.
 
 Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
 all; box AP50, box AP, mask IoU, segm AP50, boxes per object), then CorLoc with the fine extent only,
@@ -36,7 +39,7 @@ from camlabel.pipeline.evaluate import evaluate, load_ground_truth
 from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers import boxes
 from camlabel.workers.annotator import GROUP_STEP, Annotator, classifier_judge, mean_map, scored_by_crops, shape_groups
-from camlabel.workers.boxes import RULES, WORK_STRIDE, pseudo_labels, working_maps
+from camlabel.workers.boxes import RULES, WORK_STRIDE, BoxRule, pseudo_labels, working_maps
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
 from pycocotools import mask as mask_utils
@@ -45,7 +48,6 @@ from torchvision.io import ImageReadMode, decode_image
 from bench.localisation import DATA
 
 DEFAULT = RULES["instances"]
-FINE_ONLY = replace(DEFAULT, large=None)
 
 
 class CachedSet:
@@ -139,6 +141,19 @@ def refinement(refine: str) -> dict:
     return out
 
 
+def rule_of(spec: str) -> BoxRule:
+    """--rule's FIELD=VALUE,... (large.FIELD for the rule for large objects) as the default rule so changed."""
+    fields: dict[str, dict[str, float]] = {"": {}, "large.": {}}
+    for kv in [] if spec == "default" else spec.split(","):
+        key, _, value = kv.partition("=")
+        prefix = "large." if key.startswith("large.") else ""
+        fields[prefix][key.removeprefix(prefix)] = float(value)
+    try:
+        return replace(DEFAULT, **fields[""], large=replace(DEFAULT.large, **fields["large."]))
+    except TypeError as e:
+        raise SystemExit(f"--rule {spec}: {e}") from None
+
+
 def hits(gt, preds: list[dict]) -> dict[int, bool]:
     """Ground-truth object id -> whether the top box of its class on its image has IoU >= 0.5 with it."""
     best: dict[tuple[int, int], dict] = {}
@@ -171,6 +186,8 @@ def main() -> None:
                         "radius, iterations, bins), or default (repeatable)")
     parser.add_argument("--detail", action="append", choices=["on", "off"], help="the detail map in the fine mean "
                         "(repeatable; default on)")
+    parser.add_argument("--rule", action="append", help="FIELD=VALUE,... of the default rule (large.FIELD: its "
+                        "rule for large objects), or default (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,23 +197,27 @@ def main() -> None:
     half = len(data.names) // 2
     halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
     print(f"{args.data.name}, fine extent from scales {args.fine}\n")
-    print("| coarse scales | spread | judge | refine | detail | CorLoc first / second half | CorLoc | box AP50 | "
-          "box AP | mask IoU | segm AP50 | boxes/object | CorLoc fine only / coarse only / better of the two |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for variant, spread, judge, refine, detail in itertools.product(
+    print("| coarse scales | spread | judge | refine | detail | rule | CorLoc first / second half | CorLoc | "
+          "box AP50 | box AP | mask IoU | segm AP50 | boxes/object | "
+          "CorLoc fine only / coarse only / better of the two |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, spread, judge, refine, detail, spec in itertools.product(
             args.coarse or ["1.0,1.5"], args.spread or ["default"], args.judge or ["on"], args.refine or ["default"],
-            args.detail or ["on"]):
+            args.detail or ["on"], args.rule or ["default"]):
         coarse = tuple(float(x) for x in variant.split(","))
-        chosen = data.predictions(fine, coarse, DEFAULT, spread, judge == "on", refine, detail == "on")
+        rule = rule_of(spec)
+        chosen = data.predictions(fine, coarse, rule, spread, judge == "on", refine, detail == "on")
         r = evaluate(data.gt, chosen)
         by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
                             [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
-        fine_hits = hits(data.gt, data.predictions(fine, None, FINE_ONLY, spread, refine=refine, detail=detail == "on"))
-        coarse_hits = hits(data.gt, data.predictions(coarse, None, DEFAULT.large, spread, refine=refine, detail=False))
+        fine_hits = hits(data.gt, data.predictions(fine, None, replace(rule, large=None), spread, refine=refine,
+                                                   detail=detail == "on"))
+        coarse_hits = hits(data.gt, data.predictions(coarse, None, rule.large, spread, refine=refine, detail=False))
         n = len(fine_hits)
         either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
-        print(f"| {variant} | {spread} | {judge} | {refine} | {detail} | {by_half[0]:.3f} / {by_half[1]:.3f} | "
-              f"{r['corloc']:.3f} | {r['bbox_AP50']:.3f} | {r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | "
+        print(f"| {variant} | {spread} | {judge} | {refine} | {detail} | {spec} | "
+              f"{by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | {r['bbox_AP50']:.3f} | "
+              f"{r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | "
               f"{r.get('segm_AP50', 0):.3f} | "
               f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"
               f" / {either / n:.3f} |", flush=True)
