@@ -7,8 +7,8 @@ channels are one small function each in `WEIGHTINGS`.
 
 The user's model is never left changed: hooks are removed, train/eval flags, `requires_grad` flags
 and in-place ReLU settings are restored in `finally`, also when a call raises. Gradients are taken
-with `torch.autograd.grad` with respect to the target layer only: no parameter `.grad` is written and
-no graph is recorded below the target layer.
+with `torch.autograd.grad` with respect to the target layer only (or CAM's `detail_layer`): no parameter
+`.grad` is written and no graph is recorded below that layer.
 """
 
 from __future__ import annotations
