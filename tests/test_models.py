@@ -33,6 +33,12 @@ def test_every_model_loads_finds_its_layer_and_gives_maps(name):
     if name in GAP_LINEAR:
         cam = compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="cam", top_k=2)
         assert cam.maps.shape == heat.maps.shape
+        # the detail map (workers.annotator) comes from CAM's own pass, as a LayerCAM pass of its own gives it
+        both = compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="cam", top_k=2,
+                                detail_layer=loaded.affinity_layer)
+        layercam = compute_heatmaps(loaded.model, x, target_layer=loaded.affinity_layer, method="layercam", top_k=2)
+        torch.testing.assert_close(both.maps, cam.maps)
+        torch.testing.assert_close(both.detail, layercam.maps)
     else:
         with pytest.raises(HeatmapError, match="Use method 'gradcam'"):
             compute_heatmaps(loaded.model, x, target_layer=loaded.target_layer, method="cam")
