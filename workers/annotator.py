@@ -472,11 +472,10 @@ def mean_map(maps: list[Tensor]) -> Tensor:
 
 
 def _mirror_mean(maps: Tensor, mirrored: Tensor, valid: Tensor, input_width: int) -> Tensor:
-    """The mean of maps [B,K,h,w] of a batch (valid [B,2] of an input `input_width` pixels wide) and those of
-    its mirror image, mirrored back, each mean divided by its max."""
+    """`mean_map` of maps [B,K,h,w] of a batch (valid [B,2] of an input `input_width` pixels wide) and those of
+    its mirror image, mirrored back."""
     scale = maps.shape[-1] / input_width
-    mean = (maps + _flip_valid(mirrored, (valid.float() * scale).ceil().long())) / 2
-    return mean / mean.flatten(2).amax(-1).clamp(min=1e-7)[..., None, None]
+    return mean_map([maps, _flip_valid(mirrored, (valid.float() * scale).ceil().long())])
 
 
 def _flip_valid(x: Tensor, valid: Tensor) -> Tensor:
