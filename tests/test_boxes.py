@@ -413,26 +413,24 @@ def test_a_wide_components_mask_reaches_lower_than_a_narrow_ones():
     assert found[1].bbox == plain[1].bbox and found[1].area == plain[1].area  # the narrow one's: not
 
 
-def test_a_hidden_objects_box_spans_the_one_in_front_and_its_mask_leaves_it_out():
-    """Class 3's object is partly hidden by class 5's: its map reaches over the one in front, weaker there
-    than class 5's by more than the rival margin (0.4 > 0.1). Its box spans that map; its mask keeps only
-    its own pixels. Within the margin, and for the paper's rule, masks keep every pixel; a lone class's
-    mask is never cut."""
+def test_a_mask_and_its_box_leave_out_where_another_class_is_stronger():
+    """Class 3's map reaches over class 5's object, weaker there than class 5's by more than the rival margin
+    (0.2 > 0.1): its mask keeps only its own pixels, and its box is that mask's. Within the margin, and for
+    the paper's rule, masks keep every pixel; a lone class's mask is never cut."""
     work = torch.zeros(1, 2, 32, 32)
-    work[0, 0, 4:28, 4:28] = 0.8  # the hidden object
-    work[0, 0, 12:20, 12:20] = 0.6  # its map over the object in front
-    work[0, 1, 12:20, 12:20] = 1.0  # the object in front
+    work[0, 0, 4:28, 4:28] = 0.8  # class 3's object (cells 4-19) and its map over class 5's, beside it
+    work[0, 1, 4:28, 20:28] = 1.0  # class 5's object
     args = (torch.tensor([[3, 5]]), torch.ones(1, 2), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
     rule = replace(RULES["instances"], large=None)
-    hidden, front = sorted(labels_from_work(work, *args, rule=rule)[0], key=lambda p: p.class_index)
+    mine, other = sorted(labels_from_work(work, *args, rule=rule)[0], key=lambda p: p.class_index)
     whole = min(labels_from_work(work, *args, rule=replace(rule, rival_margin=0.5))[0], key=lambda p: p.class_index)
-    assert hidden.bbox == whole.bbox == [16.0, 16.0, 96.0, 96.0]  # the whole component, over the one in front
-    assert hidden.area == whole.area - 32 * 32  # the mask: all of it but the one in front
-    inside = mask_utils.decode(hidden.rle)
-    assert inside[48:80, 48:80].sum() == 0 and inside[16:48, 20:108].all()
-    assert front.bbox == [48.0, 48.0, 32.0, 32.0]
+    assert whole.bbox == [16.0, 16.0, 96.0, 96.0]  # the whole component, over class 5's object
+    inside, uncut = mask_utils.decode(mine.rle), mask_utils.decode(whole.rle)
+    assert (inside[:, :80] == uncut[:, :80]).all() and inside[:, 80:].sum() == 0 < uncut[:, 80:].sum()
+    assert mine.bbox == [16.0, 16.0, 64.0, 96.0]  # the mask's box
+    assert other.bbox == [80.0, 16.0, 32.0, 96.0]
     (paper,) = [p for p in labels_from_work(work, *args, rule=PAPER_RULE)[0] if p.class_index == 3]
-    assert paper.area >= whole.area  # every pixel above 20% of the max, the one in front too
+    assert paper.area >= whole.area  # every pixel above 20% of the max, class 5's object too
     (alone,) = labels_from_work(work[:, :1], torch.tensor([[3]]), torch.ones(1, 1), *args[2:], rule=rule)[0]
     assert alone.area == whole.area
 
@@ -469,7 +467,7 @@ def test_masks_in_chunks_equal_masks_all_at_once(monkeypatch):
     assert len(whole) == 1 and len(chunks) == 3
     for i in (0, 1):
         torch.testing.assert_close(torch.cat([c[i] for c in chunks]), whole[0][i])
-    assert whole[0][0].any() and not whole[0][0].all()  # real masks
+    assert whole[0][1].any() and not whole[0][1].all()  # real masks
 
 
 def test_a_batch_of_small_photos_reaches_the_host_together_and_a_huge_one_chunk_by_chunk(monkeypatch):
