@@ -493,8 +493,9 @@ def _agreement(top_box: Tensor, has_top: Tensor, b: int, k: int) -> Tensor:
 
 def _top_boxes(maps: Tensor, labels: Tensor, owner: Tensor, ids: Tensor, mask_threshold: Tensor,
                tops: Tensor) -> tuple[Tensor, Tensor]:
-    """Each map's top instance's box, the box its label will have (its mask: the component's pixels above its
-    mask threshold), [B*m,4] x1, y1, x2, y2 in working cells, and whether the map has one [B*m]. maps, labels
+    """Each map's top instance's box, the box of its mask before another class's stronger cells are cut out
+    (the component's pixels above its mask threshold; cut here too, no figure of either public set moved),
+    [B*m,4] x1, y1, x2, y2 in working cells, and whether the map has one [B*m]. maps, labels
     [B*m,h,w]; owner, ids, mask_threshold [M]; tops: the top instances' component indices. A seed under the
     mask threshold can leave a top instance's mask empty: then its map has no box."""
     which = owner[tops]
