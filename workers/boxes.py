@@ -60,6 +60,10 @@ class BoxRule:
     stamps-public; the box cut too, box AP +0.002 to +0.012 on both public sets and the held-out proxies,
     bench/README.md). The paper's rule keeps every pixel above its threshold, and classes the model named
     rather than labels are not cut (`workers.annotator.WorkingMaps.labels`).
+
+    revision: how this camlabel makes a rule's labels, raised when that changes with no other field changing
+    (2: a box is its mask's, 2026-12-03), so that runs made before form another series and are neither resumed
+    nor merged with newer ones (`pipeline.job.series_of`).
     """
 
     name: str = "instances"
@@ -74,6 +78,7 @@ class BoxRule:
     large_share: float = 0.4
     crop_scores: bool = True
     rival_margin: float = 0.1
+    revision: int = 2
 
     @property
     def extent(self) -> float:
