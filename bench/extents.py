@@ -20,8 +20,9 @@ random walk (workers.boxes.affinity_refine), iterations, bins of the colour mode
 wide_drop, large_share, ...; large.FIELD those of its rule for large objects) for a variant.
 
 Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
-all; box AP50, box AP, mask IoU, segm AP50, boxes per object), then CorLoc with the fine extent only,
-the coarse only, and the better of the two for each object (a perfect choice: where the next gain is).
+all; box AP50, box AP, mask IoU, segm AP50, boxes per object; box AP50 and box AP on each half), then CorLoc
+with the fine extent only, the coarse only, and the better of the two for each object (a perfect choice:
+where the next gain is).
 """
 
 from __future__ import annotations
@@ -198,9 +199,9 @@ def main() -> None:
     halves = [{data.ids[n] for n in data.names[:half]}, {data.ids[n] for n in data.names[half:]}]
     print(f"{args.data.name}, fine extent from scales {args.fine}\n")
     print("| coarse scales | spread | judge | refine | detail | rule | CorLoc first / second half | CorLoc | "
-          "box AP50 | box AP | mask IoU | segm AP50 | boxes/object | "
+          "box AP50 | box AP | mask IoU | segm AP50 | boxes/object | box AP50, box AP first / second half | "
           "CorLoc fine only / coarse only / better of the two |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for variant, spread, judge, refine, detail, spec in itertools.product(
             args.coarse or ["1.0,1.5"], args.spread or ["default"], args.judge or ["on"], args.refine or ["default"],
             args.detail or ["on"], args.rule or ["default"]):
@@ -208,19 +209,21 @@ def main() -> None:
         rule = rule_of(spec)
         chosen = data.predictions(fine, coarse, rule, spread, judge == "on", refine, detail == "on")
         r = evaluate(data.gt, chosen)
-        by_half = [evaluate(load_ground_truth(args.data / "gt.json", h),
-                            [p for p in chosen if p["image_id"] in h])["corloc"] for h in halves]
+        by_half = [evaluate(load_ground_truth(args.data / "gt.json", h), [p for p in chosen if p["image_id"] in h])
+                   for h in halves]
         fine_hits = hits(data.gt, data.predictions(fine, None, replace(rule, large=None), spread, refine=refine,
                                                    detail=detail == "on"))
         coarse_hits = hits(data.gt, data.predictions(coarse, None, rule.large, spread, refine=refine, detail=False))
         n = len(fine_hits)
         either = sum(fine_hits[k] or coarse_hits[k] for k in fine_hits)
         print(f"| {variant} | {spread} | {judge} | {refine} | {detail} | {spec} | "
-              f"{by_half[0]:.3f} / {by_half[1]:.3f} | {r['corloc']:.3f} | {r['bbox_AP50']:.3f} | "
+              f"{by_half[0]['corloc']:.3f} / {by_half[1]['corloc']:.3f} | {r['corloc']:.3f} | {r['bbox_AP50']:.3f} | "
               f"{r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | "
               f"{r.get('segm_AP50', 0):.3f} | "
-              f"{r['boxes_per_object']:.2f} | {sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f}"
-              f" / {either / n:.3f} |", flush=True)
+              f"{r['boxes_per_object']:.2f} | {by_half[0]['bbox_AP50']:.3f}, {by_half[0]['bbox_AP']:.3f} / "
+              f"{by_half[1]['bbox_AP50']:.3f}, {by_half[1]['bbox_AP']:.3f} | "
+              f"{sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f} / {either / n:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
