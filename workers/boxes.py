@@ -57,8 +57,8 @@ class BoxRule:
     rival_margin: a mask leaves out the pixels where another class's map of its image (of the same extent) is
     stronger than its own by more than this, and its box is that mask's. Where two objects touch or one hides
     part of another, one's map reaches over the other (mask IoU +0.005 on stamps-large, segm AP50 +0.013 on
-    stamps-public; the box cut too, box AP +0.002 to +0.012 on both public sets and the held-out proxies,
-    bench/README.md). The paper's rule keeps every pixel above its threshold, and classes the model named
+    stamps-public; the box cut too, box AP +0.002 and +0.005 on the public sets, up to +0.012 on the held-out
+    proxies, bench/README.md). The paper's rule keeps every pixel above its threshold, and classes the model named
     rather than labels are not cut (`workers.annotator.WorkingMaps.labels`).
 
     revision: how this camlabel makes a rule's labels, raised when that changes with no other field changing
