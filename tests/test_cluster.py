@@ -22,6 +22,10 @@ from skimage import data
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 BIN = Path(sys.executable).parent
+# the first night's images: about a minute of one actor's work (a third of a second each here), so that the
+# joining node's actor, which takes 15 s to start, has parts to take well before the end (measured: its first
+# part came 19 s before the last)
+CATS = 192
 
 
 def free_port() -> int:
@@ -44,9 +48,11 @@ def cluster(tmp_path):
 
     ray.shutdown()
     gcs, dashboard = free_port(), free_port()
-    # loopback-only test cluster: no token (real clusters share one: RAY_AUTH_MODE=token, see deploy/README.md)
+    # loopback-only test cluster: no token (real clusters share one: RAY_AUTH_MODE=token, see deploy/README.md);
+    # no drain on SIGTERM: a node stopped after its jobs ended has nothing to drain, yet the head waited out
+    # the whole 30 s default
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+           "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     nodes: list[subprocess.Popen] = []
 
@@ -116,11 +122,14 @@ def finished(cluster, submission_id: str) -> None:
 def test_a_run_grows_onto_a_joining_node_and_scheduled_jobs_are_incremental(cluster, tmp_path):
     source, out = tmp_path / "incoming", tmp_path / "output"
     source.mkdir()
-    for i in range(96):  # over a minute of one actor's work: the node joins and its actor starts well before the end
-        Image.fromarray(data.chelsea()).resize((300 + i, 224)).save(source / f"cat{i:02d}.png")
+    for i in range(CATS):
+        Image.fromarray(data.chelsea()).resize((300 + i, 224)).save(source / f"cat{i:03d}.png")
     config = tmp_path / "job.yaml"
+    # parts of four images: the one read task at a time keeps ahead of the actors (each read waits a few tenths
+    # of a second for a busy core), so queues build and the pool grows; parts of one image starved the actors
+    # and Ray Data took the joining node's actor away, idle, before it had a part
     config.write_text(yaml.safe_dump({"source": str(source), "out": str(out), "input_size": 224,
-                                      "batch_size": 1, "part_size": 1}))
+                                      "batch_size": 1, "part_size": 4}))
     submit(cluster, "camlabel-night1", config, "--incremental", wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.glob("runs/*/annotations/part-*.parquet")):
@@ -134,21 +143,21 @@ def test_a_run_grows_onto_a_joining_node_and_scheduled_jobs_are_incremental(clus
     # the next night, over a grown source: parts written on either node count as done
     for i, photo in enumerate([data.coffee(), data.astronaut()]):
         Image.fromarray(photo).resize((128, 96)).save(source / f"night2_{i}.png")
-    shutil.copy(source / "cat00.png", source / "night2_renamed_copy.png")  # same content, new name
+    shutil.copy(source / "cat000.png", source / "night2_renamed_copy.png")  # same content, new name
     submit(cluster, "camlabel-night2", config, "--incremental")
 
     listing = subprocess.run([str(BIN / "camlabel"), "runs", str(out)], capture_output=True, text=True, check=True)
     runs = [json.loads(line) for line in listing.stdout.splitlines()]
     assert [r["status"] for r in runs] == ["finished", "finished"]
     assert runs[0]["series"] == runs[1]["series"]
-    assert [r["this_run"] for r in runs] == [96, 3]  # the second night read only its three new files
-    assert [r["annotated"] for r in runs] == [96, 2]  # and kept the renamed copy out: its content is done
+    assert [r["this_run"] for r in runs] == [CATS, 3]  # the second night read only its three new files
+    assert [r["annotated"] for r in runs] == [CATS, 2]  # and kept the renamed copy out: its content is done
     assert [r["errors"] for r in runs] == [0, 1]  # a "duplicate" row names the image it copies
 
     coco = tmp_path / "all.json"
     subprocess.run([str(BIN / "camlabel"), "export-coco", str(out), "--out", str(coco)], check=True)
     names = sorted(Path(i["file_name"]).name for i in json.loads(coco.read_text())["images"])
-    assert names == sorted([f"cat{i:02d}.png" for i in range(96)] + ["night2_0.png", "night2_1.png"])
+    assert names == sorted([f"cat{i:03d}.png" for i in range(CATS)] + ["night2_0.png", "night2_1.png"])
 
 
 def test_deploy_manifests_have_what_the_cluster_needs():

@@ -13,7 +13,7 @@ from camlabel.schemas.config import ConfigError
 from moto.server import ThreadedMotoServer
 from pycocotools.coco import COCO
 
-from tests.test_pipeline import annotate, collection, local_ray  # noqa: F401 (fixtures)
+from tests.test_pipeline import annotate, collection, local_ray, ray_stops_with_the_module  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

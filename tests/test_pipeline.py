@@ -1,5 +1,7 @@
 """The annotate job end to end under a real local Ray, on real photos that scikit-image ships."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -26,19 +28,32 @@ PHOTOS = {"cat.png": data.chelsea, "coffee.png": data.coffee, "rocket.jpg": data
           "astronaut.png": data.astronaut, "horse.png": lambda: (data.horse() == 0).astype("uint8") * 255}
 
 
+_running = []  # the patch the local Ray this module started runs in every worker (None: no fault)
+
+
 def with_fault(patch=None):
     """Restart the local Ray so that every worker process runs `patch` first: faults are injected from
-    outside the production code, into the real actor."""
+    outside the production code, into the real actor. A Ray already running with no fault is kept when
+    none is asked for (each restart costs seconds)."""
+    if patch is None and _running == [None] and ray.is_initialized():
+        return
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"worker_process_setup_hook": patch} if patch else None)
+    _running[:] = [patch]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    with_fault(None)
+@pytest.fixture(scope="module", autouse=True)
+def ray_stops_with_the_module():
     yield
     ray.shutdown()
+    _running.clear()
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray without faults: kept from test to test, started again after one that injected a fault."""
+    with_fault(None)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +67,18 @@ def collection(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def labelled_run(collection, tmp_path_factory):
+    """A fault-free run over the collection with its labels, and the summary it printed: made once, for the
+    tests that read it or compare a faulty run with it."""
+    with_fault(None)
+    out = tmp_path_factory.mktemp("labelled") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        annotate(collection, out, "--labels", str(collection / "labels.csv"))
+    return out, json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
 def annotate(source, out, *extra):
     assert main(["annotate", str(source), "--out", str(out), "--input-size", "160", "--no-flip",
                  "--batch-size", "2", "--part-size", "2", *extra]) == 0
@@ -62,10 +89,10 @@ def rows(run_dir):
     return sorted(table.to_pylist(), key=lambda r: r["path"])
 
 
-def test_annotate_export_and_resume(local_ray, collection, tmp_path, capsys):
+def test_annotate_export_and_resume(local_ray, collection, labelled_run, tmp_path, capsys):
+    made, summary = labelled_run
     out = tmp_path / "run"
-    annotate(collection, out, "--labels", str(collection / "labels.csv"))
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    shutil.copytree(made, out)  # resumed below: a copy, the fixture's run stays as it was made
     assert summary["inputs"] == 6 and summary["annotated"] == 5 and summary["errors"] == 1
 
     first = rows(out)
@@ -149,18 +176,15 @@ def fails_on(file_name):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the patches travel to the workers by value
 
 
-def test_a_killed_actor_is_replaced_and_nothing_is_lost(local_ray, collection, tmp_path):
-    clean = tmp_path / "clean"
-    annotate(collection, clean)
+def test_a_killed_actor_is_replaced_and_nothing_is_lost(collection, labelled_run, tmp_path):
     with_fault(dies_once(str(tmp_path / "died")))
     faulty = tmp_path / "faulty"
-    annotate(collection, faulty)
+    annotate(collection, faulty, "--labels", str(collection / "labels.csv"))
     assert (tmp_path / "died").exists()
-    assert rows(faulty) == rows(clean)
-    with_fault(None)
+    assert rows(faulty) == rows(labelled_run[0])
 
 
-def test_a_model_that_fails_on_one_image_loses_only_that_image(local_ray, collection, tmp_path):
+def test_a_model_that_fails_on_one_image_loses_only_that_image(collection, tmp_path):
     with_fault(fails_on("cat.png"))
     out = tmp_path / "run"
     annotate(collection, out, "--batch-size", "8")  # the cat shares its batch, and its labels group, with others
@@ -170,11 +194,10 @@ def test_a_model_that_fails_on_one_image_loses_only_that_image(local_ray, collec
     assert "injected" in next(e["reason"] for e in errors if e["stage"] == "annotate")
     assert [os.path.basename(r["path"]) for r in rows(out)] == ["astronaut.png", "coffee.png", "horse.png",
                                                                 "rocket.jpg"]
-    with_fault(None)
 
 
 @pytest.fixture(scope="module")
-def many_cats(local_ray, collection, tmp_path_factory):
+def many_cats(collection, tmp_path_factory):
     """24 copies of the cat, each with a distinct byte appended (distinct content, same pixels), and a
     clean uninterrupted run of them to compare with (made once: the tests that stop a run half way read
     them and write elsewhere)."""
@@ -183,6 +206,7 @@ def many_cats(local_ray, collection, tmp_path_factory):
         shutil.copy(collection / "cat.png", source / f"cat{i:02d}.png")
         (source / f"cat{i:02d}.png").open("ab").write(bytes([i]))
     clean = tmp_path_factory.mktemp("many-clean") / "clean"
+    with_fault(None)
     annotate(source, clean)
     return source, clean
 
