@@ -140,14 +140,10 @@ def retire_read_errors(run_dir: Path | Location) -> int:
     return dropped
 
 
-def settled_paths(run_dir: Path | Location) -> pa.ChunkedArray:
-    """Paths of every image a run has settled (annotated, or failed for a reason a retry cannot mend),
-    as Arrow strings: an anti-join's right side, never a Python set."""
-    return pa.chunked_array(list(settled_batches(run_dir)), pa.string())
-
-
 def settled_batches(run_dir: Path | Location) -> Iterator[pa.Array]:
-    """settled_paths a record batch at a time (parts read by pyarrow's dataset scanner, never all at once)."""
+    """Paths of every image a run has settled (annotated, or failed for a reason a retry cannot mend), as
+    Arrow strings a record batch at a time (parts read by pyarrow's dataset scanner, never all at once, never
+    a Python set)."""
     run_dir = Location.of(run_dir)
     quarantine_broken_parts(run_dir / "annotations")
     quarantine_broken_parts(run_dir / "errors")
