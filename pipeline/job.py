@@ -12,6 +12,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -190,11 +192,18 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
 
 
 def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlier: list[Location]) -> tuple[int, int]:
-    """plan_work on a Ray worker; its errors (a bad manifest or labels file) are raised here as they are."""
+    """plan_work on a Ray worker; its errors (a bad manifest or labels file) are raised here as they are. A run
+    stopped meanwhile ends the task, so that nothing writes into the run once its lease is given up. The driver
+    waits in Python (a Future), where SIGTERM's Stopped is raised plainly: raised inside ray.get, it came out
+    as a SystemError."""
+    task = ray.remote(num_cpus=PLAN_CPUS)(plan_work).remote(config, class_names, run_dir, earlier)
     try:
-        return ray.get(ray.remote(num_cpus=PLAN_CPUS)(plan_work).remote(config, class_names, run_dir, earlier))
+        return task.future().result()
     except ray.exceptions.RayTaskError as exc:
         raise exc.cause from None
+    except Stopped:
+        ray.cancel(task, force=True)
+        raise
 
 
 def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Location, earlier: list[Location],
@@ -208,25 +217,17 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
     bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")
     done, busy, devices, precisions, actors, nodes = 0, 0.0, set(), set(), set(), set()
     try:
-        with stopped_by_signals():
-            for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir,
-                                          bool(earlier)):
-                images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
-                devices.update(status.column("device").to_pylist())
-                precisions.update(status.column("precision").to_pylist())
-                actors.update(status.column("actor").to_pylist())
-                nodes.update(status.column("node").to_pylist())
-                manifest.update(devices=sorted(devices), precisions=sorted(precisions), actors=len(actors),
-                                nodes=len(nodes))
-                bar.update(images)
-                done += images
-                busy += float(pc.sum(status.column("seconds")).as_py())
-    except Stopped as stop:
-        counts = run_counts(run_dir)
-        stop.kept, stop.run_dir = counts["annotated"] + counts["errors"], run_dir
-        manifest.update({"status": "stopped", "stopped_by": stop.signal, "finished": datetime.now(UTC).isoformat()})
-        atomic_write_json(run_dir / "manifest.json", manifest)
-        raise
+        for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir, bool(earlier)):
+            images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
+            devices.update(status.column("device").to_pylist())
+            precisions.update(status.column("precision").to_pylist())
+            actors.update(status.column("actor").to_pylist())
+            nodes.update(status.column("node").to_pylist())
+            manifest.update(devices=sorted(devices), precisions=sorted(precisions), actors=len(actors),
+                            nodes=len(nodes))
+            bar.update(images)
+            done += images
+            busy += float(pc.sum(status.column("seconds")).as_py())
     finally:
         bar.close()
     if busy:  # throughput with the actors up and the model loaded, the figure that scales: each actor's
@@ -258,18 +259,33 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         manifest = run_manifest(config, loaded, settings, earlier)
         check_resumable(run_dir, manifest)
         connect(config.address)
-        inputs, todo = planned(absolute(config), loaded.class_names, run_dir, earlier)
-        atomic_write_json(run_dir / "manifest.json", manifest)
-        start = time.perf_counter()
-        if todo:
-            stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
-        for plan in (WORK_LIST, contents.HASHES, contents.IMAGES):
-            (run_dir / plan).unlink()
-        manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
-                         "seconds": round(time.perf_counter() - start, 2),
-                         "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo}})
-        atomic_write_json(run_dir / "manifest.json", manifest)
+        with stopped_by_signals(), recorded_if_stopped(run_dir, manifest):  # not before: Ray sets its own
+            inputs, todo = planned(absolute(config), loaded.class_names, run_dir, earlier)
+            atomic_write_json(run_dir / "manifest.json", manifest)
+            start = time.perf_counter()
+            if todo:
+                stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
+            for plan in (WORK_LIST, contents.HASHES, contents.IMAGES):
+                (run_dir / plan).unlink()
+            manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
+                             "seconds": round(time.perf_counter() - start, 2),
+                             "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo}})
+            atomic_write_json(run_dir / "manifest.json", manifest)
     return manifest
+
+
+@contextmanager
+def recorded_if_stopped(run_dir: Location, manifest: dict) -> Iterator[None]:
+    """A run stopped within, while planning or annotating, keeps every part the actors finished: its manifest
+    says `stopped`, and Stopped carries how many images are kept and where."""
+    try:
+        yield
+    except Stopped as stop:
+        counts = run_counts(run_dir)
+        stop.kept, stop.run_dir = counts["annotated"] + counts["errors"], run_dir
+        manifest.update({"status": "stopped", "stopped_by": stop.signal, "finished": datetime.now(UTC).isoformat()})
+        atomic_write_json(run_dir / "manifest.json", manifest)
+        raise
 
 
 def absolute(config: JobConfig) -> JobConfig:

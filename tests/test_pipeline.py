@@ -286,6 +286,26 @@ def test_sigterm_mid_run_commits_what_is_done_and_exits_plainly(local_ray, many_
     assert rows(out) == rows(clean)  # nothing lost, nothing written twice
 
 
+def test_sigterm_while_planning_stops_as_plainly(tmp_path):
+    """A run of millions of images plans for minutes: SIGTERM then stops it the same way, with nothing kept
+    yet (Ray's own handler aborted the driver with a stack dump; in ray.get, Stopped came out a SystemError)."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\n" + "".join(f"img/{i:07d}.jpg\n" for i in range(2_000_000)))
+    out = tmp_path / "run"
+    process = subprocess.Popen(annotate_command(listing, out), env=without_ray_address(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob(".plan-*")):  # the planning task's scratch
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    assert err.strip().splitlines()[-1].startswith("camlabel annotate: stopped by SIGTERM; 0 images are kept")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "stopped"
+    assert not (out / "work-list.parquet").exists(), "the job was not stopped while planning"
+
+
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
     from tests.test_inputs import ODD, encode, gradient
 
