@@ -137,6 +137,27 @@ def test_one_pass_gives_cam_and_layercam_at_an_earlier_layer_as_two_passes_would
         compute_heatmaps(gapnet, x, target_layer="features", method="gradcam", detail_layer="features.1")
 
 
+def test_the_class_maps_pass_gives_the_detail_map_of_classes_chosen_after_it(gapnet):
+    """The look's pass keeps its graph down to the detail layer: the classes its crops name get their LayerCAM
+    there with no second forward pass, the same maps a pass of their own gives."""
+    x = torch.randn(3, 3, 32, 32)
+    targets = torch.tensor([[0, 1], [2, -1], [4, 3]])
+    kept = class_maps(gapnet, x, target_layer="features", detail_layer="features.1")
+    plain = class_maps(gapnet, x, target_layer="features")
+    assert torch.equal(kept.cams, plain.cams) and torch.equal(kept.probs, plain.probs)
+    passes = []
+    handle = gapnet.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        detail = kept.detail(targets)
+    finally:
+        handle.remove()
+    assert not passes
+    layercam = compute_heatmaps(gapnet, x, target_layer="features.1", method="layercam", targets=targets)
+    torch.testing.assert_close(detail, layercam.maps)
+    assert (detail[1, 1] == 0).all() and detail[0, 1].max() == 1
+    assert all(p.grad is None and p.requires_grad for p in gapnet.parameters())  # no gradient kept, flags restored
+
+
 def test_peak_evidence_finds_a_small_object_the_whole_images_softmax_buries():
     x = planted(side=2)  # 4 red pixels of 1024: class 1's whole-image logit 20 x 4/1024 < class 0's bias 0.5
     maps = class_maps(RedDetector().eval(), x, target_layer="features")

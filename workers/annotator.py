@@ -157,8 +157,11 @@ def _one_box_per_object(found: list[list[PseudoLabel]], valid: Tensor, sizes: li
 class Annotator:
     """Holds one model on one device; call it with a list of uint8 [3,H,W] images."""
 
-    def __init__(self, loaded: LoadedModel, settings: AnnotateSettings) -> None:
+    def __init__(self, loaded: LoadedModel, settings: AnnotateSettings, named_detail: str | None = None) -> None:
+        """named_detail (the look's): the detail layer of the annotator the look names classes for; the look's
+        pass keeps its graph down to that layer, and the named classes' unmirrored detail map comes from it."""
         self.loaded = loaded
+        self.named_detail = named_detail
         self.settings = settings = settings.resolved()
         self.rule = box_rule(settings)
         self.precision = settings.precision
@@ -214,7 +217,8 @@ class Annotator:
         often wrong and which may not spread (bench/README.md). It keeps the rule's own thresholds: given
         ones set the final cut (what `camlabel calibrate` sweeps), not which objects are named."""
         return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False, refine=False,
-                                              threshold=None, mask_threshold=None))
+                                              threshold=None, mask_threshold=None),
+                         named_detail=detail_layer(self.loaded, self.settings))
 
     def regions(self, images: list[Tensor], sizes: list[tuple[int, int]],
                 ) -> tuple[list[list[PseudoLabel]], list[FirstPass | None]]:
@@ -306,7 +310,8 @@ class Annotator:
         highest, and their maps) and the features the spread reads; None for heads that are not GAP + linear
         (the top predicted classes are proposed)."""
         with self.features_captured() as captured, self._passes():
-            maps = class_maps(self.loaded.model, batch, target_layer=self.loaded.target_layer)
+            maps = class_maps(self.loaded.model, batch, target_layer=self.loaded.target_layer,
+                              detail_layer=self.named_detail)
         return None if maps is None else FirstPass(maps, captured.get("features"))
 
     def _heatmaps_multiscale(self, images, batch, valid, targets, first: FirstPass | None = None):
@@ -374,10 +379,9 @@ class Annotator:
                               top_k=s.top_k, detail_layer=detail)
         if first is not None and s.method == "cam":
             heat = first.class_maps.heatmaps(targets)
-            if detail is not None:  # the look's pass took no gradients
+            if detail is not None:  # from the look's pass, which kept its graph down to the detail layer
                 with self._passes():
-                    heat.detail = compute_heatmaps(model, batch, target_layer=detail, method="layercam",
-                                                   targets=targets).maps
+                    heat.detail = first.class_maps.detail(targets)
         else:
             with self._passes():
                 heat = heatmaps_of(batch, targets=targets)

@@ -189,6 +189,8 @@ class ClassMaps:
     cams: Tensor  # [B, classes, h, w]: sum_k w_kc f_k, before normalising
     bias: Tensor  # [classes] the head's bias
     probs: Tensor  # [B, classes] the softmax of the pass
+    logits: Tensor | None = None  # with a detail layer: the pass's logits, their graph kept down to
+    leaf: Tensor | None = None  # that layer's activations (`detail`)
 
     def heatmaps(self, targets: Tensor) -> Heatmaps:
         """What `compute_heatmaps` gives for method "cam" and these targets [B,K] (-1 pads)."""
@@ -197,6 +199,12 @@ class ClassMaps:
         present = targets >= 0
         return Heatmaps(normalise(raw.float()) * present[..., None, None], targets,
                         self.probs.gather(1, safe) * present, self.probs)
+
+    def detail(self, targets: Tensor) -> Tensor:
+        """What `compute_heatmaps(detail_layer=...)` gives as `Heatmaps.detail` for these targets [B,K]: LayerCAM
+        at the detail layer, from the graph the pass kept, so no second forward pass. Once: its last backward
+        frees the graph."""
+        return _layercam(self.logits, self.leaf, targets)
 
     def peak_evidence(self, valid: Tensor, input_height: int) -> Tensor:
         """Each class's highest local probability anywhere in each image [B, classes].
@@ -216,21 +224,28 @@ class ClassMaps:
         return probability.flatten(2).amax(2)
 
 
-def class_maps(model: nn.Module, images: Tensor, *, target_layer: str) -> ClassMaps | None:
+def class_maps(model: nn.Module, images: Tensor, *, target_layer: str, detail_layer: str | None = None
+               ) -> ClassMaps | None:
     """Every class's CAM of `images` [B,3,H,W] from one pass, or None for a model whose head is not
-    GAP + linear."""
+    GAP + linear. detail_layer: the pass keeps its graph down to that layer, for the LayerCAM of classes
+    chosen later (`ClassMaps.detail`)."""
     layer = _layer(model, target_layer)
-    with restored(model), torch.no_grad():
+    leaf = None if detail_layer is None else _layer(model, detail_layer)
+    with restored(model):
         model.eval()
-        logits, acts, head_in, _ = _forward_capturing(model, layer, images, with_grad=False)
+        for p in model.parameters():
+            p.requires_grad_(False)  # the kept graph ends at the detail layer
+        logits, acts, head_in, kept = _forward_capturing(model, layer, images, leaf is not None, leaf)
         head = _classifier(model)
         classes = torch.arange(head.out_features, device=images.device).expand(len(images), -1)
         try:
-            cams = _cam(model, layer, acts, head_in, classes)
+            with torch.no_grad():
+                cams = _cam(model, layer, acts, head_in, classes)
         except HeatmapError:
             return None
     bias = head.bias if head.bias is not None else cams.new_zeros(head.out_features)
-    return ClassMaps(cams, bias, logits.float().softmax(1))
+    graph = (logits, kept) if leaf is not None else (None, None)
+    return ClassMaps(cams, bias.detach(), logits.detach().float().softmax(1), *graph)
 
 
 def compute_heatmaps(
@@ -283,11 +298,15 @@ def compute_heatmaps(
         else:
             raw = _occlusion(model, images, probs, safe, chunk_size, patch, stride)
         present = (classes >= 0)[..., None, None]
-        detail = None
-        if detail_at is not None:
-            detail = normalise(_gradient_cam(logits, leaf, safe, WEIGHTINGS["layercam"]).float()) * present
+        detail = None if detail_at is None else _layercam(logits, leaf, classes)
         maps = normalise(raw.detach().float()) * present
         return Heatmaps(maps, classes, probs.gather(1, safe) * (classes >= 0), probs, detail)
+
+
+def _layercam(logits: Tensor, leaf: Tensor, classes: Tensor) -> Tensor:
+    """The detail map: LayerCAM of `classes` [B,K] (-1 pads) at the graph's leaf, normalised, 0 for pads."""
+    maps = _gradient_cam(logits, leaf, classes.clamp(min=0), WEIGHTINGS["layercam"]).float()
+    return normalise(maps) * (classes >= 0)[..., None, None]
 
 
 def _cam(model: nn.Module, layer: nn.Module, acts: Tensor, head_in: Tensor | None, classes: Tensor) -> Tensor:
