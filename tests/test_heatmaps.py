@@ -156,6 +156,10 @@ def test_the_class_maps_pass_gives_the_detail_map_of_classes_chosen_after_it(gap
     torch.testing.assert_close(detail, layercam.maps)
     assert (detail[1, 1] == 0).all() and detail[0, 1].max() == 1
     assert all(p.grad is None and p.requires_grad for p in gapnet.parameters())  # no gradient kept, flags restored
+    with pytest.raises(HeatmapError, match="no graph kept"):
+        kept.detail(targets)  # the graph is gone
+    with pytest.raises(HeatmapError, match="no graph kept"):
+        plain.detail(targets)
 
 
 def test_peak_evidence_finds_a_small_object_the_whole_images_softmax_buries():

@@ -203,8 +203,11 @@ class ClassMaps:
     def detail(self, targets: Tensor) -> Tensor:
         """What `compute_heatmaps(detail_layer=...)` gives as `Heatmaps.detail` for these targets [B,K]: LayerCAM
         at the detail layer, from the graph the pass kept, so no second forward pass. Once: its last backward
-        frees the graph."""
-        return _layercam(self.logits, self.leaf, targets)
+        frees the graph, and the ClassMaps lets go of it."""
+        if self.logits is None:
+            raise HeatmapError("no graph kept: the pass had no detail_layer, or its detail was taken already")
+        logits, leaf, self.logits, self.leaf = self.logits, self.leaf, None, None
+        return _layercam(logits, leaf, targets)
 
     def peak_evidence(self, valid: Tensor, input_height: int) -> Tensor:
         """Each class's highest local probability anywhere in each image [B, classes].
