@@ -20,7 +20,7 @@ random walk (workers.boxes.affinity_refine), iterations, bins of the colour mode
 wide_drop, large_share, ...; large.FIELD those of its rule for large objects) for a variant.
 
 Per variant: the default's choice (CorLoc on the first and second half of the set by sorted name, and on
-all; box AP50, box AP, mask IoU, segm AP50, boxes per object; box AP50 and box AP on each half), then CorLoc
+all; box AP50, box AP, mask IoU, segm AP50, boxes per object; box AP50, box AP and mask IoU on each half), then CorLoc
 with the fine extent only, the coarse only, and the better of the two for each object (a perfect choice:
 where the next gain is).
 """
@@ -220,8 +220,9 @@ def main() -> None:
               f"{by_half[0]['corloc']:.3f} / {by_half[1]['corloc']:.3f} | {r['corloc']:.3f} | {r['bbox_AP50']:.3f} | "
               f"{r['bbox_AP']:.3f} | {r['mean_mask_iou']:.3f} | "
               f"{r.get('segm_AP50', 0):.3f} | "
-              f"{r['boxes_per_object']:.2f} | {by_half[0]['bbox_AP50']:.3f}, {by_half[0]['bbox_AP']:.3f} / "
-              f"{by_half[1]['bbox_AP50']:.3f}, {by_half[1]['bbox_AP']:.3f} | "
+              f"{r['boxes_per_object']:.2f} | {by_half[0]['bbox_AP50']:.3f}, {by_half[0]['bbox_AP']:.3f}, "
+              f"{by_half[0]['mean_mask_iou']:.3f} / {by_half[1]['bbox_AP50']:.3f}, {by_half[1]['bbox_AP']:.3f}, "
+              f"{by_half[1]['mean_mask_iou']:.3f} | "
               f"{sum(fine_hits.values()) / n:.3f} / {sum(coarse_hits.values()) / n:.3f} / {either / n:.3f} |",
               flush=True)
 

@@ -435,6 +435,30 @@ def test_a_mask_and_its_box_leave_out_where_another_class_is_stronger():
     assert alone.area == whole.area
 
 
+def test_a_mask_holds_where_its_map_dips_inside_it_but_not_where_another_class_is_in_front():
+    """A dip under the mask threshold (0.35 < 0.5, above the extent) enclosed by the object is in its mask; the same
+    dip open to the object's outline (a bay) is not; an enclosed object of another class, stronger there, stays
+    out. Filling changes no box."""
+    work = torch.zeros(1, 2, 32, 32)
+    work[0, 0, 4:20, 4:20] = 1.0
+    work[0, 0, 8:12, 8:12] = 0.35  # a dip inside the first object
+    work[0, 0, 22:30, 4:20] = 1.0
+    work[0, 0, 24:30, 8:12] = 0.35  # a bay of the second, open at its bottom edge
+    work[0, 0, 4:20, 22:30] = 0.8  # the third, with an object of class 5 in front of its middle
+    work[0, 1, 10:14, 24:28] = 1.0
+    args = (torch.tensor([[3, 5]]), torch.ones(1, 2), torch.tensor([[128, 128]]), (128, 128), [(128, 128)])
+    found = labels_from_work(work, *args, rule=replace(RULES["instances"], large=None))[0]
+    by_corner = {tuple(p.bbox[:2]): p for p in found if p.class_index == 3}
+    dipped, bayed, behind = by_corner[16.0, 16.0], by_corner[16.0, 88.0], by_corner[88.0, 16.0]
+    assert dipped.bbox == [16.0, 16.0, 64.0, 64.0] and mask_utils.decode(dipped.rle)[32:48, 32:48].all()
+    assert mask_utils.decode(bayed.rle)[100:116, 36:44].sum() == 0  # the bay's pixels, well inside it
+    assert bayed.bbox == [16.0, 88.0, 64.0, 32.0]
+    hole = mask_utils.decode(behind.rle)[42:54, 98:110]  # class 5's object, well inside its cells
+    assert hole.sum() == 0 and behind.bbox == [88.0, 16.0, 32.0, 64.0]
+    assert boxes.enclosed(torch.tensor([[[1, 1, 1], [1, 0, 1], [1, 1, 1]], [[1, 1, 1], [1, 0, 0], [1, 1, 1]]]).bool()
+                          ).tolist() == [[[False] * 3, [False, True, False], [False] * 3], [[False] * 3] * 3]
+
+
 def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
     # a mid-sized object (a fifth of the image): the fine maps split it into two parts, the coarse map
     # holds both in one instance, so the class takes the coarse instance although it is not "large"

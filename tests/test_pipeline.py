@@ -425,13 +425,14 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
     (line,) = camlabel_lines(capsys.readouterr().err)
     assert "model.detail_layer: " in line and "None, not 'features.13'" in line
 
-    # a run made before boxes were their masks' (its rule has no revision)
+    # a run made before masks held the cells they enclose (its rule's revision 2)
     made["model"]["detail_layer"] = "features.13"
-    assert made["rule"].pop("revision") == 2
+    assert made["rule"]["revision"] == 3
+    made["rule"]["revision"] = 2
     (out / "manifest.json").write_text(json.dumps(made))
     assert main(["annotate", str(manifest), "--out", str(out), "--input-size", "160", "--no-flip"]) == 2
     (line,) = camlabel_lines(capsys.readouterr().err)
-    assert "rule.revision: " in line and "None, not 2" in line
+    assert "rule.revision: " in line and "2, not 3" in line
 
 
 def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(local_ray, collection, tmp_path,

@@ -62,8 +62,8 @@ class BoxRule:
     rather than labels are not cut (`workers.annotator.WorkingMaps.labels`).
 
     revision: how this camlabel makes a rule's labels, raised when that changes with no other field changing
-    (2: a box is its mask's, 2026-12-03), so that runs made before form another series and are neither resumed
-    nor merged with newer ones (`pipeline.job.series_of`).
+    (2: a box is its mask's, 2026-12-03; 3: a mask holds the cells it encloses, 2026-12-04), so that runs
+    made before form another series and are neither resumed nor merged with newer ones (`pipeline.job.series_of`).
     """
 
     name: str = "instances"
@@ -78,7 +78,7 @@ class BoxRule:
     large_share: float = 0.4
     crop_scores: bool = True
     rival_margin: float = 0.1
-    revision: int = 2
+    revision: int = 3
 
     @property
     def extent(self) -> float:
@@ -541,9 +541,10 @@ def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: list[int], 
                            original: tuple[int, int], ranks: list[int], ids: Tensor, thresholds: Tensor,
                            owned_i: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor, slice]]:
     """Image i's chosen maps and components at every original pixel, in chunks that fit MASK_BUDGET:
-    yields (thresholded-map masks; kept masks, the component's pixels in its map's cells of owned_i [m,h,w]
-    bool, all of them when it is None; which instances), each mask [c, h0, w0] bool.
-    Separable sampling (two small matrix products, one gather) instead of a full-size sampling grid."""
+    yields (thresholded-map masks; kept masks, the component's pixels and the cells they enclose (`enclosed`),
+    in its map's cells of owned_i [m,h,w] bool, all of them when it is None; which instances), each mask
+    [c, h0, w0] bool. Separable sampling (two small matrix products, one gather) instead of a full-size
+    sampling grid."""
     h0, w0 = original
     vh, vw = valid_i
     wy, iy = _sampling_weights(h0, vh, input_size[0], map_i.shape[-2], map_i.device)
@@ -555,8 +556,20 @@ def masks_at_original_size(map_i: Tensor, labels_i: Tensor, valid_i: list[int], 
         values = wy @ map_i[rank].float() @ wx.T  # [c, h0, w0]
         region = values >= thresholds[chunk, None, None]
         del values
-        component = region & (labels_i[rank] == ids[chunk, None, None])[:, iy][:, :, ix]  # compare, then gather
+        in_component = labels_i[rank] == ids[chunk, None, None]
+        component = region & in_component[:, iy][:, :, ix]  # compare, then gather
+        # an object is solid: where its map dips under the threshold inside the mask, the mask still holds it
+        # (another class's stronger cells are cut after, so an object in front still leaves its hole)
+        component |= enclosed(in_component & (map_i[rank] >= thresholds[chunk, None, None]))[:, iy][:, :, ix]
         yield region, component if owned_i is None else component & owned_i[rank][:, iy][:, :, ix], chunk
+
+
+def enclosed(mask: Tensor) -> Tensor:
+    """The cells of masks [N,h,w] outside the mask that it encloses (its holes): those not joined to the grid's
+    border through other cells outside it."""
+    outside = F.pad(~mask, (1, 1, 1, 1), value=True)
+    labels = connected_components(outside)
+    return (outside & (labels != labels[:, :1, :1]))[:, 1:-1, 1:-1]
 
 
 @dataclass
