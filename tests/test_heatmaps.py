@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from camlabel.workers.heatmaps import METHODS, HeatmapError, class_maps, compute_heatmaps, eigen_projection
+from camlabel.workers.heatmaps import (
+    METHODS,
+    HeatmapError,
+    class_maps,
+    compute_heatmaps,
+    eigen_projection,
+    leading_eigenpair,
+    leading_eigenpair_by_squaring,
+)
 from torch import nn
 
 
@@ -207,6 +215,24 @@ def test_eigencam_is_the_first_principal_component_from_numpy(gapnet):
     expected_maps = ours.clamp(min=0) / ours.flatten(1).amax(1).clamp(min=1e-7)[:, None, None]
     torch.testing.assert_close(heat.maps[:, 0], expected_maps, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(heat.maps[:, 0], heat.maps[:, 1])  # class-agnostic
+
+
+def test_the_squared_gram_gives_eigh_s_leading_eigenpair():
+    """CUDA's path (batched products) against the CPU's (LAPACK): on a CNN's activations, on a spectrum
+    whose top two eigenvalues are 0.99 apart, and on an all-zero map (no NaN)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 49, 64)
+    x = x - x.mean(1, keepdim=True)
+    basis = torch.linalg.qr(torch.randn(3, 30, 30)).Q
+    spectrum = torch.cat([torch.tensor([1.0, 0.99]), torch.rand(28) * 0.9])
+    for gram in (x @ x.transpose(1, 2), basis @ torch.diag_embed(spectrum.expand(3, -1)) @ basis.transpose(1, 2)):
+        vector, value = leading_eigenpair_by_squaring(gram)
+        expected_vector, expected_value = leading_eigenpair(gram)
+        torch.testing.assert_close(value, expected_value, rtol=1e-4, atol=0)
+        torch.testing.assert_close(vector.abs(), expected_vector.abs(), rtol=0, atol=1e-3)
+        assert ((vector * expected_vector).sum(1).abs() > 1 - 1e-5).all()
+    vector, value = leading_eigenpair_by_squaring(torch.zeros(1, 5, 5))
+    assert value.item() == 0 and not vector.isnan().any()
 
 
 @pytest.mark.parametrize("method", ["occlusion", "scorecam", "cam", "gradcam", "guided"])

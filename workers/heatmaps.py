@@ -358,7 +358,7 @@ def eigen_projection(acts: Tensor) -> Tensor:
     """Muhammad & Yeasin 2020: activations [B,C,h,w] projected on their first principal component.
 
     Each image's h*w activation vectors X [hw, C] are centred; the projection on the first right
-    singular vector is X v1 = s1 u1, taken from the batched eigendecomposition of the small Gram matrix
+    singular vector is X v1 = s1 u1, taken from the leading eigenpair of the small Gram matrix
     X X^T [hw, hw] (the same result as an SVD of X, without the C-sized factor). The sign is chosen so
     the projection correlates positively with the channel-summed activations.
     """
@@ -366,13 +366,38 @@ def eigen_projection(acts: Tensor) -> Tensor:
     with torch.autocast(acts.device.type, enabled=False):  # eigh takes no bfloat16, and CUDA autocast
         x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]  would run the Gram product in it
         x = x - x.mean(1, keepdim=True)
-        eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # ascending
-    proj = eigenvectors[..., -1:] * eigenvalues[:, -1, None, None].clamp(min=0).sqrt()  # [B, hw, 1]
+        vector, value = leading_eigenpair(x @ x.transpose(1, 2))
+    proj = vector * value[:, None].clamp(min=0).sqrt()  # [B, hw]
     total = acts.float().sum(1).flatten(1)
     total = total - total.mean(1, keepdim=True)
-    sign = torch.sign((proj[..., 0] * total).sum(1))
+    sign = torch.sign((proj * total).sum(1))
     sign = torch.where(sign == 0, 1.0, sign)
-    return (proj[..., 0] * sign[:, None]).view(b, h, w)
+    return (proj * sign[:, None]).view(b, h, w)
+
+
+def leading_eigenpair(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """The unit eigenvector [B,n] of symmetric PSD matrices [B,n,n] with the largest eigenvalue, and that
+    eigenvalue [B]: LAPACK's eigh on the CPU; on CUDA, whose eigh solves a batch's matrices one after
+    another (Eigen-CAM ran at 0.04-0.09x the forward pass at 448 px on an H200: bench/README), by squaring."""
+    if gram.is_cuda:
+        return leading_eigenpair_by_squaring(gram)
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    return vectors[..., -1], values[:, -1]
+
+
+def leading_eigenpair_by_squaring(gram: Tensor, squarings: int = 12) -> tuple[Tensor, Tensor]:
+    """`leading_eigenpair` in a dozen batched matrix products: G squared `squarings` times, each scaled to
+    trace 1, is v1 v1^T up to (l2/l1)^4096 (3e-4 where l2/l1 = 0.998); its column of the largest
+    diagonal entry gives v1's direction."""
+    def unit_trace(m: Tensor) -> Tensor:
+        return m / m.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-30)[:, None, None]
+    power = unit_trace(gram)
+    for _ in range(squarings):
+        power = unit_trace(power @ power)
+    column = power.diagonal(dim1=1, dim2=2).argmax(-1)
+    vector = power.gather(2, column[:, None, None].expand(-1, power.shape[1], 1))[..., 0]
+    vector = vector / vector.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return vector, torch.einsum("bi,bij,bj->b", vector, gram, vector)
 
 
 def _score_cam(model: nn.Module, images: Tensor, acts: Tensor, classes: Tensor, chunk_size: int,
