@@ -5,7 +5,8 @@
 #   1. the GPU tests (tests/test_gpu.py: GPU maps and boxes against the CPU's, both precisions);
 #   2. the whole `camlabel annotate` job on about 800 variants of IMAGES (default: stamps-public) with their
 #      labels, one actor on the GPU, then two and four sharing it: images/s, GPU utilisation and peak GPU memory (nvidia-smi, 200 ms);
-#   3. one batch under torch.profiler (bench/gpu_profile.py): GPU busy time, launches, copies, syncs;
+#   3. one batch under torch.profiler (bench/gpu_profile.py), sorted by shape as the actor sorts a part of
+#      those variants: GPU busy time, launches, copies, syncs;
 #   4. CAM / Grad-CAM / Eigen-CAM speed against the plain forward pass, float32 and bfloat16;
 #   5. where IMAGES' folder has gt.json: bench.localisation on those images, to compare with the CPU's.
 # Without a usable CUDA device it says so and skips all of it (exit 0). It uses $PYTHON, else .venv's,
@@ -115,8 +116,8 @@ else
 fi
 
 echo -e "\n## 3. One batch of 32 under the profiler: host syncs, launches, GPU busy time\n"
-timeout -k 10 90 "$py" -m bench.gpu_profile --images "$images" 2>&1 | grep -v "^\(USDT\|ERROR\|WARNING\):"
-timeout -k 10 90 "$py" -m bench.gpu_profile --images "$images" --no-labels 2>&1 | grep -v "^\(USDT\|ERROR\|WARNING\):" | head -30
+timeout -k 10 90 "$py" -m bench.gpu_profile --images "$job_images" 2>&1 | grep -v "^\(USDT\|ERROR\|WARNING\):"
+timeout -k 10 90 "$py" -m bench.gpu_profile --images "$job_images" --no-labels 2>&1 | grep -v "^\(USDT\|ERROR\|WARNING\):" | head -30
 
 echo -e "\n## 4. Heatmaps against the plain forward pass (batch 64, 448 px)\n"
 timeout -k 10 120 "$py" -m bench.heatmaps --models mobilenet_v2,resnet50 --batch 64 --size 448 --repeats 3 \

@@ -7,8 +7,9 @@ Prints the time of a batch whose input shapes the process has not seen yet and o
 (cuDNN once spent 15-34 s on each new batch's shapes), the GPU's busy time (its kernels' durations
 summed) against the batch's wall time, the CUDA runtime calls per batch (kernel launches, copies,
 synchronisations) and the costliest operations. Images are decoded as the job decodes them (to about
-the working size) and given as the actor gives them (CPU uint8); labels from the folder's labels.csv
-unless --no-labels. `--device cpu` runs it here, without the CUDA columns.
+the working size) and batched as the actor batches them: the first part's images (a GPU part, 256, by
+name) sorted by shape group, the first --batch of them profiled, the next warming up (CPU uint8); labels
+from the folder's labels.csv unless --no-labels. `--device cpu` runs it here, without the CUDA columns.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from camlabel.pipeline.plan import shortest_needed
+from camlabel.pipeline.plan import GPU_PART, shortest_needed
 from camlabel.schemas.config import AnnotateSettings
-from camlabel.workers.annotator import Annotator
+from camlabel.workers.annotator import Annotator, shape_key
 from camlabel.workers.decode import decode_reduced
 from camlabel.workers.models import load_model
 from torch.profiler import ProfilerActivity, profile
@@ -42,8 +43,11 @@ def main() -> None:
         print("No CUDA device: nothing profiled.")
         return
     settings = AnnotateSettings()
-    names = sorted(p.name for p in args.images.glob("*.jpg"))[: 2 * args.batch]
-    decoded = [decode_reduced((args.images / n).read_bytes(), shortest_needed(settings)) for n in names]
+    names = sorted(p.name for p in args.images.glob("*.jpg"))[: max(GPU_PART, 2 * args.batch)]
+    decoded = {n: decode_reduced((args.images / n).read_bytes(), shortest_needed(settings)) for n in names}
+    group = {n: shape_key(*decoded[n][0].shape[-2:], settings.input_size) for n in names}
+    names = sorted(names, key=group.__getitem__)[: 2 * args.batch]  # as the actor sorts a part
+    decoded = [decoded[n] for n in names]
     labels = None
     if not args.no_labels and (args.images.parent / "labels.csv").exists():
         with open(args.images.parent / "labels.csv") as f:
@@ -72,7 +76,8 @@ def main() -> None:
     events = prof.key_averages()
     boxes = sum(len(found) for found in result.labels)
     print(f"{args.device}, precision {annotator.precision}, {args.batch} images "
-          f"({'labels' if labels else 'no labels'}), {boxes} boxes: {new * 1000:.0f} ms a batch of shapes not "
+          f"({'labels' if labels else 'no labels'}) in {len({group[n] for n in names[batch]})} shape groups, "
+          f"{boxes} boxes: {new * 1000:.0f} ms a batch of shapes not "
           f"seen before, {wall * 1000:.0f} ms the same batch again, {args.batch / wall:.1f} images/s (unprofiled)")
     if cuda:
         busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type.name == "CUDA")
