@@ -363,8 +363,8 @@ def eigen_projection(acts: Tensor) -> Tensor:
     the projection correlates positively with the channel-summed activations.
     """
     b, c, h, w = acts.shape
-    with torch.autocast(acts.device.type, enabled=False):  # eigh takes no bfloat16, and CUDA autocast
-        x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]  would run the Gram product in it
+    with torch.autocast(acts.device.type, enabled=False):  # eigh takes no bfloat16, and under CUDA autocast
+        x = acts.float().flatten(2).transpose(1, 2)  # [B, hw, C]  the Gram product and its squares would run in it
         x = x - x.mean(1, keepdim=True)
         vector, value = leading_eigenpair(x @ x.transpose(1, 2))
     proj = vector * value[:, None].clamp(min=0).sqrt()  # [B, hw]
@@ -385,14 +385,14 @@ def leading_eigenpair(gram: Tensor) -> tuple[Tensor, Tensor]:
     return vectors[..., -1], values[:, -1]
 
 
-def leading_eigenpair_by_squaring(gram: Tensor, squarings: int = 12) -> tuple[Tensor, Tensor]:
-    """`leading_eigenpair` in a dozen batched matrix products: G squared `squarings` times, each scaled to
-    trace 1, is v1 v1^T up to (l2/l1)^4096 (3e-4 where l2/l1 = 0.998); its column of the largest
-    diagonal entry gives v1's direction."""
+def leading_eigenpair_by_squaring(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """`leading_eigenpair` in a dozen batched matrix products: G squared 12 times, each scaled to trace 1,
+    is v1 v1^T up to (l2/l1)^4096 (3e-4 where l2/l1 = 0.998); its column of the largest diagonal entry
+    gives v1's direction."""
     def unit_trace(m: Tensor) -> Tensor:
         return m / m.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-30)[:, None, None]
     power = unit_trace(gram)
-    for _ in range(squarings):
+    for _ in range(12):
         power = unit_trace(power @ power)
     column = power.diagonal(dim1=1, dim2=2).argmax(-1)
     vector = power.gather(2, column[:, None, None].expand(-1, power.shape[1], 1))[..., 0]
