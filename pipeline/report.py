@@ -13,6 +13,7 @@ import heapq
 import html
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def _draw_gallery(run_dir: Location, paths: list[str], folder: Path) -> list[dic
     figures = []
     for path in paths:
         row = rows[path]
-        name = f"{Path(path).stem[:40]}-{hashlib.sha256(path.encode()).hexdigest()[:10]}.png"
+        name = _overlay_name(path)
         try:
             picture = overlay(decode(read_bytes(path)), row)
         except (OSError, DecodeError) as exc:
@@ -99,6 +100,13 @@ def _draw_gallery(run_dir: Location, paths: list[str], folder: Path) -> list[dic
         atomic_write_bytes(folder / name, encode_png(picture).numpy().tobytes())
         figures.append({"row": row, "file": f"overlays/{name}"})
     return figures
+
+
+def _overlay_name(path: str) -> str:
+    """An image's overlay file: its stem in letters, digits, '_' and '-' only (the page links the file by its
+    name, and a '#', '?' or newline in a link cuts or changes it), then a hash of its path (names stay apart)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem)[:40]
+    return f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:10]}.png"
 
 
 def overlay(image: torch.Tensor, row: dict) -> torch.Tensor:

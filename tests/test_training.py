@@ -4,6 +4,7 @@ used by the annotate job; the HTML report rendered in headless Chromium."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -109,7 +110,7 @@ def test_annotate_uses_the_model_dir_and_the_report_renders(trained, tmp_path, c
     source.mkdir()
     for i, path in enumerate(sorted((root / "train" / "disc").glob("*.png"))[:3]):
         shutil.copy(path, source / f"{i}.png")
-    hostile = '"><img src=x onerror=alert(1)>.png'
+    hostile = '"><img src=x onerror=alert(1)> #1?.png'  # '#' and '?' would cut a link to a file named after it
     shutil.copy(root / "train" / "square" / "001.png", source / hostile)
     (source / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     ray.shutdown()
@@ -141,7 +142,8 @@ def test_annotate_uses_the_model_dir_and_the_report_renders(trained, tmp_path, c
     lowest, other = sorted(confidence, key=confidence.get)
     assert f"/{lowest}</b>" in page and f"/{other}</b>" not in page
     assert "broken.png" in page  # the errors table
-    assert len(list((tmp_path / "run" / "report" / "overlays").glob("*.png"))) == 3
+    overlays = sorted(p.name for p in (tmp_path / "run" / "report" / "overlays").glob("*.png"))
+    assert len(overlays) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]+-[0-9a-f]{10}\.png", n) for n in overlays), overlays
     dom, console = render(page_path)
     assert 'data-pictures-loaded="3"' in dom
     assert console == []
