@@ -241,13 +241,14 @@ class SegmentationMeter:
 
 
 def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
-    """Score a folder of label-map PNGs (camlabel export-masks), matched to COCO ground-truth images by
-    file stem; objects are drawn largest first, so a small object on a large one keeps its pixels."""
+    """Score a folder of label-map PNGs (camlabel export-masks: the image's path below its source, `.png`
+    added) against COCO ground truth; objects are drawn largest first, so a small object on a large one keeps
+    its pixels. Says how many ground-truth images had a PNG: the figures are over those alone."""
     gt = load_ground_truth(gt_path)  # quietly: stdout carries the JSON result
-    pngs = {p.stem: p for p in Path(folder).rglob("*.png")}
-    meter = None
+    by_tail = _label_maps_by_tail(Path(folder))
+    meter, scored = None, 0
     for image in gt.dataset["images"]:
-        path = pngs.get(Path(image["file_name"]).stem)
+        path = _label_map_of(image["file_name"], by_tail)
         if path is None:
             continue
         with Image.open(path) as png:
@@ -257,6 +258,31 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
         for a in sorted(gt.imgToAnns[image["id"]], key=lambda a: -a["area"]):
             truth[mask_utils.decode(gt.annToRLE(a)).astype(bool)] = a["category_id"]
         meter.accumulate(predicted, truth)
+        scored += 1
     if meter is None:
         raise EvaluationError(f"no PNG in {folder} matches an image of {gt_path}")
-    return meter.compute()
+    return {**meter.compute(), "images_scored": scored, "images_without_png": len(gt.dataset["images"]) - scored}
+
+
+def _label_maps_by_tail(folder: Path) -> dict[str, list[Path]]:
+    """Every PNG below folder under each tail of its image's path (`sub/a.jpg.png`: `sub/a.jpg` and `a.jpg`)."""
+    by_tail: dict[str, list[Path]] = {}
+    for png in folder.rglob("*.png"):
+        parts = png.relative_to(folder).as_posix().removesuffix(".png").split("/")
+        for i in range(len(parts)):
+            by_tail.setdefault("/".join(parts[i:]), []).append(png)
+    return by_tail
+
+
+def _label_map_of(file_name: str, by_tail: dict[str, list[Path]]) -> Path | None:
+    """The PNG of a ground-truth image: the one whose image path ends with the longest tail of file_name
+    (ground truth may name images below another root, or by bare name); None when none does."""
+    parts = file_name.strip("/").split("/")
+    for i in range(len(parts)):
+        found = by_tail.get("/".join(parts[i:]))
+        if found:
+            if len(found) > 1:
+                raise EvaluationError(f"{file_name}: {len(found)} PNGs match it ({found[0]}, {found[1]}, ...); "
+                                      "name the images in the ground truth by their folders too")
+            return found[0]
+    return None

@@ -89,18 +89,19 @@ def voc_palette() -> list[int]:
 
 def write_label_maps(batch: pa.Table, out: str, source: str, low: float, high: float, ignore: int,
                      palette: list[int] | None) -> dict[str, list[int]]:
-    """A batch of annotated rows -> one PNG each under out, named by the image's path below the source."""
+    """A batch of annotated rows -> one PNG each under out, named by the image's path below the source with
+    `.png` added (`a.jpg.png`): its whole name, so that a.jpg and a.png of one folder never share a PNG."""
     names = relative_paths(batch.column("path").combine_chunks(), source).to_pylist()  # the batch's at once
     for row, relative in zip(batch.to_pylist(), names, strict=True):
         maps, categories = decode_heatmaps(row["heatmaps"])
         labels = label_map(maps, categories, row["height"], row["width"], low, high, ignore=ignore)
-        name = Path(out) / Path(relative).with_suffix(".png")
+        name = Path(out) / f"{relative}.png"
         atomic_write_bytes(name, png_bytes(labels, ignore, palette), durable=False)  # re-made by a rerun
     return {"written": [batch.num_rows]}
 
 
 def export_masks(run_dir: str | Path, out: Path, low: float = 0.3, high: float = 0.6, palette: bool = True) -> dict:
-    """Write one PNG per annotated image (its path below the source, .png), classes.txt and manifest.json.
+    """Write one PNG per annotated image (its path below the source, `.png` added), classes.txt and manifest.json.
 
     Ray tasks read the run's parts and write the PNGs in parallel; nothing per image passes the driver.
     """

@@ -47,21 +47,25 @@ def test_label_map_at_original_size_and_png_round_trip():
 
 
 def test_export_masks_writes_one_png_per_image_at_its_original_size(tmp_path):
-    """Two images named a.jpg in two folders of a manifest's source: two PNGs, each at its own size."""
+    """Images named a.jpg in two folders of a manifest's source, and an a.png beside one: three PNGs, each at
+    its own size."""
     source = tmp_path / "images"
     maps = planted_maps()
     record = {"category_id": 5, "height": 20, "width": 40, "values": maps[0].to(torch.float16).numpy().tobytes()}
-    rows = [{"image_id": folder, "path": str(source / folder / "a.jpg"), "width": 80 * k, "height": 40 * k,
+    images = ((1, "sub/a.jpg"), (2, "other/a.jpg"), (3, "sub/a.png"))
+    rows = [{"image_id": name, "path": str(source / name), "width": 80 * k, "height": 40 * k,
              "label_source": "labels", "top_classes": [4], "top_scores": [0.9], "annotations": [],
-             "heatmaps": [record], "method": "cam"} for k, folder in ((1, "sub"), (2, "other"))]
+             "heatmaps": [record], "method": "cam"} for k, name in images]
     run = tmp_path / "run"
     atomic_write_table(run / "annotations" / "part-1.parquet", pa.Table.from_pylist(rows, schema=IMAGES))
     (run / "manifest.json").write_text(json.dumps({"source": str(source / "list.csv"), "config": {"class_names": None},
                                                    "model": {"classes": 1000, "class_names": imagenet_class_names()}}))
     summary = export_masks(run, tmp_path / "masks", 0.3, 0.6)
-    assert summary["images"] == 2 and summary["ignore"] == 65535  # ImageNet: 16-bit
-    for k, folder in ((1, "sub"), (2, "other")):
-        png = np.array(Image.open(tmp_path / "masks" / folder / "a.png"))
+    assert summary["images"] == 3 and summary["ignore"] == 65535  # ImageNet: 16-bit
+    assert sorted(p.relative_to(tmp_path / "masks").as_posix() for p in (tmp_path / "masks").rglob("*.png")) == [
+        "other/a.jpg.png", "sub/a.jpg.png", "sub/a.png.png"]
+    for k, name in images:
+        png = np.array(Image.open(tmp_path / "masks" / f"{name}.png"))
         assert png.shape == (40 * k, 80 * k) and png.dtype == np.uint16
         assert (png[:, :28 * k] == 5).all() and (png[:, -9 * k:] == 0).all()
     assert (tmp_path / "masks" / "classes.txt").read_text().splitlines()[:2] == ["background", "tench"]
@@ -91,13 +95,23 @@ def test_eval_label_maps_scores_a_hand_made_png_against_coco_masks(tmp_path, cap
           "categories": [{"id": 1, "name": "thing"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 4], "area": 8,
                            "iscrowd": 0, "segmentation": rle}]}
+    gt["images"].append({"id": 2, "file_name": "sub/never_exported.jpg", "width": 4, "height": 4})
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     predicted = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 255, 0], [1, 1, 1, 0]], np.uint8)
-    (tmp_path / "maps" / "sub").mkdir(parents=True)
-    Image.fromarray(predicted, mode="L").save(tmp_path / "maps" / "sub" / "a.png")
+    for folder in ("sub", "other"):
+        (tmp_path / "maps" / folder).mkdir(parents=True)
+    Image.fromarray(predicted, mode="L").save(tmp_path / "maps" / "sub" / "a.jpg.png")
+    # another folder's image of the same name, all object: scored instead, it would change every figure
+    Image.fromarray(np.ones((4, 4), np.uint8), mode="L").save(tmp_path / "maps" / "other" / "a.jpg.png")
     assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 0
     r = json.loads(capsys.readouterr().out)
+    assert r["images_scored"] == 1 and r["images_without_png"] == 1
     # 15 pixels scored; class 1: 8 shared of 11 claimed; background: 4 shared of 7 (the ignored pixel aside)
     assert r["per_class_iou"] == {"0": round(4 / 7, 4), "1": round(8 / 11, 4)}
     assert r["mIoU"] == pytest.approx((4 / 7 + 8 / 11) / 2)
     assert r["pixel_accuracy"] == pytest.approx(12 / 15) and r["ignored_share"] == pytest.approx(1 / 16)
+
+    gt["images"][0]["file_name"] = "a.jpg"  # a bare name that both folders hold: which PNG is meant is unknown
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
+    assert "a.jpg: 2 PNGs match it" in capsys.readouterr().err

