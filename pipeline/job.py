@@ -289,9 +289,9 @@ def recorded_if_stopped(run_dir: Location, manifest: dict) -> Iterator[None]:
 
 
 def absolute(config: JobConfig) -> JobConfig:
-    """config with its local source and labels paths made absolute: a Ray worker plans the run, in a
+    """config with its local source, labels and out paths made absolute: a Ray worker plans the run, in a
     working directory of its own."""
     def local(path: str | None) -> str | None:
         return path if path is None or "://" in path else os.path.abspath(path)
 
-    return replace(config, source=local(config.source), labels=local(config.labels))
+    return replace(config, source=local(config.source), labels=local(config.labels), out=local(config.out))

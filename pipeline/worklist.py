@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -54,7 +56,8 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
     read errors are retried: I/O may mend), with its labels ("i j", or "-" for none), and with earlier
     runs, the index of their contents (pipeline.contents). Returns (inputs, images to do). Files whose
-    names are not UTF-8 are settled here, as error rows."""
+    names are not UTF-8 are settled here, as error rows. Nothing below config.out is listed (unless the
+    source lies there too): a job writing into its own source never annotates its report's overlays."""
     run_dir = Location.of(run_dir)
     run_dir.mkdir()
     scratch = Path(run_dir.path) if run_dir.local else None  # spills beside the run, else in local temp
@@ -64,6 +67,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     if retried:
         log.info("retrying %d images whose read failed", retried)
     listing, expected, unnamed = _listing(config.source)
+    listing = (_outside(paths, config.out, config.source) for paths in listing)
     buckets = max(1, math.ceil(expected / BUCKET_ROWS))
     labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
     settled = (batch for d in (run_dir, *earlier) for batch in settled_batches(d))
@@ -98,6 +102,20 @@ def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array]:
         return manifest_batches(source, SPILL_ROWS), manifest_rows(source), pa.array([], pa.string())
     paths, unnamed = image_listing(source)
     return [paths], len(paths), unnamed
+
+
+def _outside(paths: pa.Array, out: str, source: str) -> pa.Array:
+    """paths less those below the folder or prefix out, unless the source itself lies there (then every
+    image in it is the user's)."""
+    below = _folder(out)
+    if _folder(re.split(r"[*?[]", source)[0]).startswith(below):
+        return paths
+    return paths.filter(pc.invert(pc.starts_with(paths, below)))
+
+
+def _folder(path: str) -> str:
+    """A local path made absolute (as listings give them), or a URI, ending in one '/'."""
+    return (path if "://" in path else os.path.abspath(path)).rstrip("/") + "/"
 
 
 def _plan_bucket(writer: pq.ParquetWriter, source: str, listed: pa.ChunkedArray, settled: pa.ChunkedArray,

@@ -1,6 +1,7 @@
 """The run's work list: the same plan whether made in memory or in spilled hash buckets."""
 
 import logging
+from pathlib import Path
 
 import camlabel.pipeline.worklist as worklist
 import pyarrow as pa
@@ -137,3 +138,22 @@ def test_files_that_share_one_name_spread_over_the_buckets_unless_labels_name_ba
     assert read[0] == read[1] and {r["path"].split("/")[-2]: r["labels"] for r in read[0] if r["labels"] != "-"} \
         == {"f03": "3", "f31": "1"}
     assert len(sizes) == 4 and max(sizes) < 20  # by file name, one bucket held all 40
+
+
+def test_a_job_writing_into_its_source_never_lists_its_own_outputs(tmp_path):
+    """An output folder inside the source: the report's overlays and label maps there are not images to do; a
+    source inside the output folder is the user's own and is listed whole."""
+    for name in ("a.jpg", "sub/b.png", "out/report/overlays/a-0123456789.png", "out/masks/a.jpg.png",
+                 "out/images/c.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+
+    def planned(source, out):
+        worklist.plan_work(JobConfig(source=str(source), out=str(out)), NAMES, tmp_path / "plans" / out.name, [])
+        rows = pq.read_table(tmp_path / "plans" / out.name / worklist.WORK_LIST).column("path").to_pylist()
+        return sorted(str(Path(p).relative_to(tmp_path)) for p in rows)
+
+    assert planned(tmp_path, tmp_path / "out") == ["a.jpg", "sub/b.png"]
+    assert planned(f"{tmp_path}/**/*.jpg", tmp_path / "out") == ["a.jpg"]
+    assert planned(tmp_path / "out" / "images", tmp_path / "out") == ["out/images/c.jpg"]
+    assert len(planned(tmp_path, tmp_path / "elsewhere")) == 5
