@@ -14,6 +14,7 @@ from pathlib import Path
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, UserError, load_config
 from .evaluate import evaluate, evaluate_label_maps
 from .signals import Stopped
+from .writers import RunError
 
 log = logging.getLogger("camlabel")
 
@@ -217,7 +218,10 @@ def cmd_export(args) -> int:
 def cmd_runs(args) -> int:
     from .job import list_runs
 
-    for run in list_runs(args.root):
+    runs = list_runs(args.root)
+    if not runs:
+        raise RunError(f"{args.root} holds no runs (an incremental output root holds runs/<run-id>/manifest.json)")
+    for run in runs:
         counts = run.get("counts", {})
         print(json.dumps({"run": run["run"], "series": run.get("series"), "status": run.get("status"),
                           "started": run.get("started"), "method": run["config"]["method"],

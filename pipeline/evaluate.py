@@ -185,7 +185,10 @@ def evaluate(gt_path: str | Path | COCO, pred: str | Path | list | dict) -> dict
 def load_ground_truth(path: str | Path, image_ids: set[int] | None = None) -> COCO:
     """COCO ground truth from a file, optionally only the images in image_ids (and their objects)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(path))
+        try:
+            gt = COCO(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # missing, not JSON, not COCO
+            raise EvaluationError(f"cannot read ground truth {path}: {type(exc).__name__}: {exc}") from None
         if image_ids is not None:
             subset = COCO()
             subset.dataset = {**gt.dataset, "images": [i for i in gt.dataset["images"] if i["id"] in image_ids],

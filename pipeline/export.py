@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .store import Location, atomic_file
-from .writers import PARTS, atomic_write_json, run_folders
+from .writers import PARTS, atomic_write_json, read_manifest, run_folders
 
 COLUMNS = ["image_id", "path", "width", "height", "annotations"]
 READ_BATCH = 256  # rows per record batch read from a part
@@ -26,14 +26,18 @@ READ_BATCH = 256  # rows per record batch read from a part
 
 def run_class_names(run_dir: Location) -> list[str]:
     """The class names of the model a run used, as its manifest records them."""
-    return json.loads((run_dir / "manifest.json").read_text())["model"]["class_names"]
+    return read_manifest(run_dir)["model"]["class_names"]
 
 
 def expand_runs(paths: list[str | Path]) -> list[Location]:
-    """A run directory stays itself; an incremental root becomes its runs, oldest first."""
+    """A run directory stays itself; an incremental root becomes its runs, oldest first. A path that is
+    neither is a RunError: a mistyped run is not exported as no images."""
     runs = []
     for path in map(Location.of, paths):
-        runs += run_folders(path) or [path]
+        found = run_folders(path)
+        if not found:
+            read_manifest(path)
+        runs += found or [path]
     return runs
 
 

@@ -9,7 +9,6 @@ model has at most 254 classes, else 16-bit (ignore 65535).
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image
 
 from .sources import relative_paths
 from .store import Location
-from .writers import PARTS, atomic_write_bytes, atomic_write_json
+from .writers import PARTS, atomic_write_bytes, atomic_write_json, read_manifest
 
 MASK_BATCH = 16  # rows per mask-writing task: a row's label map is full size
 
@@ -108,7 +107,7 @@ def export_masks(run_dir: str | Path, out: Path, low: float = 0.3, high: float =
     from .job import connect
 
     run_dir, out = Location.of(run_dir), Path(out)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     names = manifest["model"]["class_names"]
     ignore = ignore_value(len(names))
     colours = voc_palette() if palette and ignore == 255 else None

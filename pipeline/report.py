@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import html
-import json
 import logging
 import re
 from collections import Counter
@@ -29,7 +28,7 @@ from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.preprocess import scaled_size
 from .masks import decode_heatmaps
 from .store import Location
-from .writers import atomic_write_bytes, parts_dataset, read_parts
+from .writers import atomic_write_bytes, parts_dataset, read_manifest, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inli
 def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list[str] | None = None) -> Path:
     """Write out/report.html and out/overlays/*.png; returns the page's path."""
     run_dir, out = Location.of(run_dir), Path(out)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     chosen = set(chosen or [])
     classes: Counter[str] = Counter()
     sizes, scores = torch.zeros(BINS, dtype=torch.long), torch.zeros(BINS, dtype=torch.long)

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..schemas.config import UserError
 from ..schemas.tables import ERRORS, IMAGES, RESULTS
 from .store import Location
 
@@ -153,6 +154,18 @@ def settled_batches(run_dir: Path | Location) -> Iterator[pa.Array]:
             if schema is ERRORS:  # read errors are retried, not settled
                 batch = batch.filter(pc.not_equal(batch.column("stage"), "read"))
             yield batch.column("path")
+
+
+class RunError(UserError):
+    pass
+
+
+def read_manifest(run_dir: Path | Location) -> dict:
+    """A run's manifest; a RunError naming the folder when it has none (a mistyped path, not a run)."""
+    path = Location.of(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a camlabel run: it has no manifest.json")
+    return json.loads(path.read_text())
 
 
 def run_folders(root: Path | Location) -> list[Location]:

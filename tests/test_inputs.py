@@ -299,3 +299,13 @@ def test_a_method_the_model_cannot_run_exits_2_before_anything_starts(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("camlabel annotate: method: CAM needs a global-average-pooling") and "\n" not in err
     assert not (tmp_path / "o").exists()  # nothing written, no Ray started
+
+
+@pytest.mark.parametrize("command", [["export-coco", "{x}", "--out", "{tmp}/c.json"], ["report", "{x}"],
+                                     ["export-masks", "{x}", "--out", "{tmp}/m"], ["runs", "{x}"],
+                                     ["eval", "--gt", "{x}/gt.json", "--pred", "{x}/pred.json"]])
+def test_a_mistyped_run_or_file_exits_2_with_one_line_naming_it(tmp_path, capsys, command):
+    missing = str(tmp_path / "no_such_run")
+    assert main([c.format(x=missing, tmp=tmp_path) for c in command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"camlabel {command[0]}: ") and missing in err and "\n" not in err
