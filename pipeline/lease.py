@@ -87,7 +87,10 @@ def lease(root: Path | Location) -> Iterator[None]:
     """Hold root's lease for the block, renewing it in a background thread; refuse (ConfigError, which
     exits 2) while a live holder has it."""
     path = Location.of(root) / LEASE_FILE
-    path.parent.mkdir()
+    try:
+        path.parent.mkdir()
+    except OSError as exc:  # a file by that name, a read-only or missing parent
+        raise ConfigError(f"out: cannot create {root}: {exc}") from None
     me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
           "since": datetime.now(UTC).isoformat()}
     while not _take(path, me):

@@ -53,3 +53,12 @@ def test_annotate_refuses_an_output_in_use_in_one_line(tmp_path, capsys):
     assert main(["annotate", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is in use by the run of pid" in err
+
+
+def test_annotate_refuses_an_output_it_cannot_create_in_one_line(tmp_path, capsys):
+    from camlabel.pipeline.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["annotate", str(tmp_path), "--out", str(tmp_path / "a_file")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"camlabel annotate: out: cannot create {tmp_path / 'a_file'}")
