@@ -8,6 +8,7 @@ import logging
 import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -121,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.Signals[stop.signal].value
 
 
+def writable(folder: Path) -> Path:
+    """folder, created if need be, once a file could be written in it: a command fails before its work, in one
+    line naming the folder, not with a traceback after it (a file of that name, a read-only parent)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"out: cannot write in {folder}: {exc}") from None
+    return folder
+
+
 def cmd_annotate(args) -> int:
     from .job import annotate
 
@@ -180,6 +193,7 @@ def cmd_calibrate(args) -> int:
     config = load_config(args.config, {k: v for k, v in vars(args).items() if k in names})
     loaded = load_model(config.model, config.weights, config.class_names, config.target_layer,
                         model_dir=config.model_dir)
+    writable(Path(config.out).parent)
     result = calibrate(config.source, args.gt, loaded, config.resolved(), use_labels=not args.predicted)
     atomic_write_bytes(Path(config.out), calibrated_config(config, result).encode())
     print(json.dumps({"out": config.out, **result}, indent=2))
@@ -192,6 +206,7 @@ def cmd_train(args) -> int:
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
     if str(given.get("weights", "")).lower() == "none":
         given["weights"] = None
+    writable(Path(args.out))
     spec = train(TrainConfig(**given))
     print(json.dumps({"out": args.out, "classes": len(spec["classes"]), **spec["history"][-1]}))
     return 0
@@ -202,7 +217,7 @@ def cmd_report(args) -> int:
 
     if args.out is None and "://" in args.run:
         raise ConfigError(f"out: give --out for a report on {args.run} (the report is written locally)")
-    page = write_report(args.run, args.out or Path(args.run) / "report", args.gallery, args.images)
+    page = write_report(args.run, writable(args.out or Path(args.run) / "report"), args.gallery, args.images)
     print(json.dumps({"report": str(page)}))
     return 0
 
@@ -210,6 +225,9 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_coco
 
+    if args.out.is_dir():
+        raise ConfigError(f"out: {args.out} is a folder; give the JSON file to write")
+    writable(args.out.parent)
     summary = export_coco(args.runs, args.out, results=args.results, shard_size=args.shard_size)
     print(json.dumps({k: v for k, v in summary.items() if k != "shards"}))
     return 0
@@ -244,7 +262,7 @@ def cmd_export_masks(args) -> int:
     low, high = args.ignore_band
     if not 0 <= low <= high <= 1:
         raise ConfigError(f"ignore-band: {low} {high} is not allowed; 0 <= LOW <= HIGH <= 1")
-    summary = export_masks(args.run, args.out, low, high, palette=args.format == "voc")
+    summary = export_masks(args.run, writable(args.out), low, high, palette=args.format == "voc")
     print(json.dumps({k: summary[k] for k in ("images", "low", "high", "ignore")} | {"out": str(args.out)}))
     return 0
 

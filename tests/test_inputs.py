@@ -309,3 +309,17 @@ def test_a_mistyped_run_or_file_exits_2_with_one_line_naming_it(tmp_path, capsys
     assert main([c.format(x=missing, tmp=tmp_path) for c in command]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"camlabel {command[0]}: ") and missing in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", [["export-coco", "{run}", "--out", "{file}/coco.json"],
+                                     ["export-masks", "{run}", "--out", "{file}"],
+                                     ["report", "{run}", "--out", "{file}"],
+                                     ["calibrate", "{tmp}", "--gt", "{tmp}/gt.json", "--out", "{file}/t.yaml"],
+                                     ["train", "{tmp}", "--out", "{file}/model"]])
+def test_an_output_that_cannot_be_written_exits_2_before_any_work(tmp_path, capsys, command):
+    """A file where the output's folder should be: one line naming it, before any run is read or model trained."""
+    (tmp_path / "a_file").write_text("")
+    args = [c.format(run=tmp_path / "no_run_either", file=tmp_path / "a_file", tmp=tmp_path) for c in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"camlabel {command[0]}: out: cannot write in {tmp_path / 'a_file'}") and "\n" not in err
