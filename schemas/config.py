@@ -162,6 +162,8 @@ class JobConfig(AnnotateSettings):
             fail("model_dir", "a folder written by `camlabel train` (with localizer.json)")
         if self.weights not in (None, "bundled", "DEFAULT") and not Path(self.weights).is_file():
             fail("weights", "'bundled', 'DEFAULT' or an existing .pt/.pth/.safetensors file")
+        if self.class_names is not None and not Path(self.class_names).is_file():
+            fail("class_names", "a text file, one class name a line")
 
     def as_dict(self) -> dict:
         return asdict(self)

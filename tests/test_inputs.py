@@ -277,6 +277,9 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     ({"precision": "float16"}, "precision"),
     ({"out": "ftp://host/runs"}, "out"),
     ({"top_k": 0}, "top_k"),
+    ({"class_names": "/no/such/names.txt"}, "class_names"),
+    ({"labels": "/no/such/labels.csv"}, "labels"),
+    ({"weights": "/no/such/weights.pt"}, "weights"),
 ])
 def test_bad_config_values_fail_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"^{field}: "):
