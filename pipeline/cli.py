@@ -206,8 +206,9 @@ def cmd_train(args) -> int:
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
     if str(given.get("weights", "")).lower() == "none":
         given["weights"] = None
+    config = TrainConfig(**given).validate()  # its fields checked first
     writable(Path(args.out))
-    spec = train(TrainConfig(**given))
+    spec = train(config)
     print(json.dumps({"out": args.out, "classes": len(spec["classes"]), **spec["history"][-1]}))
     return 0
 
