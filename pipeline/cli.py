@@ -158,9 +158,8 @@ def cmd_demo(args) -> int:
     data = Path(skimage.data.data_dir)
     photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
               "camera.png"]
-    out = Path(args.out)
+    out = writable(Path(args.out))
     manifest_path = out / "demo_manifest.csv"
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text("path\n" + "".join(f"{data / p}\n" for p in photos))
     earlier = out / "run" / "manifest.json"
     if earlier.is_file() and Path(json.loads(earlier.read_text())["source"]).resolve() == manifest_path.resolve():

@@ -318,7 +318,7 @@ def test_a_mistyped_run_or_file_exits_2_with_one_line_naming_it(tmp_path, capsys
                                      ["export-masks", "{run}", "--out", "{file}"],
                                      ["report", "{run}", "--out", "{file}"],
                                      ["calibrate", "{tmp}", "--gt", "{tmp}/gt.json", "--out", "{file}/t.yaml"],
-                                     ["train", "{tmp}", "--out", "{file}/model"]])
+                                     ["train", "{tmp}", "--out", "{file}/model"], ["demo", "--out", "{file}"]])
 def test_an_output_that_cannot_be_written_exits_2_before_any_work(tmp_path, capsys, command):
     """A file where the output's folder should be: one line naming it, before any run is read or model trained."""
     (tmp_path / "a_file").write_text("")
