@@ -257,6 +257,10 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
         with Image.open(path) as png:
             predicted = np.array(png).astype(np.int64)
             meter = meter or SegmentationMeter(255 if png.mode in ("L", "P") else 65535)
+        if predicted.shape != (image["height"], image["width"]):
+            raise EvaluationError(f"{path} is {predicted.shape[1]}x{predicted.shape[0]}, its image "
+                                  f"{image['file_name']} {image['width']}x{image['height']}: a label map is at its "
+                                  "image's size")
         truth = np.zeros((image["height"], image["width"]), np.int64)
         for a in sorted(gt.imgToAnns[image["id"]], key=lambda a: -a["area"]):
             truth[mask_utils.decode(gt.annToRLE(a)).astype(bool)] = a["category_id"]

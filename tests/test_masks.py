@@ -111,6 +111,11 @@ def test_eval_label_maps_scores_a_hand_made_png_against_coco_masks(tmp_path, cap
     assert r["mIoU"] == pytest.approx((4 / 7 + 8 / 11) / 2)
     assert r["pixel_accuracy"] == pytest.approx(12 / 15) and r["ignored_share"] == pytest.approx(1 / 16)
 
+    gt["images"][0]["width"] = 5  # a label map at another size than its image is not scored
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
+    assert "a.jpg.png is 4x4, its image sub/a.jpg 5x4" in capsys.readouterr().err
+
     gt["images"][0]["file_name"] = "a.jpg"  # a bare name that both folders hold: which PNG is meant is unknown
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
