@@ -10,7 +10,9 @@ import contextlib
 import io
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -19,6 +21,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..schemas.config import UserError
+
+T = TypeVar("T")
 
 
 class EvaluationError(UserError):
@@ -114,7 +118,9 @@ def load_predictions(pred: str | Path | list | dict) -> list[dict]:
             pred = json.loads(Path(pred).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise EvaluationError(f"cannot read predictions {pred}: {exc}") from exc
-    anns = pred.get("annotations", []) if isinstance(pred, dict) else pred
+    if isinstance(pred, dict) and "annotations" not in pred:
+        raise EvaluationError("predictions must be a COCO results list or a COCO dataset (this has no annotations)")
+    anns = pred["annotations"] if isinstance(pred, dict) else pred
     if not isinstance(anns, list):
         raise EvaluationError("predictions must be a COCO results list or a COCO dataset")
     for n, a in enumerate(anns):
@@ -125,9 +131,9 @@ def load_predictions(pred: str | Path | list | dict) -> list[dict]:
 
 
 def _match_images(gt: COCO, images: list[dict], anns: list[dict]) -> list[dict]:
-    """A predicted COCO dataset numbers its own images: match them to the ground truth by file name."""
-    by_name = {Path(i["file_name"]).name: i["id"] for i in gt.dataset["images"]}
-    mapping = {i["id"]: by_name.get(Path(i["file_name"]).name) for i in images}
+    """A predicted COCO dataset numbers its own images: match them to the ground truth by path (`by_tail`)."""
+    ground = by_tail((i["file_name"], i["id"]) for i in gt.dataset["images"])
+    mapping = {i["id"]: find_by_tail(i["file_name"], ground) for i in images}
     missing = [i["file_name"] for i in images if mapping[i["id"]] is None]
     if missing:
         raise EvaluationError(f"{len(missing)} predicted images are not in the ground truth, e.g. {missing[:3]}")
@@ -248,10 +254,11 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
     added) against COCO ground truth; objects are drawn largest first, so a small object on a large one keeps
     its pixels. Says how many ground-truth images had a PNG: the figures are over those alone."""
     gt = load_ground_truth(gt_path)  # quietly: stdout carries the JSON result
-    by_tail = _label_maps_by_tail(Path(folder))
+    folder = Path(folder)
+    pngs = by_tail((png.relative_to(folder).as_posix().removesuffix(".png"), png) for png in folder.rglob("*.png"))
     meter, scored = None, 0
     for image in gt.dataset["images"]:
-        path = _label_map_of(image["file_name"], by_tail)
+        path = find_by_tail(image["file_name"], pngs)
         if path is None:
             continue
         with Image.open(path) as png:
@@ -271,25 +278,27 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
     return {**meter.compute(), "images_scored": scored, "images_without_png": len(gt.dataset["images"]) - scored}
 
 
-def _label_maps_by_tail(folder: Path) -> dict[str, list[Path]]:
-    """Every PNG below folder under each tail of its image's path (`sub/a.jpg.png`: `sub/a.jpg` and `a.jpg`)."""
-    by_tail: dict[str, list[Path]] = {}
-    for png in folder.rglob("*.png"):
-        parts = png.relative_to(folder).as_posix().removesuffix(".png").split("/")
+def by_tail(named: Iterable[tuple[str, T]]) -> dict[str, list[T]]:
+    """Each (path, item) under every tail of its path (`sub/a.jpg`: `sub/a.jpg` and `a.jpg`), for `find_by_tail`.
+    Two lists of one collection's images name them below different roots (a run: absolute paths; ground truth:
+    below its image folder, or bare names); tails match them without knowing either root."""
+    index: dict[str, list[T]] = {}
+    for path, item in named:
+        parts = path.strip("/").split("/")
         for i in range(len(parts)):
-            by_tail.setdefault("/".join(parts[i:]), []).append(png)
-    return by_tail
+            index.setdefault("/".join(parts[i:]), []).append(item)
+    return index
 
 
-def _label_map_of(file_name: str, by_tail: dict[str, list[Path]]) -> Path | None:
-    """The PNG of a ground-truth image: the one whose image path ends with the longest tail of file_name
-    (ground truth may name images below another root, or by bare name); None when none does."""
-    parts = file_name.strip("/").split("/")
+def find_by_tail(path: str, index: dict[str, list[T]]) -> T | None:
+    """The item whose path shares the longest tail with `path` (None when none shares its file name); an
+    EvaluationError when two do, rather than a guess (a.jpg in two folders, named bare)."""
+    parts = path.strip("/").split("/")
     for i in range(len(parts)):
-        found = by_tail.get("/".join(parts[i:]))
+        found = index.get("/".join(parts[i:]))
         if found:
             if len(found) > 1:
-                raise EvaluationError(f"{file_name}: {len(found)} PNGs match it ({found[0]}, {found[1]}, ...); "
-                                      "name the images in the ground truth by their folders too")
+                raise EvaluationError(f"{path}: {len(found)} images match it ({found[0]}, {found[1]}, ...); "
+                                      "name the images by their folders too")
             return found[0]
     return None

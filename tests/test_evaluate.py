@@ -139,3 +139,26 @@ def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_category_name_els
     unnamed = {**by_name, "categories": [{"id": 5, "name": "unknown"}],
                "annotations": [{**pred(10), "image_id": 3, "category_id": 5}]}
     assert evaluate(gt_path, unnamed)["corloc"] == 1  # no name matches: the same id
+
+
+def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_path_not_bare_name(tmp_path):
+    """Ground truth names images below its folder, the run by absolute path; two folders hold an a.jpg. Matched
+    by bare name, both predictions would land on one image: one object found twice, the other missed."""
+    gt = {"images": [{"id": 1, "file_name": "sub/a.jpg", "width": 100, "height": 100},
+                     {"id": 2, "file_name": "other/a.jpg", "width": 100, "height": 100}],
+          "categories": [{"id": 5, "name": "thing"}],
+          "annotations": [{"id": i, "image_id": i, "category_id": 5, "bbox": [x, 10, 40, 40], "area": 1600,
+                           "iscrowd": 0, "segmentation": rle_box(x, 10, 40, 40)} for i, x in ((1, 10), (2, 50))]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    images = [{"id": 7, "file_name": "/data/run/other/a.jpg", "width": 100, "height": 100},
+              {"id": 8, "file_name": "/data/run/sub/a.jpg", "width": 100, "height": 100}]
+    predicted = {"images": images, "categories": [{"id": 1, "name": "thing"}],
+                 "annotations": [{**pred(50), "image_id": 7, "category_id": 1}, {**pred(10), "image_id": 8,
+                                                                                   "category_id": 1}]}
+    assert evaluate(tmp_path / "gt.json", predicted)["corloc"] == 1
+    gt["images"][1]["file_name"] = "a.jpg"  # named bare beside sub/a.jpg: /data/run/other/a.jpg matches no folder
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(EvaluationError, match="2 images match it"):
+        evaluate(tmp_path / "gt.json", predicted)
+    with pytest.raises(EvaluationError, match="no annotations"):
+        evaluate(tmp_path / "gt.json", {"images": images})

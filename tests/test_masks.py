@@ -119,4 +119,4 @@ def test_eval_label_maps_scores_a_hand_made_png_against_coco_masks(tmp_path, cap
     gt["images"][0]["file_name"] = "a.jpg"  # a bare name that both folders hold: which PNG is meant is unknown
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
-    assert "a.jpg: 2 PNGs match it" in capsys.readouterr().err
+    assert "a.jpg: 2 images match it" in capsys.readouterr().err
