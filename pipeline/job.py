@@ -150,6 +150,17 @@ def incremental_run(root: Location, series: str) -> tuple[Location, list[Locatio
     return current, [run for run, _ in mine if run != current]
 
 
+def check_kind(root: Location, incremental: bool) -> None:
+    """Refuse to mix a plain run and an incremental root in one folder: neither would see the other's images
+    (annotated twice), and export-coco of the folder would take the root's runs and leave the plain run out."""
+    if incremental and (root / "manifest.json").is_file():
+        raise ConfigError(f"out: {root} holds a run made without --incremental; resume it without --incremental, "
+                          "or give --incremental another --out")
+    if not incremental and run_folders(root):
+        raise ConfigError(f"out: {root} is an incremental root (runs/<run-id>/); add --incremental, or give "
+                          "another --out")
+
+
 def check_resumable(run_dir: Location, manifest: dict) -> None:
     """A run directory holds one series: resuming it with another model, weights, layer, method, setting
     or box rule (another camlabel's default) would mix labels of two kinds under one manifest. Refuse,
@@ -253,6 +264,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise ConfigError(f"out: cannot open {config.out}: {exc}") from None
     with lease(root):
+        check_kind(root, config.incremental)
         run_dir, earlier = root, []
         if config.incremental:
             run_dir, earlier = incremental_run(run_dir, series_of(loaded, settings))

@@ -326,3 +326,15 @@ def test_an_output_that_cannot_be_written_exits_2_before_any_work(tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"camlabel {command[0]}: out: cannot write in {tmp_path / 'a_file'}") and "\n" not in err
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_plain_run_and_an_incremental_root_never_share_a_folder(tmp_path, capsys, incremental):
+    """Neither would see the other's images, and an export of the folder would leave the plain run out."""
+    out = tmp_path / "out"
+    (out / "runs" / "r1").mkdir(parents=True)
+    (out / ("manifest.json" if incremental else "runs/r1/manifest.json")).write_text("{}")
+    assert main(["annotate", str(tmp_path), "--out", str(out), *(["--incremental"] if incremental else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "holds a run made without --incremental" if incremental else "is an incremental root"
+    assert err.startswith(f"camlabel annotate: out: {out} ") and expected in err and "\n" not in err
