@@ -163,12 +163,18 @@ def check_kind(root: Location, incremental: bool) -> None:
 
 def check_resumable(run_dir: Location, manifest: dict) -> None:
     """A run directory holds one series: resuming it with another model, weights, layer, method, setting
-    or box rule (another camlabel's default) would mix labels of two kinds under one manifest. Refuse,
-    naming the first field that differs."""
+    or box rule (another camlabel's default) would mix labels of two kinds under one manifest, and a plain
+    run one source. Refuse, naming the first field that differs."""
     path = run_dir / "manifest.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text())
+    was = old.get("source")
+    # a plain run holds one source's images (an incremental root's next run may list another folder)
+    plain = not manifest["config"]["incremental"]
+    if plain and was and was != manifest["source"] and (os.path.isabs(was) or "://" in was):
+        raise ConfigError(f"source: {run_dir} holds a run of {was!r}, not {manifest['source']!r}; resume it with "
+                          "the same source, or write to another --out")
     if old.get("series") == manifest["series"]:
         return
     fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k])
@@ -258,6 +264,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     loaded = load_model(**model, device="cpu")  # fails fast on a bad model, weights file or layer
     check_method(loaded, config.method)
     model["target_layer"] = loaded.target_layer
+    config = absolute(config)  # the manifest, and the Ray task that plans the run, see where it all is
     settings = config.resolved()
     try:
         root = Location.of(config.out)
@@ -272,7 +279,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         check_resumable(run_dir, manifest)
         connect(config.address)
         with stopped_by_signals(), recorded_if_stopped(run_dir, manifest):  # not before: Ray sets its own
-            inputs, todo = planned(absolute(config), loaded.class_names, run_dir, earlier)
+            inputs, todo = planned(config, loaded.class_names, run_dir, earlier)
             atomic_write_json(run_dir / "manifest.json", manifest)
             start = time.perf_counter()
             if todo:

@@ -1,6 +1,7 @@
 """Bad and odd input: each image decodes correctly or is refused with a reason; configs fail by field."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -338,3 +339,15 @@ def test_a_plain_run_and_an_incremental_root_never_share_a_folder(tmp_path, caps
     err = capsys.readouterr().err.strip()
     expected = "holds a run made without --incremental" if incremental else "is an incremental root"
     assert err.startswith(f"camlabel annotate: out: {out} ") and expected in err and "\n" not in err
+
+
+def test_a_plain_run_is_resumed_only_from_its_own_source(tmp_path, capsys, monkeypatch):
+    """Another folder into the same --out would mix two collections under one manifest naming one of them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"source": "/somewhere/else"}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["annotate", ".", "--out", "out"]) == 2  # the source is compared as an absolute path
+    err = capsys.readouterr().err.strip()
+    assert err == (f"camlabel annotate: source: {out} holds a run of '/somewhere/else', not '{tmp_path}'; resume it "
+                   "with the same source, or write to another --out")
