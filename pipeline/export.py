@@ -36,8 +36,9 @@ def expand_runs(paths: list[str | Path]) -> list[Location]:
     for path in map(Location.of, paths):
         found = run_folders(path)
         if not found:
-            read_manifest(path)
-        runs += found or [path]
+            read_manifest(path)  # a RunError unless path is a run itself
+            found = [path]
+        runs += found
     return runs
 
 
