@@ -40,7 +40,7 @@ class MapMeter:
         gt = boxes.float().cpu().clone()
         gt[:, 2:] += gt[:, :2]
         iou = torchvision.ops.box_iou(found, gt)  # [M, N]
-        best = torch.zeros(len(self.taus), len(gt)).index_reduce_(0, owner, iou, "amax", include_self=True)
+        best = torch.zeros(len(self.taus), len(gt)).scatter_reduce_(0, owner[:, None].expand_as(iou), iou, "amax")
         self.hits += (best[None] >= self.ious[:, None, None]).sum(2).float()
         self.objects += len(gt)
 

@@ -92,7 +92,7 @@ class Payload:
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"weight": Payload(marker)}, f)
+        pickle.dump({"weight": Payload(marker)}, f, protocol=2)  # torch.save's own protocol
     with pytest.raises(ModelError, match="refused to load"):
         load_model("resnet18", weights=tmp_path / "evil.pt", device="cpu")
     assert not marker.exists()

@@ -85,7 +85,7 @@ def test_training_on_planted_objects_learns_and_its_cam_lands_on_them(trained):
     assert loaded.class_names == ["disc", "square"]
 
     test = planted(root / "test", 24, seed=2)  # images the model never saw
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p, _, _, _ in test])
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p, _, _, _ in test])
     x = F.interpolate(images.float() / 255, size=(2 * SIZE, 2 * SIZE), mode="bilinear")
     x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     targets = torch.tensor([[CLASSES.index(c)] for _, c, _, _ in test])
