@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -144,14 +144,25 @@ def _name_key(name: str) -> str:
     return name.lower().replace(" ", "_")
 
 
+def _unique_keys(categories: list[dict]) -> dict[str, int]:
+    """Each name key (`_name_key`) that one category alone has -> its id."""
+    counts = Counter(_name_key(c.get("name", "")) for c in categories)
+    return {key: c["id"] for c in categories if counts[key := _name_key(c.get("name", ""))] == 1}
+
+
 def category_mapping(source: list[dict], target: list[dict]) -> dict[int, int]:
-    """COCO categories of one side -> category ids of the other: by name (case and '_' for ' ' aside),
-    else by id. Categories matching neither are left out. eval and calibrate both match this way."""
-    by_name = {_name_key(c["name"]): c["id"] for c in target}
+    """COCO categories of one side -> category ids of the other: by name as written, else by name with case and
+    '_' for ' ' aside where one category on each side has it (ImageNet's Cardigan is a dog, its cardigan a
+    sweater), else by id. Categories matching none are left out. eval and calibrate both match this way."""
+    exact = {c["name"]: c["id"] for c in target if "name" in c}
+    folded, own = _unique_keys(target), _unique_keys(source)
     ids = {c["id"] for c in target}
     mapping = {}
     for c in source:
-        found = by_name.get(_name_key(c.get("name", "")), c["id"] if c["id"] in ids else None)
+        key = _name_key(c.get("name", ""))
+        found = exact.get(c.get("name"), folded.get(key) if key in own else None)
+        if found is None and c["id"] in ids:
+            found = c["id"]
         if found is not None:
             mapping[c["id"]] = found
     return mapping

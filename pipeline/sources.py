@@ -170,8 +170,7 @@ def last_row_first(labels: pa.Table) -> pa.Table:
 def labels_batches(path: str, class_names: list[str], rows: int = 1 << 17) -> Iterator[pa.Table]:
     """The labels CSV about `rows` at a time as tables of file_name, labels and row (its place in the
     file); every error names its line."""
-    vocabulary = pa.array([str(i) for i in range(len(class_names))] + [n.lower() for n in class_names] + [
-        n.lower().replace(" ", "_") for n in class_names])
+    vocabulary = _vocabulary(class_names)
     first = 0
     try:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 * rows),
@@ -188,7 +187,23 @@ def labels_batches(path: str, class_names: list[str], rows: int = 1 << 17) -> It
         raise SourceError(f"cannot read labels {path}: {exc}") from exc
 
 
-def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: pa.Array, first: int) -> pa.Table:
+def _vocabulary(class_names: list[str]) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+    """How a label names a class: (tokens, their classes) matched as written (an index, a name, the name with
+    underscores for spaces), then (tokens, their classes) in lower case, -1 where two classes' names differ only
+    in case (ImageNet's Cardigan, the dog, and cardigan, the sweater)."""
+    exact: dict[str, int] = {}
+    folded: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        for token in dict.fromkeys((name, name.replace(" ", "_"))):
+            exact.setdefault(token, i)
+            folded[token.lower()] = i if folded.get(token.lower(), i) == i else -1
+    exact.update({str(i): i for i in range(len(class_names))})
+    return (pa.array(list(exact)), pa.array(list(exact.values())),
+            pa.array(list(folded)), pa.array(list(folded.values())))
+
+
+def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: tuple[pa.Array, ...],
+                   first: int) -> pa.Table:
     names = pc.utf8_trim_whitespace(batch.column("file_name"))
     bad = _first(pc.or_(pc.or_(pc.equal(pc.utf8_length(names), 0), pc.starts_with(names, "/")),
                         pc.match_substring_regex(names, r"(^|/)\.\.(/|$)")))
@@ -199,13 +214,20 @@ def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: p
     flat, row = pc.list_flatten(tokens), pc.list_parent_indices(tokens)
     some = pc.greater(pc.utf8_length(flat), 0)
     flat, row = flat.filter(some), row.filter(some)
-    found = pc.index_in(pc.replace_substring_regex(pc.utf8_lower(flat), "^0+([0-9])", r"\1"), value_set=vocabulary)
+    token = pc.replace_substring_regex(flat, "^0+([0-9])", r"\1")
+    exact, exact_class, folded, folded_class = vocabulary
+    found = pc.coalesce(pc.take(exact_class, pc.index_in(token, value_set=exact)),
+                        pc.take(folded_class, pc.index_in(pc.utf8_lower(token), value_set=folded)))
     unknown = _first(pc.is_null(found))
     if unknown is not None:
         raise SourceError(f"{path}:{first + row[unknown].as_py() + 2}: unknown class {flat[unknown].as_py()!r} "
                           f"(use an index below {classes} or a class name)")
+    ambiguous = _first(pc.equal(found, -1))
+    if ambiguous is not None:
+        raise SourceError(f"{path}:{first + row[ambiguous].as_py() + 2}: {flat[ambiguous].as_py()!r} names two "
+                          "classes that differ only in case: write the name's exact case or its index")
     rows = np.asarray(row, np.int64)
-    indices = np.asarray(pc.cast(found, pa.int64())) % classes  # position in the vocabulary -> class index
+    indices = np.asarray(found, np.int64)
     order = np.lexsort((indices, rows))
     rows, indices = rows[order], indices[order]
     new = np.ones(len(rows), bool)

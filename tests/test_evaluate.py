@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from camlabel.pipeline.cli import main
-from camlabel.pipeline.evaluate import EvaluationError, evaluate
+from camlabel.pipeline.evaluate import EvaluationError, category_mapping, evaluate
 from pycocotools import mask as mask_utils
 
 
@@ -139,6 +139,16 @@ def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_category_name_els
     unnamed = {**by_name, "categories": [{"id": 5, "name": "unknown"}],
                "annotations": [{**pred(10), "image_id": 3, "category_id": 5}]}
     assert evaluate(gt_path, unnamed)["corloc"] == 1  # no name matches: the same id
+
+
+def test_names_that_differ_only_in_case_are_not_one_category():
+    """ImageNet's Cardigan (a dog, camlabel's id 265) and cardigan (a sweater, 475): a ground truth of sweaters
+    takes camlabel's sweater, not its dog; a name unique on both sides still matches in any case."""
+    camlabel = [{"id": 265, "name": "Cardigan"}, {"id": 475, "name": "cardigan"}, {"id": 2, "name": "goldfish"}]
+    gt = [{"id": 1, "name": "cardigan"}, {"id": 2, "name": "Goldfish"}]
+    assert category_mapping(camlabel, gt) == {475: 1, 2: 2}
+    assert category_mapping(gt, camlabel) == {1: 475, 2: 2}
+    assert category_mapping([{"id": 9, "name": "CARDIGAN"}], camlabel) == {}  # two names fold to it: no guess
 
 
 def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_path_not_bare_name(tmp_path):

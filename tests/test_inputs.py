@@ -260,6 +260,15 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     bad.write_text("file_name,labels\nx.jpg,cat\ny.jpg,unicorn\n")
     with pytest.raises(SourceError, match=r"bad.csv:3: unknown class 'unicorn'"):
         read_labels(str(bad), names)
+    # a name two classes share but for case (ImageNet's Cardigan, the dog, and cardigan, the sweater) is taken as
+    # written, and refused in any other case
+    names = ["Cardigan", "cat", "cardigan"]
+    good.write_text("file_name,labels\na.jpg,cardigan\nb.jpg,Cardigan\nc.jpg,CAT\n")
+    taken = read_labels(str(good), names).to_pydict()
+    assert dict(zip(taken["file_name"], taken["labels"], strict=True)) == {"a.jpg": [2], "b.jpg": [0], "c.jpg": [1]}
+    bad.write_text("file_name,labels\nx.jpg,cat\ny.jpg,CARDIGAN\n")
+    with pytest.raises(SourceError, match=r"bad.csv:3: 'CARDIGAN' names two classes"):
+        read_labels(str(bad), names)
     bad.write_text("file_name,labels\n../x.jpg,cat\n")
     with pytest.raises(SourceError, match=r"bad.csv:2: file_name '../x.jpg'"):
         read_labels(str(bad), names)
