@@ -33,6 +33,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+    return int(text)
+
+
 def _annotate_flags(parser: argparse.ArgumentParser) -> None:
     """Every JobConfig field as a flag, its help from the field; defaults stay None so a YAML config is
     only overridden on purpose (the defaults are the fields')."""
@@ -94,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run", help="run directory (path or URI)")
     rep.add_argument("--out", type=Path, help="folder for report.html and overlays/ (default RUN/report for a "
                      "local RUN)")
-    rep.add_argument("--gallery", type=int, default=48, help="images shown, lowest confidence first")
+    rep.add_argument("--gallery", type=_count, default=48, help="images shown, lowest confidence first")
     rep.add_argument("--images", nargs="*", default=[], help="file names always drawn (PNG overlays)")
     runs = sub.add_parser("runs", help="list the runs under an incremental output root")
     runs.add_argument("root", help="path or URI")

@@ -28,7 +28,7 @@ from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.preprocess import scaled_size
 from .masks import decode_heatmaps
 from .store import Location
-from .writers import atomic_write_bytes, parts_dataset, read_manifest, read_parts
+from .writers import RunError, atomic_write_bytes, parts_dataset, read_manifest, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
             elif gallery > 0:
                 item = (-confidence, row["path"])
                 heapq.heappush(lowest, item) if len(lowest) < gallery else heapq.heappushpop(lowest, item)
+    absent = chosen - {Path(p).name for p in named}
+    if absent:
+        raise RunError(f"{run_dir}: no image named {', '.join(map(repr, sorted(absent)))} in the run (--images takes "
+                       "file names)")
     picked = [p for _, p in sorted(lowest, key=lambda t: (-t[0], t[1]))] + sorted(named)
     figures = _draw_gallery(run_dir, picked, out / "overlays") if picked else []
     errors = read_parts(run_dir / "errors", ERRORS)

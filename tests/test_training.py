@@ -131,6 +131,13 @@ def test_annotate_uses_the_model_dir_and_the_report_renders(trained, tmp_path, c
     assert {("0.png", 1), ("1.png", 1), ("2.png", 1), (hostile, 2)} <= found
 
     capsys.readouterr()
+    # a name the run does not hold is refused, not silently left out; a negative gallery is no count
+    assert main(["report", str(tmp_path / "run"), "--images", "2.png", "nope.png"]) == 2
+    assert "no image named 'nope.png'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "report" / "report.html").exists()
+    with pytest.raises(SystemExit, match="2"):
+        main(["report", str(tmp_path / "run"), "--gallery", "-1"])
+    capsys.readouterr()
     assert main(["report", str(tmp_path / "run"), "--gallery", "1", "--images", "2.png", hostile]) == 0
     page_path = tmp_path / "run" / "report" / "report.html"
     assert json.loads(capsys.readouterr().out)["report"] == str(page_path)
