@@ -92,9 +92,9 @@ class AnnotateSettings:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 fail(name, "a fraction of the map's max, between 0 and 1")
-        if self.scales is not None and not (self.scales and all(
+        if self.scales is not None and not (self.scales and len(set(self.scales)) == len(self.scales) and all(
                 isinstance(x, (int, float)) and 0.25 <= x <= 4 for x in self.scales)):
-            fail("scales", "a non-empty list of multiples of input_size between 0.25 and 4")
+            fail("scales", "a non-empty list of distinct multiples of input_size between 0.25 and 4")
         if not 0 <= self.min_score <= 1:
             fail("min_score", "a probability between 0 and 1")
         if not isinstance(self.top_k, int) or self.top_k < 1:

@@ -284,6 +284,7 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     ({"source": ""}, "source"),
     ({"scales": []}, "scales"),
     ({"scales": [1.0, 9.0]}, "scales"),
+    ({"scales": [1.0, 1.5, 1]}, "scales"),  # a scale twice: its second pass found the first one's graph taken
     ({"precision": "float16"}, "precision"),
     ({"out": "ftp://host/runs"}, "out"),
     ({"top_k": 0}, "top_k"),
