@@ -104,6 +104,8 @@ def test_unknown_layer_and_model_fail_with_the_choices():
     with pytest.raises(ModelError, match="unknown model 'resnet1000'"):
         load_model("resnet1000", weights=None)
     assert load_model("resnet18", weights=None, target_layer="layer3", device="cpu").target_layer == "layer3"
+    with pytest.raises(ModelError, match="cannot run on a 128x128 image .* heatmaps need a CNN"):
+        load_model("vit_b_16", weights=None, device="cpu")  # a transformer: a traceback before
 
 
 def test_a_model_without_a_linear_head_is_refused_by_name():

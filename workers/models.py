@@ -234,6 +234,9 @@ def _spatial_shapes(model: nn.Module, size: int = 128) -> dict[str, torch.Size]:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    except (AssertionError, RuntimeError, ValueError) as exc:  # a ViT asserts its 224 pixels
+        raise ModelError(f"the model cannot run on a {size}x{size} image ({exc}); heatmaps need a CNN, which "
+                         "takes any input size") from None
     finally:
         for h in hooks:
             h.remove()
