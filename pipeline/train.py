@@ -97,6 +97,9 @@ def labelled_images(images: str, labels: str | None, class_names: list[str]
     kept = [(p, f) for p, f in zip(paths, found, strict=True) if f]
     if not kept:
         raise SourceError(f"no labelled images under {images}: give --labels CSV or one folder per class")
+    if len(class_names) < 2:  # a softmax over one class is 1 whatever the image: nothing to learn
+        raise SourceError(f"{labels or images}: one class ({', '.join(class_names)}); a localizer learns to tell "
+                          "two or more apart")
     return [p for p, _ in kept], [f for _, f in kept], list(class_names)
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from camlabel.pipeline import report
 from camlabel.pipeline.cli import main
-from camlabel.pipeline.train import TrainConfig, train
+from camlabel.pipeline.sources import SourceError
+from camlabel.pipeline.train import TrainConfig, labelled_images, train
 from camlabel.schemas.config import ConfigError, load_config
 from camlabel.workers.heatmaps import compute_heatmaps
 from camlabel.workers.localizer import GapLocalizer, localizer_loss, symmetric_kl
@@ -202,6 +203,11 @@ def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
     (tmp_path / "localizer.json").write_text("{}")
     with pytest.raises(ModelError, match="camlabel train"):
         load_model(model_dir=tmp_path)
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "cat" / "1.png")
+    (tmp_path / "images" / "empty").mkdir()  # a folder without images is no class
+    with pytest.raises(SourceError, match=r"one class \(cat\); a localizer learns to tell two or more apart"):
+        labelled_images(str(tmp_path / "images"), None, [])
 
 
 def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed(monkeypatch):
