@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ..schemas.config import ConfigError
 from .store import Location, atomic_file
 from .writers import PARTS, atomic_write_json, read_manifest, run_folders
 
@@ -30,8 +31,9 @@ def run_class_names(run_dir: Location) -> list[str]:
 
 
 def expand_runs(paths: list[str | Path]) -> list[Location]:
-    """A run directory stays itself; an incremental root becomes its runs, oldest first. A path that is
-    neither is a RunError: a mistyped run is not exported as no images."""
+    """A run directory stays itself; an incremental root becomes its runs, oldest first; a run named twice
+    (or beside its root) counts once, so no image is exported twice. A path that is neither is a RunError: a
+    mistyped run is not exported as no images."""
     runs = []
     for path in map(Location.of, paths):
         found = run_folders(path)
@@ -39,7 +41,18 @@ def expand_runs(paths: list[str | Path]) -> list[Location]:
             read_manifest(path)  # a RunError unless path is a run itself
             found = [path]
         runs += found
-    return runs
+    return list({str(run): run for run in runs}.values())
+
+
+def check_outside_runs(out: Path, runs: list[Location]) -> None:
+    """A ConfigError when `out` is one of the runs' own files (a manifest, a part's folder): an export
+    written there would destroy the run it reads."""
+    target = out.resolve()
+    for run in (r for r in runs if r.local):
+        root = Path(run.path).resolve()
+        for own in (root / "manifest.json", root / "annotations", root / "errors"):
+            if target == own or own in target.parents:
+                raise ConfigError(f"out: {out} is {own}, part of the run {run}; write the export elsewhere")
 
 
 def annotated_rows(run_dirs: list[Location]) -> Iterator[dict]:
@@ -99,6 +112,7 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
     """Write the runs as one COCO dataset (or the results list with `results`), or as shards of
     `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards."""
     runs, out = expand_runs(run_dirs), Path(out)
+    check_outside_runs(out, runs)
     records = coco_records(annotated_rows(runs), count(1), count(1), relative_to)
     if results:
         keys = ("image_id", "category_id", "bbox", "score", "segmentation")

@@ -34,7 +34,7 @@ from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
 from .store import Location
 from .worklist import WORK_LIST, plan_work
-from .writers import atomic_write_json, run_counts, run_folders
+from .writers import atomic_write_json, read_manifest, run_counts, run_folders
 
 log = logging.getLogger(__name__)
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
@@ -136,8 +136,7 @@ def series_of(loaded, settings: AnnotateSettings) -> str:
 
 def list_runs(root: str | Path | Location) -> list[dict]:
     """Every run under root/runs, oldest first, with its manifest."""
-    return [{"run": run.name, "dir": str(run), **json.loads((run / "manifest.json").read_text())}
-            for run in run_folders(root)]
+    return [{"run": run.name, "dir": str(run), **read_manifest(run)} for run in run_folders(root)]
 
 
 def incremental_run(root: Location, series: str) -> tuple[Location, list[Location]]:
@@ -168,7 +167,7 @@ def check_resumable(run_dir: Location, manifest: dict) -> None:
     path = run_dir / "manifest.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    old = read_manifest(run_dir)
     was = old.get("source")
     # a plain run holds one source's images (an incremental root's next run may list another folder)
     plain = not manifest["config"]["incremental"]
@@ -179,7 +178,7 @@ def check_resumable(run_dir: Location, manifest: dict) -> None:
         return
     fields = [(f"model.{k}", old["model"].get(k), manifest["model"][k])
               for k in ("name", "weights_sha256", "target_layer", "affinity_layer")]
-    fields += [(k, old["settings"].get(k), v) for k, v in json.loads(json.dumps(manifest["settings"])).items()]
+    fields += [(k, old.get("settings", {}).get(k), v) for k, v in json.loads(json.dumps(manifest["settings"])).items()]
     fields += [(f"rule.{k}", old.get("rule", {}).get(k), v) for k, v in manifest["rule"].items()]
     # last: it follows from the method and scales, which name the cause when they differ
     fields += [("model.detail_layer", old["model"].get("detail_layer"), manifest["model"]["detail_layer"])]

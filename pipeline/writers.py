@@ -161,11 +161,19 @@ class RunError(UserError):
 
 
 def read_manifest(run_dir: Path | Location) -> dict:
-    """A run's manifest; a RunError naming the folder when it has none (a mistyped path, not a run)."""
+    """A run's manifest; a RunError naming the folder when it has none (a mistyped path, not a run) or the file
+    when it is not one."""
     path = Location.of(run_dir) / "manifest.json"
     if not path.is_file():
         raise RunError(f"{run_dir} is not a camlabel run: it has no manifest.json")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path} cannot be read as a camlabel manifest: {exc}") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("model"), dict)
+            and isinstance(manifest["model"].get("class_names"), list)):
+        raise RunError(f"{path} is not a camlabel manifest (no model and class names): was it overwritten?")
+    return manifest
 
 
 def run_folders(root: Path | Location) -> list[Location]:

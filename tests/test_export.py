@@ -53,6 +53,20 @@ def test_one_file_holds_every_row_exactly_once(run, tmp_path):
     assert run_counts(run) == {"annotated": 11, "errors": 0, "annotations": 15}  # from the parts' footers
 
 
+def test_a_run_named_twice_is_exported_once_and_never_overwritten(run, tmp_path, capsys):
+    summary = export_coco([run, str(run) + "/"], tmp_path / "coco.json")
+    assert summary["images"] == 11 and summary["annotations"] == 15  # not 22 and 30
+    manifest = (run / "manifest.json").read_text()
+    for inside in (run / "manifest.json", run / "annotations" / "coco.json"):
+        assert main(["export-coco", str(run), "--out", str(inside)]) == 2
+        assert f"out: {inside} is " in capsys.readouterr().err
+    assert (run / "manifest.json").read_text() == manifest and len(list((run / "annotations").iterdir())) == 3
+    assert main(["export-coco", str(run), "--out", str(run / "coco.json")]) == 0  # beside the parts: fine
+    (run / "manifest.json").write_text(json.dumps({"images": [], "annotations": []}))  # a COCO file in its place
+    assert main(["export-coco", str(run), "--out", str(tmp_path / "again.json")]) == 2
+    assert "is not a camlabel manifest" in capsys.readouterr().err
+
+
 def test_shards_split_the_images_and_the_index_counts_them(run, tmp_path):
     assert main(["export-coco", str(run), "--out", str(tmp_path / "coco.json"), "--shard-size", "4"]) == 0
     index = json.loads((tmp_path / "coco.json").read_text())
