@@ -8,6 +8,7 @@ are written. With `shard_size`, every `shard_size` images start a new file and `
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,7 +20,9 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import ConfigError
 from .store import Location, atomic_file
-from .writers import PARTS, atomic_write_json, read_manifest, run_folders
+from .writers import PARTS, RunError, atomic_write_json, read_manifest, run_folders
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["image_id", "path", "width", "height", "annotations"]
 READ_BATCH = 256  # rows per record batch read from a part
@@ -31,17 +34,30 @@ def run_class_names(run_dir: Location) -> list[str]:
 
 
 def expand_runs(paths: list[str | Path]) -> list[Location]:
-    """A run directory stays itself; an incremental root becomes its runs, oldest first; a run named twice
-    (or beside its root) counts once, so no image is exported twice. A path that is neither is a RunError: a
-    mistyped run is not exported as no images."""
+    """A run directory stays itself; an incremental root becomes the runs of its newest series, oldest first
+    (`newest_series`); a run named twice (or beside its root) counts once, so no image is exported twice. A
+    path that is neither is a RunError: a mistyped run is not exported as no images."""
     runs = []
     for path in map(Location.of, paths):
         found = run_folders(path)
         if not found:
             read_manifest(path)  # a RunError unless path is a run itself
             found = [path]
-        runs += found
+        runs += newest_series(path, found)
     return list({str(run): run for run in runs}.values())
+
+
+def newest_series(root: Location, runs: list[Location]) -> list[Location]:
+    """The runs (oldest first) of the newest run's series. Each series annotates every image anew (another
+    model, setting or camlabel's rule), so two series of one root hold the same images: merged, every image
+    would be exported twice. The others are left out, with a warning naming them."""
+    series = [read_manifest(run).get("series") for run in runs]
+    kept = [run for run, s in zip(runs, series, strict=True) if s == series[-1]]
+    if len(kept) < len(runs):
+        log.warning("%s: exported the newest series %s (%d runs); left out %d runs of other series (%s): name a run "
+                    "to export it", root, series[-1], len(kept), len(runs) - len(kept),
+                    ", ".join(sorted({str(s) for s in series if s != series[-1]})))
+    return kept
 
 
 def check_outside_runs(out: Path, runs: list[Location]) -> None:
@@ -113,6 +129,10 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
     `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards."""
     runs, out = expand_runs(run_dirs), Path(out)
     check_outside_runs(out, runs)
+    names = run_class_names(runs[0]) if runs else []
+    other = next((run for run in runs[1:] if run_class_names(run) != names), None)
+    if other is not None:  # one category list: another model's classes would take this one's ids
+        raise RunError(f"{other} was made by a model with other classes than {runs[0]}; export them apart")
     records = coco_records(annotated_rows(runs), count(1), count(1), relative_to)
     if results:
         keys = ("image_id", "category_id", "bbox", "score", "segmentation")
@@ -124,7 +144,6 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
                     listed.add({k: ann[k] for k in keys})
             f.write("\n]\n")
         return {"out": str(out), "annotations": listed.count}
-    names = run_class_names(runs[0]) if runs else []
     header = {"info": {"description": "camlabel pseudo labels", "runs": [str(r) for r in runs]},
               "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]}
     if not shard_size:

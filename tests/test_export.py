@@ -62,6 +62,12 @@ def test_a_run_named_twice_is_exported_once_and_never_overwritten(run, tmp_path,
         assert f"out: {inside} is " in capsys.readouterr().err
     assert (run / "manifest.json").read_text() == manifest and len(list((run / "annotations").iterdir())) == 3
     assert main(["export-coco", str(run), "--out", str(run / "coco.json")]) == 0  # beside the parts: fine
+    other = tmp_path / "other"  # a run of a model with other classes: its ids would be read as this one's
+    write_part(other, pa.Table.from_pylist([result_row(20, 1)], schema=RESULTS))
+    atomic_write_json(other / "manifest.json", {"model": {"class_names": ["disc", "square", "c2"]}})
+    for flag in ([], ["--results"]):
+        assert main(["export-coco", str(run), str(other), "--out", str(tmp_path / "mixed.json"), *flag]) == 2
+        assert "made by a model with other classes" in capsys.readouterr().err
     (run / "manifest.json").write_text(json.dumps({"images": [], "annotations": []}))  # a COCO file in its place
     assert main(["export-coco", str(run), "--out", str(tmp_path / "again.json")]) == 2
     assert "is not a camlabel manifest" in capsys.readouterr().err

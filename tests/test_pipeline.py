@@ -436,7 +436,7 @@ def test_a_rerun_retries_read_errors_only_and_refuses_other_settings(local_ray, 
 
 
 def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(local_ray, collection, tmp_path,
-                                                                                 capsys):
+                                                                                 capsys, caplog):
     source, out = tmp_path / "incoming", tmp_path / "root"
     source.mkdir()
     for name in ("cat.png", "coffee.png"):
@@ -461,6 +461,11 @@ def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(
     assert main(["runs", str(out)]) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(runs) == 3 and runs[2]["series"] != runs[0]["series"] and runs[2]["this_run"] == 4
+    # the root exports its newest series: merged with the first, every image would be in it twice
+    assert main(["export-coco", str(out), "--out", str(tmp_path / "coco.json")]) == 0
+    assert f"left out 2 runs of other series ({runs[0]['series']})" in caplog.text
+    names = [i["file_name"] for i in json.loads((tmp_path / "coco.json").read_text())["images"]]
+    assert sorted(names) == [r["path"] for r in rows(sorted((out / "runs").iterdir())[2])] and len(names) == 4
 
 
 def test_a_block_of_the_work_list_reads_exactly_its_rows(tmp_path):
