@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import ConfigError
 from .store import Location, atomic_file
-from .writers import PARTS, RunError, atomic_write_json, read_manifest, run_folders
+from .writers import PARTS, RunError, atomic_write_json, check_parts, read_manifest, run_folders
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
     `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards."""
     runs, out = expand_runs(run_dirs), Path(out)
     check_outside_runs(out, runs)
+    for run in runs:
+        check_parts(run)
     names = run_class_names(runs[0]) if runs else []
     other = next((run for run in runs[1:] if run_class_names(run) != names), None)
     if other is not None:  # one category list: another model's classes would take this one's ids

@@ -28,7 +28,7 @@ from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.preprocess import scaled_size
 from .masks import decode_heatmaps
 from .store import Location
-from .writers import RunError, atomic_write_bytes, parts_dataset, read_manifest, read_parts
+from .writers import RunError, atomic_write_bytes, check_parts, parts_dataset, read_manifest, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
     """Write out/report.html and out/overlays/*.png; returns the page's path."""
     run_dir, out = Location.of(run_dir), Path(out)
     manifest = read_manifest(run_dir)
+    check_parts(run_dir)
     chosen = set(chosen or [])
     classes: Counter[str] = Counter()
     sizes, scores = torch.zeros(BINS, dtype=torch.long), torch.zeros(BINS, dtype=torch.long)

@@ -109,6 +109,17 @@ def write_part(run_dir: Path | Location, results: pa.Table) -> dict:
     return {"part": name, "annotated": good.num_rows, "errors": failed.num_rows, "annotations": annotations}
 
 
+def check_parts(run_dir: Path | Location) -> None:
+    """A RunError naming the first of the run's parts that does not read (damaged after it was written: parts are
+    written whole), before a command that reads the run fails inside pyarrow with a traceback."""
+    run_dir = Location.of(run_dir)
+    for folder in ("annotations", "errors"):
+        damaged = next((part for part, meta in footers(run_dir / folder) if meta is None), None)
+        if damaged is not None:
+            raise RunError(f"{damaged} does not read; the next annotate into its run moves it to quarantine and "
+                           "redoes its images")
+
+
 def run_counts(run_dir: Path | Location) -> dict[str, int]:
     """Annotated images, error rows and annotations of a run, from its parts' footers alone."""
     def read(folder: Location) -> Iterator[pq.FileMetaData]:

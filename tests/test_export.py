@@ -73,6 +73,17 @@ def test_a_run_named_twice_is_exported_once_and_never_overwritten(run, tmp_path,
     assert "is not a camlabel manifest" in capsys.readouterr().err
 
 
+def test_a_damaged_part_is_named_not_a_traceback(run, tmp_path, capsys):
+    """Parts are written whole; one cut short later (a partial copy) stops the readers in one line naming it."""
+    part = sorted((run / "annotations").glob("part-*"))[1]
+    part.write_bytes(part.read_bytes()[:100])
+    for command in (["export-coco", str(run), "--out", str(tmp_path / "coco.json")],
+                    ["report", str(run), "--out", str(tmp_path / "report")]):
+        assert main(command) == 2
+        assert f"{part} does not read; the next annotate into its run moves it to quarantine" in capsys.readouterr().err
+    assert not (tmp_path / "coco.json").exists()
+
+
 def test_shards_split_the_images_and_the_index_counts_them(run, tmp_path):
     assert main(["export-coco", str(run), "--out", str(tmp_path / "coco.json"), "--shard-size", "4"]) == 0
     index = json.loads((tmp_path / "coco.json").read_text())
