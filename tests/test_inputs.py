@@ -355,7 +355,7 @@ def test_a_plain_run_is_resumed_only_from_its_own_source(tmp_path, capsys, monke
     """Another folder into the same --out would mix two collections under one manifest naming one of them."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.json").write_text(json.dumps({"source": "/somewhere/else"}))
+    (out / "manifest.json").write_text(json.dumps({"source": "/somewhere/else", "model": {"class_names": ["a"]}}))
     monkeypatch.chdir(tmp_path)
     assert main(["annotate", ".", "--out", "out"]) == 2  # the source is compared as an absolute path
     err = capsys.readouterr().err.strip()
