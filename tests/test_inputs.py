@@ -61,6 +61,29 @@ def test_decoded_colours_are_right():
     np.testing.assert_array_equal(grey16[0].numpy(), gradient()[..., 0])
 
 
+@pytest.mark.parametrize("kind", ["PNG", "WEBP", "TIFF", "LA", "palette", "GIF"])
+def test_transparent_pixels_decode_over_white_whatever_colour_the_file_holds_under_them(kind):
+    """A cut-out's hidden colour is anything (black, white, its old background); a viewer shows white."""
+    pixels = np.zeros((4, 6, 4), np.uint8)
+    pixels[..., :3] = (200, 0, 0)  # red, hidden where transparent
+    pixels[:, 3:, 3] = 255  # the right half opaque
+    pixels[0, 5, 3] = 128  # one pixel half transparent
+    rgba = Image.fromarray(pixels, "RGBA")
+    data = {"PNG": lambda: encode(rgba, "PNG"), "WEBP": lambda: encode(rgba, "WEBP", lossless=True),
+            "TIFF": lambda: encode(rgba, "TIFF"), "LA": lambda: encode(rgba.convert("LA"), "PNG"),
+            "palette": lambda: encode(rgba.convert("P"), "PNG", transparency=0),
+            "GIF": lambda: encode(rgba.convert("P"), "GIF", transparency=0)}[kind]()
+    image = decode(data).permute(1, 2, 0).numpy()
+    opaque = 60 if kind == "LA" else (200, 0, 0)  # LA: red's luminance
+    assert (image[:, :3] == 255).all() and (image[:, 3:5] == opaque).all()
+    if kind not in ("palette", "GIF"):  # a palette's transparency is all or nothing
+        np.testing.assert_array_equal(image[0, 5], np.round(np.array(opaque) * 128 / 255 + 255 * 127 / 255))
+    colours = Image.new("P", (2, 1))
+    colours.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    colours.putpixel((1, 0), 1)  # a palette without transparency keeps its colours exactly
+    assert decode(encode(colours, "PNG")).permute(1, 2, 0).numpy()[0].tolist() == [[0, 0, 0], [10, 20, 30]]
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_gives_the_upright_image(orientation, fmt):

@@ -48,15 +48,15 @@ def _check_readable(regular: bool, size: int | None) -> None:
         raise OSError(f"refused: {size:,} bytes is over the {MAX_BYTES:,}-byte limit")
 
 
-def _header(data: bytes) -> tuple[int, int, str | None, int]:
-    """(width, height, format, EXIF orientation 1-8) from the header alone."""
+def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
+    """(width, height, format, EXIF orientation 1-8, whether it has transparency) from the header alone."""
     if not data:
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return (*im.size, im.format, im.getexif().get(EXIF_ORIENTATION, 1))
+                return (*im.size, im.format, im.getexif().get(EXIF_ORIENTATION, 1), _transparent(im))
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"refused: {exc}") from exc
     except Exception as exc:
@@ -64,20 +64,21 @@ def _header(data: bytes) -> tuple[int, int, str | None, int]:
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """uint8 [3, H, W], EXIF orientation applied; grey, palette, alpha, CMYK and 16-bit made RGB.
+    """uint8 [3, H, W], EXIF orientation applied; grey, palette, CMYK and 16-bit made RGB, transparency laid
+    over white.
 
     torchvision decodes JPEG, PNG and WEBP; PIL handles the rest, GIF's first frame among them.
     """
     return _decode(data, _header(data), max_pixels)
 
 
-def _decode(data: bytes, header: tuple[int, int, str | None, int], max_pixels: int) -> torch.Tensor:
-    width, height, fmt, orientation = header
+def _decode(data: bytes, header: tuple[int, int, str | None, int, bool], max_pixels: int) -> torch.Tensor:
+    width, height, fmt, orientation, transparent = header
     if width * height > max_pixels:
         raise DecodeError(f"refused: {width}x{height} is over the {max_pixels:,}-pixel limit")
-    if fmt == "GIF" or (orientation != 1 and fmt not in TORCHVISION_ORIENTS):
-        # torchvision decodes every frame of a GIF (a small file of many frames fills the worker); a rotated
-        # WebP would come out sideways
+    if fmt == "GIF" or transparent or (orientation != 1 and fmt not in TORCHVISION_ORIENTS):
+        # torchvision decodes every frame of a GIF (a small file of many frames fills the worker), drops alpha
+        # (its RGB_ALPHA garbles palette PNGs) and would turn a rotated WebP sideways
         image = _decode_with_pil(data)
     else:
         try:
@@ -100,7 +101,7 @@ def decode_reduced(data: bytes, shortest: int, max_pixels: int = MAX_PIXELS) -> 
     scaling (1/2, 1/4, 1/8) straight to a shorter side of at least `shortest`, never at full size (a
     12 MP phone photo decodes several times faster; boxes stay in original pixels)."""
     header = _header(data)
-    width, height, fmt, orientation = header
+    width, height, fmt, orientation, _ = header
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if fmt != "JPEG" or min(width, height) < 2 * shortest or width * height > max_pixels:
         return _decode(data, header, max_pixels), upright
@@ -113,7 +114,16 @@ def decode_reduced(data: bytes, shortest: int, max_pixels: int = MAX_PIXELS) -> 
         return _decode(data, header, max_pixels), upright
 
 
+def _transparent(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
 def _rgb_tensor(im: Image.Image) -> torch.Tensor:
+    """im as uint8 [3,H,W], transparent pixels laid over white, as a viewer shows them: the colour under a
+    transparent pixel is anything (black, white, a cut-out's old background), so dropping the alpha would give
+    a cut-out whatever background its file happens to hold."""
+    if _transparent(im):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     rgb = im.convert("RGB")
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(
         rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
