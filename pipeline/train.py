@@ -55,7 +55,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         def fail(field: str, allowed: str) -> None:
-            raise ConfigError(f"{field}: {getattr(self, field)!r} is not allowed; {allowed}")
+            raise ConfigError.refused(field, getattr(self, field), allowed)
 
         for name in ("epochs", "batch_size", "width", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
