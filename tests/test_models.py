@@ -79,6 +79,9 @@ def test_state_dict_and_safetensors_round_trip_with_class_names(tmp_path):
             torch.testing.assert_close(loaded.model(x), model(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(ModelError, match="3 class names for a head with 4 outputs"):
         load_model("resnet18", weights=tmp_path / "w.pt", class_names=["a", "b", "c"], device="cpu")
+    (tmp_path / "names.bin").write_bytes(b"a\n\xd0\x00\xff\n")  # a binary file given by mistake
+    with pytest.raises(ModelError, match="names.bin: not a UTF-8 text file"):
+        load_model("resnet18", weights=tmp_path / "w.pt", class_names=tmp_path / "names.bin", device="cpu")
 
 
 class Payload:

@@ -210,7 +210,10 @@ def _resolve_class_names(class_names, model: nn.Module) -> list[str]:
     if class_names is None:
         names = imagenet_class_names() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
     elif isinstance(class_names, (str, Path)):
-        names = Path(class_names).read_text().splitlines()
+        try:
+            names = Path(class_names).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"class names {class_names}: not a UTF-8 text file, one name a line ({exc})") from None
     else:
         names = list(class_names)
     if len(names) != num_classes:
