@@ -120,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"camlabel {args.command}: {exc}", file=sys.stderr)
+        print(f"camlabel {args.command}: {printable(str(exc))}", file=sys.stderr)
         return 2
     except Stopped as stop:
         print(f"camlabel {args.command}: stopped by {stop.signal}; {stop.kept} images are kept in finished parts "
               f"under {stop.run_dir}; run the same command to resume", file=sys.stderr)
         return 128 + signal.Signals[stop.signal].value
+
+
+def printable(message: str) -> str:
+    """message in one line a terminal shows as written: control characters (a newline, an escape sequence quoted
+    from a hostile file or file name) escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
 
 
 def writable(folder: Path) -> Path:

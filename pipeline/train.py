@@ -104,8 +104,11 @@ def labelled_images(images: str, labels: str | None, class_names: list[str]
 
 
 def _label_tokens(path: str) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return [(row.get("labels") or "").split() for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [(row.get("labels") or "").split() for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"cannot read labels {path}: {exc}") from None
 
 
 class LabelledImages(Dataset):

@@ -187,7 +187,7 @@ def load_config(path: str | Path | None, overrides: dict) -> JobConfig:
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"config: cannot read {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path} must hold a mapping of field: value")

@@ -343,6 +343,20 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith("camlabel annotate: rule: 'fancy' is not allowed") and "\n" not in err
 
 
+def test_errors_quoting_a_hostile_file_print_one_plain_line(tmp_path, capsys):
+    """A binary given as --config, and a labels CSV whose bad row holds a terminal escape sequence and a NUL,
+    quoted by pyarrow's parse error: one line, control characters escaped, not a traceback or raw escapes."""
+    (tmp_path / "job.yaml").write_bytes(b"source: x\n\xd0\xff\x00")
+    assert main(["annotate", "--config", str(tmp_path / "job.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("camlabel annotate: config: cannot read")
+    (tmp_path / "labels.csv").write_bytes(b"file_name,labels\nx.jpg,cat,\x1b[2J\x00oops\n")
+    labels = str(tmp_path / "labels.csv")
+    assert main(["annotate", str(tmp_path), "--out", str(tmp_path / "o"), "--labels", labels]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read labels" in err and "\\x1b[2J\\x00oops" in err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\x00" not in err
+
+
 def test_a_method_the_model_cannot_run_exits_2_before_anything_starts(tmp_path, capsys):
     # convnext's head normalises after pooling: not GAP + linear, so CAM cannot run on it
     config = tmp_path / "job.yaml"

@@ -208,6 +208,9 @@ def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
     (tmp_path / "images" / "empty").mkdir()  # a folder without images is no class
     with pytest.raises(SourceError, match=r"one class \(cat\); a localizer learns to tell two or more apart"):
         labelled_images(str(tmp_path / "images"), None, [])
+    (tmp_path / "labels.csv").write_bytes(b"file_name,labels\n1.png,\xd0\xff\n")  # not UTF-8: no traceback
+    with pytest.raises(SourceError, match="cannot read labels"):
+        labelled_images(str(tmp_path / "images"), str(tmp_path / "labels.csv"), ["cat", "dog"])
 
 
 def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed(monkeypatch):
