@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import reprlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -124,10 +126,37 @@ def load_predictions(pred: str | Path | list | dict) -> list[dict]:
     if not isinstance(anns, list):
         raise EvaluationError("predictions must be a COCO results list or a COCO dataset")
     for n, a in enumerate(anns):
-        missing = {"image_id", "category_id", "bbox", "score"} - set(a)
-        if missing:
-            raise EvaluationError(f"prediction {n} lacks {', '.join(sorted(missing))}")
+        _check_prediction(n, a)
     return anns
+
+
+def _check_prediction(n: int, a) -> None:
+    """An EvaluationError naming prediction n unless pycocotools can score it (a malformed one raised inside
+    pycocotools, as a traceback, or was scored as something else)."""
+    def fail(what: str) -> None:
+        raise EvaluationError(f"prediction {n}: {what}")
+
+    if not isinstance(a, dict):
+        fail(f"{reprlib.repr(a)} is not an object")
+    missing = {"image_id", "category_id", "bbox", "score"} - set(a)
+    if missing:
+        fail(f"lacks {', '.join(sorted(missing))}")
+    for key in ("image_id", "category_id"):
+        if not isinstance(a[key], int) or isinstance(a[key], bool):
+            fail(f"{key} {reprlib.repr(a[key])} is not an integer")
+    box = a["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(map(_finite, box))):
+        fail(f"bbox {reprlib.repr(box)} is not four numbers [x, y, w, h]")
+    if not _finite(a["score"]):
+        fail(f"score {reprlib.repr(a['score'])} is not a number")
+    seg = a.get("segmentation")
+    rle = isinstance(seg, dict) and {"size", "counts"} <= set(seg)
+    if seg is not None and not (rle or isinstance(seg, list) and all(isinstance(p, list) for p in seg)):
+        fail(f"segmentation {reprlib.repr(seg)} is neither an RLE (size, counts) nor polygons")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _match_images(gt: COCO, images: list[dict], anns: list[dict]) -> list[dict]:
@@ -204,8 +233,9 @@ def load_ground_truth(path: str | Path, image_ids: set[int] | None = None) -> CO
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             gt = COCO(str(path))
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # missing, not JSON, not COCO
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:  # missing, not JSON, not COCO
             raise EvaluationError(f"cannot read ground truth {path}: {type(exc).__name__}: {exc}") from None
+        _check_ground_truth(path, gt.dataset)
         if image_ids is not None:
             subset = COCO()
             subset.dataset = {**gt.dataset, "images": [i for i in gt.dataset["images"] if i["id"] in image_ids],
@@ -213,6 +243,20 @@ def load_ground_truth(path: str | Path, image_ids: set[int] | None = None) -> CO
             subset.createIndex()
             gt = subset
     return gt
+
+
+def _check_ground_truth(path, dataset: dict) -> None:
+    """An EvaluationError naming the first image or object the scoring cannot read (a KeyError inside it before):
+    images need an integer id, width and height; objects an image_id, a category_id and a bbox of four numbers."""
+    for n, image in enumerate(dataset.get("images", [])):
+        if not (isinstance(image, dict) and all(isinstance(image.get(k), int) for k in ("id", "width", "height"))):
+            raise EvaluationError(f"{path}: image {n} ({reprlib.repr(image)}) lacks an integer id, width or height")
+    for n, a in enumerate(dataset.get("annotations", [])):
+        box = a.get("bbox") if isinstance(a, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_finite, box))
+                and all(isinstance(a.get(k), int) for k in ("image_id", "category_id"))):
+            raise EvaluationError(f"{path}: object {n} ({reprlib.repr(a)}) lacks an image_id, a category_id or a "
+                                  "bbox of four numbers")
 
 
 def _coco_ap(gt: COCO, anns: list[dict], iou_type: str) -> dict[str, float]:

@@ -62,11 +62,34 @@ def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
         evaluate(gt_path, [{**pred(10), "image_id": 7}])
     bad = pred(10)
     del bad["score"]
-    with pytest.raises(EvaluationError, match="prediction 0 lacks score"):
+    with pytest.raises(EvaluationError, match="prediction 0: lacks score"):
         evaluate(gt_path, [bad])
+    # malformed ones are named, not raised inside pycocotools (a traceback) or scored as something else
+    for field, value, says in (("bbox", "abc", "is not four numbers"), ("bbox", [1, 2, 3], "is not four numbers"),
+                               ("bbox", [float("nan"), 1, 2, 3], "is not four numbers"), ("score", "x", "not a number"),
+                               ("category_id", [5], "is not an integer"), ("segmentation", "zz", "neither an RLE")):
+        with pytest.raises(EvaluationError, match=f"prediction 1: {field} .* {says}"):
+            evaluate(gt_path, [pred(10), {**pred(10), field: value}])
+    with pytest.raises(EvaluationError, match="prediction 0: 7 is not an object"):
+        evaluate(gt_path, [7])
     missing = tmp_path / "nope.json"
     assert main(["eval", "--gt", str(gt_path), "--pred", str(missing)]) == 2
     assert "cannot read predictions" in capsys.readouterr().err
+
+
+def test_a_ground_truth_the_scoring_cannot_read_is_named(tmp_path):
+    gt = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}], "categories": [{"id": 5}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 5}]}  # no bbox: a KeyError inside the meter
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(EvaluationError, match="gt.json: object 0 .* lacks an image_id, a category_id or a bbox"):
+        evaluate(tmp_path / "gt.json", [pred(10)])
+    gt["annotations"], gt["images"] = [], [{"id": 1}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(EvaluationError, match="gt.json: image 0 .* lacks an integer id, width or height"):
+        evaluate(tmp_path / "gt.json", [])
+    (tmp_path / "gt.json").write_text("[]")  # pycocotools asserts a dict
+    with pytest.raises(EvaluationError, match="cannot read ground truth .*AssertionError"):
+        evaluate(tmp_path / "gt.json", [])
 
 
 def test_map_meter_on_planted_maps():
