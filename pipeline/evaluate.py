@@ -316,9 +316,15 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
         path = find_by_tail(image["file_name"], pngs)
         if path is None:
             continue
-        with Image.open(path) as png:
-            predicted = np.array(png).astype(np.int64)
-            meter = meter or SegmentationMeter(255 if png.mode in ("L", "P") else 65535)
+        try:
+            with Image.open(path) as png:
+                mode = png.mode
+                predicted = np.array(png).astype(np.int64)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise EvaluationError(f"{path}: not a readable PNG label map ({exc})") from None
+        if mode not in ("L", "P", "I;16", "I"):
+            raise EvaluationError(f"{path}: a {mode} image; a label map holds one class value a pixel (L, P or 16-bit)")
+        meter = meter or SegmentationMeter(255 if mode in ("L", "P") else 65535)
         if predicted.shape != (image["height"], image["width"]):
             raise EvaluationError(f"{path} is {predicted.shape[1]}x{predicted.shape[0]}, its image "
                                   f"{image['file_name']} {image['width']}x{image['height']}: a label map is at its "

@@ -111,6 +111,17 @@ def test_eval_label_maps_scores_a_hand_made_png_against_coco_masks(tmp_path, cap
     assert r["mIoU"] == pytest.approx((4 / 7 + 8 / 11) / 2)
     assert r["pixel_accuracy"] == pytest.approx(12 / 15) and r["ignored_share"] == pytest.approx(1 / 16)
 
+    png = tmp_path / "maps" / "sub" / "a.jpg.png"
+    good = png.read_bytes()
+    for bad, says in ((b"not a png", "not a readable PNG label map"), (None, "a RGB image; a label map holds one")):
+        if bad is None:  # colours where class values go
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(png, "PNG")
+        else:
+            png.write_bytes(bad)
+        assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
+        assert says in capsys.readouterr().err
+    png.write_bytes(good)
+
     gt["images"][0]["width"] = 5  # a label map at another size than its image is not scored
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
