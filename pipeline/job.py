@@ -32,7 +32,7 @@ from . import contents
 from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, stopped_by_signals
-from .store import Location
+from .store import Location, StoreError
 from .worklist import WORK_LIST, plan_work
 from .writers import atomic_write_json, read_manifest, run_counts, run_folders
 
@@ -267,8 +267,8 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
     settings = config.resolved()
     try:
         root = Location.of(config.out)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise ConfigError(f"out: cannot open {config.out}: {exc}") from None
+    except StoreError as exc:
+        raise ConfigError(f"out: {exc}") from None
     with lease(root):
         check_kind(root, config.incremental)
         run_dir, earlier = root, []

@@ -44,12 +44,15 @@ def image_listing(source: str) -> tuple[pa.Array, pa.Array]:
     if suffix in (".csv", ".parquet"):
         return _from_manifest(source), pa.array([], pa.string())
     if _is_uri(source):
-        fs, root = pafs.FileSystem.from_uri(source)
-        prefix = source[: len(source) - len(root)] if source.endswith(root) else ""
-        pattern = None
-        if any(c in root for c in "*?["):
-            pattern, root = root, root.split("*")[0].rsplit("/", 1)[0]
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=False))
+        try:
+            fs, root = pafs.FileSystem.from_uri(source)
+            prefix = source[: len(source) - len(root)] if source.endswith(root) else ""
+            pattern = None
+            if any(c in root for c in "*?["):
+                pattern, root = root, root.split("*")[0].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=False))
+        except (OSError, pa.ArrowInvalid) as exc:  # unreachable, no such bucket, no credentials, a bad URI
+            raise SourceError(f"cannot list {source}: {exc}") from None
         paths = [i.path for i in infos if i.type == pafs.FileType.File]
         paths = [p for p in paths if fnmatch.fnmatch(p, pattern)] if pattern else paths
         return _sorted({prefix + p for p in paths if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES})

@@ -18,7 +18,14 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import IO
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from ..schemas.config import UserError
+
+
+class StoreError(UserError):
+    """An object store that cannot be reached or opened (no network, no such bucket, no credentials)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,10 @@ class Location:
             return where
         where = os.fspath(where)
         if "://" in where and not where.startswith("file://"):
-            fs, path = pafs.FileSystem.from_uri(where)
+            try:
+                fs, path = pafs.FileSystem.from_uri(where)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise StoreError(f"cannot open {where}: {exc}") from None
             return cls(fs, path.rstrip("/"))
         return cls(pafs.LocalFileSystem(), os.path.abspath(where.removeprefix("file://")))
 

@@ -11,6 +11,7 @@ import torch
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.sources import (
     SourceError,
+    image_listing,
     labels_column,
     list_images,
     read_labels,
@@ -355,6 +356,15 @@ def test_errors_quoting_a_hostile_file_print_one_plain_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read labels" in err and "\\x1b[2J\\x00oops" in err
     assert err.count("\n") == 1 and "\x1b" not in err and "\x00" not in err
+
+
+def test_an_object_store_that_cannot_be_opened_or_listed_is_one_line(tmp_path, capsys):
+    """A URI pyarrow refuses, and a store that does not answer (a closed port: no network, no such bucket):
+    each names the URI and exits 2, where pyarrow's OSError was a traceback."""
+    assert main(["export-coco", "s3://bucket/run?nonsense=1", "--out", str(tmp_path / "c.json")]) == 2
+    assert "cannot open s3://bucket/run?nonsense=1: Unexpected query parameter" in capsys.readouterr().err
+    with pytest.raises(SourceError, match="^cannot list s3://bucket/images"):
+        image_listing("s3://bucket/images?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
 
 
 def test_a_method_the_model_cannot_run_exits_2_before_anything_starts(tmp_path, capsys):
