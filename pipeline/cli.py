@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, UserError, load_config
 from .evaluate import evaluate, evaluate_label_maps
-from .signals import Stopped
+from .signals import Stopped, stopped_by_signals
 from .writers import RunError
 
 log = logging.getLogger("camlabel")
@@ -118,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        with stopped_by_signals():  # SIGTERM unwinds too: no command leaves a temporary file behind
+            return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"camlabel {args.command}: {printable(str(exc))}", file=sys.stderr)
         return 2
     except Stopped as stop:
-        print(f"camlabel {args.command}: stopped by {stop.signal}; {stop.kept} images are kept in finished parts "
-              f"under {stop.run_dir}; run the same command to resume", file=sys.stderr)
+        kept = (f"{stop.kept} images are kept in finished parts under {stop.run_dir}; run the same command to resume"
+                if stop.run_dir else "no file is left half-written")
+        print(f"camlabel {args.command}: stopped by {stop.signal}; {kept}", file=sys.stderr)
         return 128 + signal.Signals[stop.signal].value
 
 

@@ -1,6 +1,10 @@
 """COCO export from written parts, checked against the rows it was given (no Ray needed)."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -82,6 +86,30 @@ def test_a_damaged_part_is_named_not_a_traceback(run, tmp_path, capsys):
         assert main(command) == 2
         assert f"{part} does not read; the next annotate into its run moves it to quarantine" in capsys.readouterr().err
     assert not (tmp_path / "coco.json").exists()
+
+
+def test_sigterm_mid_export_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    """SIGTERM (a scheduler's stop) while the dataset is being written: the command ends in one line, the
+    file it was replacing is as it was, and its temporary file is gone (the default action killed the
+    process where it stood and left the temporary file beside the output)."""
+    run_dir = tmp_path / "big"
+    rows = [result_row(i, 2) for i in range(100_000)]
+    for first in range(0, len(rows), 25_000):
+        write_part(run_dir, pa.Table.from_pylist(rows[first:first + 25_000], schema=RESULTS))
+    atomic_write_json(run_dir / "manifest.json", {"model": {"class_names": ["c0", "c1", "c2"]}})
+    out = tmp_path / "coco.json"
+    out.write_text("earlier")
+    process = subprocess.Popen([sys.executable, "-m", "camlabel.pipeline.cli", "export-coco", str(run_dir),
+                                "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".coco.json.*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the export ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == "camlabel export-coco: stopped by SIGTERM; no file is left half-written"
+    assert out.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["big", "coco.json"]
 
 
 def test_shards_split_the_images_and_the_index_counts_them(run, tmp_path):
