@@ -31,7 +31,7 @@ from ..workers.models import load_model
 from . import contents
 from .lease import lease
 from .plan import annotate_stream, plan_resources
-from .signals import Stopped, stopped_by_signals
+from .signals import Stopped, kept_from_ray, stopped_by_signals
 from .store import Location, StoreError
 from .worklist import WORK_LIST, plan_work
 from .writers import atomic_write_json, read_manifest, run_counts, run_folders
@@ -78,8 +78,9 @@ def connect(address: str | None) -> None:
         if "ray.data" in sys.modules:  # imported already (pipeline.plan): it read its config then, read it again
             from ray.data._internal.logging import configure_logging
             configure_logging()
-    ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
-             log_to_driver=True, include_dashboard=False if not address else None)
+    with kept_from_ray():
+        ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
+                 log_to_driver=True, include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not verbose:
         drop_false_alarm()

@@ -37,9 +37,29 @@ def stopped_by_signals() -> Iterator[None]:
             signal.signal(s, signal.SIG_IGN)
         raise Stopped(signal.Signals(signum).name)
 
+    stop.stops_camlabel = True
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def kept_from_ray() -> Iterator[None]:
+    """ray.init sets its own SIGTERM handler, sys.exit(15): no word, no record. Under a stop handler of ours,
+    a SIGTERM while Ray starts stops the command as any other does, and our handler is put back after."""
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    ours = threading.current_thread() is threading.main_thread() and any(
+        getattr(handler, "stops_camlabel", False) for handler in before.values())
+    try:
+        yield
+    except SystemExit as exc:
+        if ours and exc.code == signal.SIGTERM:
+            raise Stopped(signal.SIGTERM.name) from None
+        raise
+    finally:
+        if ours:
+            for s, handler in before.items():
+                signal.signal(s, handler)

@@ -306,6 +306,26 @@ def test_sigterm_while_planning_stops_as_plainly(tmp_path):
     assert not (out / "work-list.parquet").exists(), "the job was not stopped while planning"
 
 
+def test_ray_starting_leaves_the_stop_handler_in_place():
+    """ray.init puts in its own SIGTERM handler, sys.exit(15): export-masks and train, which start Ray under the
+    CLI's stop handler, then stopped with exit 15 and no word."""
+    from camlabel.pipeline.job import connect
+    from camlabel.pipeline.signals import Stopped, kept_from_ray, stopped_by_signals
+
+    ray.shutdown()
+    _running.clear()
+    with stopped_by_signals():
+        ours = signal.getsignal(signal.SIGTERM)
+        connect(None)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    ray.shutdown()
+    # a SIGTERM while Ray starts meets Ray's handler: its exit becomes the same stop as any other
+    with pytest.raises(Stopped, match="SIGTERM"), stopped_by_signals(), kept_from_ray():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))  # ray.init's, ray/_private/worker.py
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
     from tests.test_inputs import ODD, encode, gradient
 
