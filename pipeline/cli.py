@@ -155,7 +155,12 @@ def cmd_annotate(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in names}
     config = load_config(args.config, overrides)
     manifest = annotate(config)
-    print(json.dumps({"out": manifest["run_dir"], **manifest["counts"], "seconds": manifest["seconds"]}))
+    counts = manifest["counts"]
+    print(json.dumps({"out": manifest["run_dir"], **counts, "seconds": manifest["seconds"]}))
+    if counts["errors"] and not counts["annotated"]:  # a scheduled job must not pass for one that worked
+        print(f"camlabel annotate: no image was annotated; the reasons of all {counts['errors']} are in "
+              f"{printable(manifest['run_dir'])}/errors", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -326,6 +326,21 @@ def test_ray_starting_leaves_the_stop_handler_in_place():
         time.sleep(5)
 
 
+def test_a_run_where_every_image_fails_exits_1(local_ray, tmp_path, capsys):
+    """A scheduled job whose every image is an error must not pass for one that worked (it exited 0)."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(os.urandom(512))
+    out = tmp_path / "run"
+    assert main(["annotate", str(folder), "--out", str(out), "--input-size", "160"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["errors"] == 3
+    last = captured.err.strip().splitlines()[-1]
+    assert last == f"camlabel annotate: no image was annotated; the reasons of all 3 are in {out}/errors"
+    assert pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").count_rows() == 3
+
+
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
     from tests.test_inputs import ODD, encode, gradient
 
