@@ -7,13 +7,18 @@ its config so Ray Train's TorchTrainer can run it on many GPUs where a cluster i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
+import threading
+import uuid
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -168,29 +173,53 @@ def _train_on_ray(config: TrainConfig) -> dict:
     """The same loop under Ray Train: DDP across workers, the model comes back as a checkpoint. On a
     cluster of several nodes, --out's parent must be storage every node sees (it holds Ray's run folder)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .job import connect
 
     connect(config.address)
     out = Path(config.out).resolve()
+    storage = out.parent / ".camlabel-train"
+    run = f"{out.name}-{uuid.uuid4().hex[:8]}"  # Ray Train resumes a run folder of the same name: never an old one
+    level = logging.getLevelName(log.getEffectiveLevel())  # Ray Train's notices and the epochs' lines: -v only
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config=asdict(config),
+        _ray_worker, train_loop_config={"config": asdict(config), "log_level": level},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(ray.cluster_resources().get("GPU"))),
-        run_config=RunConfig(name=f"{out.name}-train", storage_path=str(out.parent / ".camlabel-train")))
-    result = trainer.fit()
-    out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as folder:
-        for name in (LOCALIZER_WEIGHTS, "classes.txt", LOCALIZER_FILE):  # the spec last: a folder with it is whole
-            atomic_write_bytes(out / name, (Path(folder) / name).read_bytes())
+        run_config=RunConfig(name=run, storage_path=str(storage), logging_config=LoggingConfig(log_level=level)))
+    try:
+        result = fitted(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        with result.checkpoint.as_directory() as folder:
+            for name in (LOCALIZER_WEIGHTS, "classes.txt", LOCALIZER_FILE):  # the spec last: a folder with it is whole
+                atomic_write_bytes(out / name, (Path(folder) / name).read_bytes())
+    finally:
+        shutil.rmtree(storage / run, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            storage.rmdir()  # unless another training is using it
     return json.loads((out / LOCALIZER_FILE).read_text())
+
+
+def fitted(trainer):
+    """trainer.fit(), waited for in Python: inside fit's ray.get, SIGTERM's Stopped waited for the training's
+    end and came out a SystemError (the model was written, exit 0). A stopped driver's exit ends the actors."""
+    done = Future()
+
+    def fit() -> None:
+        try:
+            done.set_result(trainer.fit())
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    threading.Thread(target=fit, name="ray-train-fit", daemon=True).start()
+    return done.result()
 
 
 def _ray_worker(values: dict) -> None:
     import ray.train
 
-    config = TrainConfig(**values)
+    logging.getLogger().setLevel(values["log_level"])  # Ray Train set INFO: each report and epoch a line
+    config = TrainConfig(**values["config"])
     model, config, base, classes, history = _train_loop(config, progress=False, distributed=True)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None

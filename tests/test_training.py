@@ -6,7 +6,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -189,6 +192,32 @@ def test_ray_train_workers_share_the_images_and_return_a_usable_model(tmp_path):
     loaded = load_model(model_dir=tmp_path / "model", device="cpu")
     assert loaded.class_names == list(CLASSES)
     assert json.loads((tmp_path / "model" / "localizer.json").read_text()) == spec
+    assert not (tmp_path / ".camlabel-train").exists(), "Ray Train's run folder stayed (a rerun resumed it)"
+
+
+def test_sigterm_stops_ray_train_at_once(tmp_path):
+    """Inside TorchTrainer.fit's ray.get, SIGTERM waited for the training's end: the model was written, exit 0."""
+    planted(tmp_path / "train", 20, seed=4)
+    out = tmp_path / "model"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "camlabel.pipeline.cli", "train", str(tmp_path / "train"), "--out", str(out),
+         "--epochs", "500", "--input-size", "96", "--batch-size", "5", "--workers", "2"],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any((tmp_path / ".camlabel-train").glob("model-*/*")):  # Ray Train's run
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a training that went on: not left running
+    assert time.time() - sent < 30, "training went on after SIGTERM"
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "camlabel train: stopped by SIGTERM; no file is left half-written"
+    assert not list(out.glob("*")) and not (tmp_path / ".camlabel-train").exists()
 
 
 def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
