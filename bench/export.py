@@ -49,7 +49,8 @@ def template_row() -> dict:
 
 def write_run(run_dir: Path, count: int, per_part: int) -> None:
     (run_dir / "annotations").mkdir(parents=True)
-    (run_dir / "manifest.json").write_text(json.dumps({"model": {"class_names": [f"class {i}" for i in range(1000)]}}))
+    names = [f"class {i}" for i in range(1000)]
+    (run_dir / "manifest.json").write_text(json.dumps({"source": "/data", "model": {"class_names": names}}))
     row = pa.Table.from_pylist([template_row()], schema=RESULTS)
     for start in range(0, count, per_part):
         n = min(per_part, count - start)

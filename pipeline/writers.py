@@ -181,9 +181,9 @@ def read_manifest(run_dir: Path | Location) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunError(f"{path} cannot be read as a camlabel manifest: {exc}") from None
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("model"), dict)
-            and isinstance(manifest["model"].get("class_names"), list)):
-        raise RunError(f"{path} is not a camlabel manifest (no model and class names): was it overwritten?")
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("source"), str)
+            and isinstance(manifest.get("model"), dict) and isinstance(manifest["model"].get("class_names"), list)):
+        raise RunError(f"{path} is not a camlabel manifest (no source, model and class names): was it overwritten?")
     return manifest
 
 

@@ -31,7 +31,7 @@ def run(tmp_path):
     for first in (0, 4, 8):
         rows = [result_row(i, 0 if i == 4 else 1 + i % 2) for i in range(first, min(first + 4, 11))]
         write_part(run_dir, pa.Table.from_pylist(rows, schema=RESULTS))
-    atomic_write_json(run_dir / "manifest.json", {"model": {"class_names": ["c0", "c1", "c2"]}})
+    atomic_write_json(run_dir / "manifest.json", {"source": "/data", "model": {"class_names": ["c0", "c1", "c2"]}})
     return run_dir
 
 
@@ -68,12 +68,15 @@ def test_a_run_named_twice_is_exported_once_and_never_overwritten(run, tmp_path,
     assert main(["export-coco", str(run), "--out", str(run / "coco.json")]) == 0  # beside the parts: fine
     other = tmp_path / "other"  # a run of a model with other classes: its ids would be read as this one's
     write_part(other, pa.Table.from_pylist([result_row(20, 1)], schema=RESULTS))
-    atomic_write_json(other / "manifest.json", {"model": {"class_names": ["disc", "square", "c2"]}})
+    atomic_write_json(other / "manifest.json", {"source": "/data", "model": {"class_names": ["disc", "square", "c2"]}})
     for flag in ([], ["--results"]):
         assert main(["export-coco", str(run), str(other), "--out", str(tmp_path / "mixed.json"), *flag]) == 2
         assert "made by a model with other classes" in capsys.readouterr().err
     (run / "manifest.json").write_text(json.dumps({"images": [], "annotations": []}))  # a COCO file in its place
     assert main(["export-coco", str(run), "--out", str(tmp_path / "again.json")]) == 2
+    assert "is not a camlabel manifest" in capsys.readouterr().err
+    (run / "manifest.json").write_text(json.dumps({"model": {"class_names": ["c0", "c1", "c2"]}}))  # no source
+    assert main(["export-masks", str(run), "--out", str(tmp_path / "masks")]) == 2  # was a KeyError traceback
     assert "is not a camlabel manifest" in capsys.readouterr().err
 
 
@@ -96,7 +99,7 @@ def test_sigterm_mid_export_leaves_the_old_file_and_no_temporary_one(tmp_path):
     rows = [result_row(i, 2) for i in range(100_000)]
     for first in range(0, len(rows), 25_000):
         write_part(run_dir, pa.Table.from_pylist(rows[first:first + 25_000], schema=RESULTS))
-    atomic_write_json(run_dir / "manifest.json", {"model": {"class_names": ["c0", "c1", "c2"]}})
+    atomic_write_json(run_dir / "manifest.json", {"source": "/data", "model": {"class_names": ["c0", "c1", "c2"]}})
     out = tmp_path / "coco.json"
     out.write_text("earlier")
     process = subprocess.Popen([sys.executable, "-m", "camlabel.pipeline.cli", "export-coco", str(run_dir),
