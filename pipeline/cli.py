@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    shown = logging.StreamHandler()
+    shown.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[shown])
     try:
         with stopped_by_signals():  # SIGTERM unwinds too: no command leaves a temporary file behind
             return COMMANDS[args.command](args)
@@ -134,6 +135,13 @@ def printable(message: str) -> str:
     """message in one line a terminal shows as written: control characters (a newline, an escape sequence quoted
     from a hostile file or file name) escaped."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines as error lines are: a file name's control characters escaped (a warning names skipped files)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
 
 
 def writable(folder: Path) -> Path:

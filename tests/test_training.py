@@ -195,6 +195,18 @@ def test_ray_train_workers_share_the_images_and_return_a_usable_model(tmp_path):
     assert not (tmp_path / ".camlabel-train").exists(), "Ray Train's run folder stayed (a rerun resumed it)"
 
 
+def test_a_warning_naming_a_hostile_file_prints_it_escaped(tmp_path):
+    """Warnings name files (a training image skipped): a name's terminal escape reaches the terminal escaped."""
+    planted(tmp_path / "train", 4, seed=5)
+    (tmp_path / "train" / "disc" / "\x1b[2J.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    done = subprocess.run([sys.executable, "-m", "camlabel.pipeline.cli", "train", str(tmp_path / "train"), "--out",
+                           str(tmp_path / "model"), "--epochs", "1", "--input-size", "64", "--val-fraction", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING camlabel.pipeline.train: skipping " in done.stderr and "\\x1b[2J.png" in done.stderr
+    assert "\x1b[2J" not in done.stderr
+
+
 def test_sigterm_stops_ray_train_at_once(tmp_path):
     """Inside TorchTrainer.fit's ray.get, SIGTERM waited for the training's end: the model was written, exit 0."""
     planted(tmp_path / "train", 20, seed=4)
