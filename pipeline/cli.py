@@ -1,4 +1,4 @@
-"""camlabel's command line: annotate, export-coco, export-masks, eval, train, report, runs, demo."""
+"""camlabel's command line: annotate, export-coco, export-masks, calibrate, train, report, runs, eval, demo."""
 
 from __future__ import annotations
 

@@ -178,6 +178,7 @@ def _train_on_ray(config: TrainConfig) -> dict:
 
     from .job import connect
 
+    _setup(config, torch.device("cpu"))  # a bad setting in one line here, not in every worker's traceback
     connect(config.address)
     out = Path(config.out).resolve()
     storage = out.parent / ".camlabel-train"
@@ -229,6 +230,19 @@ def _ray_worker(values: dict) -> None:
         ray.train.report(history[-1], checkpoint=checkpoint)
 
 
+def _setup(config: TrainConfig, device: torch.device):
+    """(base model, localizer to train, image paths, their labels, class names); a bad backbone, weights or
+    image folder is a ModelError or SourceError here, before any training."""
+    base = load_model(config.backbone, weights=config.weights, device=device)
+    paths, labels, classes = labelled_images(config.images, config.labels, base.class_names)
+    try:
+        model = GapLocalizer.from_classifier(base.model, base.target_layer, len(classes), width=config.width,
+                                             attention=config.ggam > 0).to(device)
+    except ValueError as exc:
+        raise ModelError(f"backbone {config.backbone}: {exc}") from exc
+    return base, model, paths, labels, classes
+
+
 def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
     """The training itself: (model, config, base model, classes, per-epoch history)."""
     torch.manual_seed(config.seed)
@@ -238,13 +252,7 @@ def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_model(config.backbone, weights=config.weights, device=device)
-    paths, labels, classes = labelled_images(config.images, config.labels, base.class_names)
-    try:
-        model = GapLocalizer.from_classifier(base.model, base.target_layer, len(classes), width=config.width,
-                                             attention=config.ggam > 0).to(device)
-    except ValueError as exc:
-        raise ModelError(f"backbone {config.backbone}: {exc}") from exc
+    base, model, paths, labels, classes = _setup(config, device)
     train_tf, val_tf = _transforms(config.input_size)
     held_out = [_in_validation(_relative(p, config.images), config.val_fraction) for p in paths]
     subset = [[i for i, h in enumerate(held_out) if h == want] for want in (False, True)]

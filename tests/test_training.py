@@ -249,6 +249,8 @@ def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
     (tmp_path / "images" / "empty").mkdir()  # a folder without images is no class
     with pytest.raises(SourceError, match=r"one class \(cat\); a localizer learns to tell two or more apart"):
         labelled_images(str(tmp_path / "images"), None, [])
+    with pytest.raises(SourceError, match=r"one class \(cat\)"):  # not each Ray Train worker's traceback
+        train(TrainConfig(images=str(tmp_path / "images"), out=str(tmp_path / "m"), workers=2), progress=False)
     (tmp_path / "labels.csv").write_bytes(b"file_name,labels\n1.png,\xd0\xff\n")  # not UTF-8: no traceback
     with pytest.raises(SourceError, match="cannot read labels"):
         labelled_images(str(tmp_path / "images"), str(tmp_path / "labels.csv"), ["cat", "dog"])
