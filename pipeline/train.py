@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from ..schemas.config import ConfigError
+from ..schemas.config import ConfigError, UserError
 from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.localizer import GapLocalizer, localizer_loss
 from ..workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
@@ -194,6 +194,8 @@ def _train_on_ray(config: TrainConfig) -> dict:
         with result.checkpoint.as_directory() as folder:
             for name in (LOCALIZER_WEIGHTS, "classes.txt", LOCALIZER_FILE):  # the spec last: a folder with it is whole
                 atomic_write_bytes(out / name, (Path(folder) / name).read_bytes())
+    except ray.train.WorkerGroupError as exc:  # images only the workers read: the workers' one line
+        raise next((e for e in exc.worker_failures.values() if isinstance(e, UserError)), exc) from None
     finally:
         shutil.rmtree(storage / run, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -288,6 +290,8 @@ def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
             schedule.step()
             totals += torch.tensor([loss.item() * len(images), _correct(logits, targets), len(images)])
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+        if epoch == 1:
+            _check_read(totals[2], len(train_set), config, distributed)
         seen = totals[2].clamp(min=1)
         record = {"epoch": epoch, "train_images": int(totals[2]), "train_loss": round(float(totals[0] / seen), 4),
                   "train_accuracy": round(float(totals[1] / seen), 4), **_validate(model, val_loader, device)}
@@ -296,6 +300,16 @@ def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
         if distributed and epoch < config.epochs:
             ray.train.report(record)
     return model, config, base, classes, history
+
+
+def _check_read(read: torch.Tensor, listed: int, config: TrainConfig, distributed: bool) -> None:
+    """A training that read no image learns nothing: refused, where it wrote a model of its random head."""
+    read = read.clone()
+    if distributed:
+        torch.distributed.all_reduce(read)  # every worker's share
+    if listed and not read:
+        raise SourceError(f"{config.labels or config.images}: none of the training images could be read "
+                          "(each is named above)")
 
 
 def _correct(logits: torch.Tensor, targets: torch.Tensor) -> int:

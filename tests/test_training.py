@@ -193,6 +193,16 @@ def test_ray_train_workers_share_the_images_and_return_a_usable_model(tmp_path):
     assert loaded.class_names == list(CLASSES)
     assert json.loads((tmp_path / "model" / "localizer.json").read_text()) == spec
     assert not (tmp_path / ".camlabel-train").exists(), "Ray Train's run folder stayed (a rerun resumed it)"
+    for path, _, _, _ in made:  # images only the workers read, none readable: their one line, not a WorkerGroupError
+        open(path, "wb").close()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        with pytest.raises(SourceError, match="none of the training images could be read"):
+            train(TrainConfig(images=str(tmp_path / "train"), out=str(tmp_path / "again"), epochs=1, input_size=96,
+                              batch_size=5, val_fraction=0, workers=2), progress=False)
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "again").exists() and not (tmp_path / ".camlabel-train").exists()
 
 
 def test_a_warning_naming_a_hostile_file_prints_it_escaped(tmp_path):
@@ -251,6 +261,13 @@ def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
         labelled_images(str(tmp_path / "images"), None, [])
     with pytest.raises(SourceError, match=r"one class \(cat\)"):  # not each Ray Train worker's traceback
         train(TrainConfig(images=str(tmp_path / "images"), out=str(tmp_path / "m"), workers=2), progress=False)
+    for name in ("dog/1.png", "dog/2.png", "cat/2.png"):
+        (tmp_path / "images" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "images" / name).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (tmp_path / "images" / "cat" / "1.png").write_bytes(b"")
+    with pytest.raises(SourceError, match="none of the training images could be read"):  # it wrote a model
+        train(TrainConfig(images=str(tmp_path / "images"), out=str(tmp_path / "m"), epochs=1), progress=False)
+    assert not (tmp_path / "m").exists()
     (tmp_path / "labels.csv").write_bytes(b"file_name,labels\n1.png,\xd0\xff\n")  # not UTF-8: no traceback
     with pytest.raises(SourceError, match="cannot read labels"):
         labelled_images(str(tmp_path / "images"), str(tmp_path / "labels.csv"), ["cat", "dog"])
