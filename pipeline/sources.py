@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
@@ -29,6 +30,11 @@ class SourceError(UserError):
 
 def _is_uri(path: str) -> bool:
     return "://" in path
+
+
+def is_glob(source: str) -> bool:
+    """A local source with `*`, `?` or `[` is a pattern, unless it names a folder (`photos[2024]/` is one)."""
+    return any(c in source for c in "*?[") and not os.path.isdir(source)
 
 
 def list_images(source: str) -> list[str]:
@@ -56,7 +62,7 @@ def image_listing(source: str) -> tuple[pa.Array, pa.Array]:
         paths = [i.path for i in infos if i.type == pafs.FileType.File]
         paths = [p for p in paths if fnmatch.fnmatch(p, pattern)] if pattern else paths
         return _sorted({prefix + p for p in paths if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES})
-    if any(c in source for c in "*?["):
+    if is_glob(source):
         return _sorted({os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)})
     if not os.path.isdir(source):
         raise SourceError(f"source {source!r} is not a directory, a glob, a .csv/.parquet manifest or a URI")
@@ -264,7 +270,7 @@ def relative_paths(paths: pa.Array, source: str) -> pa.Array:
     if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
         root = os.path.dirname(os.path.abspath(source))
     else:
-        root = source.split("*")[0] if any(c in source for c in "*?[") else source
+        root = re.split(r"[*?[]", source)[0] if is_glob(source) else source
         root = root if os.path.isdir(root) else os.path.dirname(root)
     root = os.path.abspath(root).rstrip("/") + "/"
     local = pc.if_else(pc.starts_with(paths, root), pc.utf8_slice_codeunits(paths, len(root)),

@@ -32,6 +32,7 @@ from ..schemas.tables import IMAGES, RESULTS
 from . import contents
 from .sources import (
     image_listing,
+    is_glob,
     labels_batches,
     labels_column,
     labels_table,
@@ -108,7 +109,7 @@ def _outside(paths: pa.Array, out: str, source: str) -> pa.Array:
     """paths less those below the folder or prefix out, unless the source itself lies there (then every
     image in it is the user's)."""
     below = _folder(out)
-    if _folder(re.split(r"[*?[]", source)[0]).startswith(below):
+    if _folder(re.split(r"[*?[]", source)[0] if is_glob(source) else source).startswith(below):
         return paths
     return paths.filter(pc.invert(pc.starts_with(paths, below)))
 

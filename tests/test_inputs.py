@@ -227,6 +227,19 @@ def test_listing_skips_symlink_loops_and_keeps_duplicates_by_name(tmp_path):
     assert len(list_images(str(tmp_path / "a" / "*.png"))) == 1
 
 
+def test_a_folder_whose_name_holds_glob_characters_is_a_folder(tmp_path):
+    """`shoot[2024]` was read as a pattern matching `shoot2`..., so its images were never listed: 0 inputs, exit 0."""
+    folder = tmp_path / "shoot[2024]" / "day?"
+    folder.mkdir(parents=True)
+    (folder / "a*.png").write_bytes(encode(Image.fromarray(gradient()), "PNG"))
+    (tmp_path / "shoot2").mkdir()
+    (tmp_path / "shoot2" / "decoy.png").write_bytes(encode(Image.fromarray(gradient()), "PNG"))
+    assert list_images(str(tmp_path / "shoot[2024]")) == [str(folder / "a*.png")]
+    assert relative_path(str(folder / "a*.png"), str(tmp_path / "shoot[2024]")) == "day?/a*.png"
+    # a pattern still matches as one
+    assert list_images(str(tmp_path / "shoot[0-9]" / "*.png")) == [str(tmp_path / "shoot2" / "decoy.png")]
+
+
 def test_manifest_rejects_paths_that_climb_out(tmp_path):
     (tmp_path / "m.csv").write_text("path\nimg/a.png\n../etc/passwd\n")
     with pytest.raises(SourceError, match=r"m.csv:3: path '../etc/passwd' climbs out"):
