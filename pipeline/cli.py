@@ -15,6 +15,7 @@ from pathlib import Path
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, UserError, load_config
 from .evaluate import evaluate, evaluate_label_maps
 from .signals import Stopped, stopped_by_signals
+from .sources import IMAGE_SUFFIXES
 from .writers import RunError
 
 log = logging.getLogger("camlabel")
@@ -165,6 +166,8 @@ def cmd_annotate(args) -> int:
     manifest = annotate(config)
     counts = manifest["counts"]
     print(json.dumps({"out": manifest["run_dir"], **counts, "seconds": manifest["seconds"]}))
+    if not counts["inputs"]:  # a mistyped pattern or an empty folder, not a run that found nothing new
+        log.warning("%s lists no images (%s)", config.source, " ".join(sorted(IMAGE_SUFFIXES)))
     if counts["errors"] and not counts["annotated"]:  # a scheduled job must not pass for one that worked
         print(f"camlabel annotate: no image was annotated; the reasons of all {counts['errors']} are in "
               f"{printable(manifest['run_dir'])}/errors", file=sys.stderr)

@@ -341,6 +341,13 @@ def test_a_run_where_every_image_fails_exits_1(local_ray, tmp_path, capsys):
     assert pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").count_rows() == 3
 
 
+def test_a_source_that_lists_no_images_is_named_in_a_warning(local_ray, tmp_path, caplog):
+    """A mistyped pattern (`*.JPG` for .jpg files) found nothing, and said nothing."""
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert main(["annotate", str(tmp_path / "*.JPG"), "--out", str(tmp_path / "run")]) == 0
+    assert f"{tmp_path}/*.JPG lists no images (.bmp .gif" in caplog.text
+
+
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
     from tests.test_inputs import ODD, encode, gradient
 
