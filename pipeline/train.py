@@ -189,13 +189,13 @@ def _train_on_ray(config: TrainConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(ray.cluster_resources().get("GPU"))),
         run_config=RunConfig(name=run, storage_path=str(storage), logging_config=LoggingConfig(log_level=level)))
     try:
-        result = fitted(trainer)
+        result = _fitted(trainer)
         out.mkdir(parents=True, exist_ok=True)
         with result.checkpoint.as_directory() as folder:
             for name in (LOCALIZER_WEIGHTS, "classes.txt", LOCALIZER_FILE):  # the spec last: a folder with it is whole
                 atomic_write_bytes(out / name, (Path(folder) / name).read_bytes())
-    except ray.train.WorkerGroupError as exc:  # images only the workers read: the workers' one line
-        raise next((e for e in exc.worker_failures.values() if isinstance(e, UserError)), exc) from None
+    except ray.train.WorkerGroupError as exc:
+        raise _as_user_error(exc) from None
     finally:
         shutil.rmtree(storage / run, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -203,7 +203,13 @@ def _train_on_ray(config: TrainConfig) -> dict:
     return json.loads((out / LOCALIZER_FILE).read_text())
 
 
-def fitted(trainer):
+def _as_user_error(failed: Exception) -> Exception:
+    """A Ray Train failure whose workers raised a UserError (images only the workers read, none readable): that
+    one line, not the group's tracebacks."""
+    return next((e for e in getattr(failed, "worker_failures", {}).values() if isinstance(e, UserError)), failed)
+
+
+def _fitted(trainer):
     """trainer.fit(), waited for in Python: inside fit's ray.get, SIGTERM's Stopped waited for the training's
     end and came out a SystemError (the model was written, exit 0). A stopped driver's exit ends the actors."""
     done = Future()
