@@ -113,13 +113,19 @@ def _rle(segmentation, height: int, width: int) -> dict:
     return segmentation
 
 
+def read_json(path: str | Path, what: str):
+    """A JSON file, or an EvaluationError naming it: missing, binary, not JSON, or nested past Python's recursion
+    limit (`[[[...]]]`: a RecursionError inside the parser)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise EvaluationError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+
+
 def load_predictions(pred: str | Path | list | dict) -> list[dict]:
     """A COCO results list, or a COCO dataset dict (its annotations), from a path or in memory."""
     if isinstance(pred, (str, Path)):
-        try:
-            pred = json.loads(Path(pred).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EvaluationError(f"cannot read predictions {pred}: {exc}") from exc
+        pred = read_json(pred, "predictions")
     if isinstance(pred, dict) and "annotations" not in pred:
         raise EvaluationError("predictions must be a COCO results list or a COCO dataset (this has no annotations)")
     anns = pred["annotations"] if isinstance(pred, dict) else pred
@@ -201,10 +207,7 @@ def evaluate(gt_path: str | Path | COCO, pred: str | Path | list | dict) -> dict
     """All figures for predictions against the COCO ground truth in gt_path (or already loaded)."""
     gt = gt_path if isinstance(gt_path, COCO) else load_ground_truth(gt_path)
     if isinstance(pred, (str, Path)):
-        try:
-            pred = json.loads(Path(pred).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EvaluationError(f"cannot read predictions {pred}: {exc}") from exc
+        pred = read_json(pred, "predictions")
     anns = load_predictions(pred)
     if isinstance(pred, dict) and pred.get("images"):
         anns = _match_images(gt, pred["images"], anns)
@@ -233,7 +236,7 @@ def load_ground_truth(path: str | Path, image_ids: set[int] | None = None) -> CO
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             gt = COCO(str(path))
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:  # missing, not JSON, not COCO
+        except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:  # not JSON, not COCO
             raise EvaluationError(f"cannot read ground truth {path}: {type(exc).__name__}: {exc}") from None
         _check_ground_truth(path, gt.dataset)
         if image_ids is not None:

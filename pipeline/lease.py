@@ -48,7 +48,7 @@ def _alive(pid: int) -> bool:
 def _holder(path: Location) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):  # gone meanwhile, or cut short by a crash: nobody holds it
+    except (OSError, ValueError, RecursionError):  # gone meanwhile, or cut short by a crash: nobody holds it
         return None
 
 

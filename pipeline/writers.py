@@ -179,8 +179,8 @@ def read_manifest(run_dir: Path | Location) -> dict:
         raise RunError(f"{run_dir} is not a camlabel run: it has no manifest.json")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunError(f"{path} cannot be read as a camlabel manifest: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # binary, not JSON, or nested past the parser's limit
+        raise RunError(f"{path} cannot be read as a camlabel manifest: {type(exc).__name__}: {exc}") from None
     if not (isinstance(manifest, dict) and isinstance(manifest.get("source"), str)
             and isinstance(manifest.get("model"), dict) and isinstance(manifest["model"].get("class_names"), list)):
         raise RunError(f"{path} is not a camlabel manifest (no source, model and class names): was it overwritten?")

@@ -187,8 +187,8 @@ def load_config(path: str | Path | None, overrides: dict) -> JobConfig:
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config: cannot read {path}: {exc}") from exc
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:  # `[[[...]]]`: too deep to parse
+            raise ConfigError(f"config: cannot read {path}: {type(exc).__name__}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {path} must hold a mapping of field: value")
         values.update(loaded)

@@ -371,6 +371,29 @@ def test_errors_quoting_a_hostile_file_print_one_plain_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "\x1b" not in err and "\x00" not in err
 
 
+def test_files_nested_past_the_parsers_limit_or_binary_are_one_line(tmp_path, capsys):
+    """`[[[...]]]` 200,000 deep raised RecursionError inside json and yaml, and binary predictions a
+    UnicodeDecodeError: tracebacks from eval, every command reading a manifest, and --config."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    (tmp_path / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(deep.read_text())
+    (tmp_path / "binary.json").write_bytes(b"\xd0\xff\x00" * 10)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    cases = ((["eval", "--gt", str(gt), "--pred", str(deep)], f"cannot read predictions {deep}: Recursion"),
+             (["eval", "--gt", str(deep), "--pred", str(gt)], f"cannot read ground truth {deep}: Recursion"),
+             (["eval", "--gt", str(gt), "--pred", str(tmp_path / "binary.json")], "UnicodeDecodeError"),
+             (["export-coco", str(tmp_path / "run"), "--out", str(tmp_path / "c.json")],
+              "manifest.json cannot be read as a camlabel manifest: RecursionError"),
+             (["annotate", "--config", str(tmp_path / "deep.yaml")], "config: cannot read"))
+    for command, line in cases:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert line in err and err.count("\n") == 1, err[-300:]
+
+
 def test_an_object_store_that_cannot_be_opened_or_listed_is_one_line(tmp_path, capsys):
     """A URI pyarrow refuses, and a store that does not answer (a closed port: no network, no such bucket):
     each names the URI and exits 2, where pyarrow's OSError was a traceback."""

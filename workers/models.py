@@ -173,7 +173,7 @@ def load_localizer(model_dir: str | Path, device: str | torch.device | None = No
         spec = json.loads((model_dir / LOCALIZER_FILE).read_text())
         backbone, classes = spec["backbone"], list(spec["classes"])
         width, attention = int(spec["width"]), bool(spec["attention"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ModelError(f"{model_dir} is not a model folder written by `camlabel train` ({exc})") from exc
     base = torchvision.models.get_model(backbone, weights=None).eval()
     fold_batch_norms(base)  # training started from folded weights: same module layout
