@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"camlabel {args.command}: {printable(str(exc))}", file=sys.stderr)
         return 2
     except Stopped as stop:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # now: what Ray's processes print as they go comes before the last line
         kept = (f"{stop.kept} images are kept in finished parts under {stop.run_dir}; run the same command to resume"
                 if stop.run_dir else "no file is left half-written")
         print(f"camlabel {args.command}: stopped by {stop.signal}; {kept}", file=sys.stderr)
