@@ -208,7 +208,8 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
     }
 
 
-def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlier: list[Location]) -> tuple[int, int]:
+def planned(config: JobConfig, class_names: list[str], run_dir: Location,
+            earlier: list[Location]) -> tuple[int, int, int]:
     """plan_work on a Ray worker; its errors (a bad manifest or labels file) are raised here as they are. A run
     stopped meanwhile ends the task, so that nothing writes into the run once its lease is given up. The driver
     waits in Python (a Future), where SIGTERM's Stopped is raised plainly: raised inside ray.get, it came out
@@ -279,7 +280,10 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         check_resumable(run_dir, manifest)
         connect(config.address)
         with stopped_by_signals(), recorded_if_stopped(run_dir, manifest):  # not before: Ray sets its own
-            inputs, todo = planned(config, loaded.class_names, run_dir, earlier)
+            inputs, todo, unmatched = planned(config, loaded.class_names, run_dir, earlier)
+            if unmatched:  # those images would quietly fall back to predicted classes
+                log.warning("%d file names in %s match no listed image, by path below the source or by bare file "
+                            "name", unmatched, config.labels)
             atomic_write_json(run_dir / "manifest.json", manifest)
             start = time.perf_counter()
             if todo:
@@ -288,7 +292,8 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
                 (run_dir / plan).unlink()
             manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
                              "seconds": round(time.perf_counter() - start, 2),
-                             "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo}})
+                             "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo,
+                                        **({"labels_unmatched": unmatched} if config.labels else {})}})
             atomic_write_json(run_dir / "manifest.json", manifest)
     return manifest
 

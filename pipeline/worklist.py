@@ -56,9 +56,11 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
               earlier: list[Location]) -> tuple[int, int]:
     """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
     read errors are retried: I/O may mend), with its labels ("i j", or "-" for none), and with earlier
-    runs, the index of their contents (pipeline.contents). Returns (inputs, images to do). Files whose
+    runs, the index of their contents (pipeline.contents). Returns (inputs, images to do, unmatched). Files whose
     names are not UTF-8 are settled here, as error rows. Nothing below config.out is listed (unless the
-    source lies there too): a job writing into its own source never annotates its report's overlays."""
+    source lies there too): a job writing into its own source never annotates its report's overlays. Also
+    returns how many names of the labels file match no listed image (a typo, or paths below another folder):
+    such an image falls back to predicted classes."""
     run_dir = Location.of(run_dir)
     run_dir.mkdir()
     scratch = Path(run_dir.path) if run_dir.local else None  # spills beside the run, else in local temp
@@ -72,14 +74,14 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     buckets = max(1, math.ceil(expected / BUCKET_ROWS))
     labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
     settled = (batch for d in (run_dir, *earlier) for batch in settled_batches(d))
-    inputs = todo = 0
+    inputs = todo = unmatched = 0
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".plan-") as spill:
         out = Path(spill) / WORK_LIST
         with pq.ParquetWriter(out, SCHEMA, compression="zstd") as writer:
             if buckets == 1:
-                inputs, todo = _plan_bucket(writer, config.source, _concat(listing, pa.string()),
-                                            _concat(settled, pa.string()),
-                                            None if labels is None else labels_table(labels))
+                inputs, todo, unmatched = _plan_bucket(writer, config.source, _concat(listing, pa.string()),
+                                                       _concat(settled, pa.string()),
+                                                       None if labels is None else labels_table(labels))
             else:
                 log.info("planning %d inputs in %d buckets", expected, buckets)
                 _spill_inputs(Path(spill), config, class_names, listing, settled, labels, buckets)
@@ -87,13 +89,13 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
                     listed, done, found = (_read_bucket(Path(spill), name, b) for name in ("listing", "settled",
                                                                                            "labels"))
                     counts = _plan_bucket(writer, config.source, _paths(listed), _paths(done), found)
-                    inputs, todo = inputs + counts[0], todo + counts[1]
+                    inputs, todo, unmatched = inputs + counts[0], todo + counts[1], unmatched + counts[2]
         (run_dir / WORK_LIST).put_file(out)
         if earlier:
             _index_contents(run_dir, earlier, Path(spill))
     if len(unnamed):
         _settle_unnamed(run_dir, unnamed)
-    return inputs + len(unnamed), todo
+    return inputs + len(unnamed), todo, unmatched
 
 
 def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array]:
@@ -122,17 +124,22 @@ def _folder(path: str) -> str:
 def _plan_bucket(writer: pq.ParquetWriter, source: str, listed: pa.ChunkedArray, settled: pa.ChunkedArray,
                  labels: pa.Table | None) -> tuple[int, int]:
     """One bucket's images to do, sorted by path, appended to the work list: an Arrow anti-join against
-    the settled paths, then the labels joined as a column. Returns (inputs, images to do)."""
+    the settled paths, then the labels joined as a column. Returns (inputs, images to do, label names that
+    match no listed image)."""
     unique = pc.unique(listed)
     unique = unique.take(pc.sort_indices(unique))
     todo = unique.filter(pc.invert(pc.is_in(unique, value_set=settled.combine_chunks())))
+    unmatched = 0
     if labels is not None:
         found = labels_column(todo, source, last_row_first(labels))
         column = pc.fill_null(pc.binary_join(pc.cast(found, pa.list_(pa.string())), " "), "-")
+        names = pc.unique(labels.column("file_name"))
+        keys = pa.concat_arrays([relative_paths(unique, source), _file_name(unique)])  # as labels_column matches
+        unmatched = len(names) - (pc.sum(pc.is_in(names, value_set=keys)).as_py() or 0)
     else:
         column = pa.array(["-"] * len(todo), pa.string())
     writer.write_table(pa.table({"path": todo, "labels": column}, schema=SCHEMA), row_group_size=WORK_ROW_GROUP)
-    return len(unique), len(todo)
+    return len(unique), len(todo), unmatched
 
 
 def _spill_inputs(spill: Path, config: JobConfig, class_names: list[str], listing: Iterable[pa.Array],

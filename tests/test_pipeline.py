@@ -341,11 +341,17 @@ def test_a_run_where_every_image_fails_exits_1(local_ray, tmp_path, capsys):
     assert pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").count_rows() == 3
 
 
-def test_a_source_that_lists_no_images_is_named_in_a_warning(local_ray, tmp_path, caplog):
-    """A mistyped pattern (`*.JPG` for .jpg files) found nothing, and said nothing."""
+def test_a_source_that_lists_no_images_and_labels_that_match_none_are_named_in_warnings(local_ray, tmp_path, caplog,
+                                                                                        capsys):
+    """A mistyped pattern (`*.JPG` for .jpg files) found nothing, and labels naming no listed image left
+    their images to predicted classes: both said nothing."""
     (tmp_path / "a.jpg").write_bytes(b"")
-    assert main(["annotate", str(tmp_path / "*.JPG"), "--out", str(tmp_path / "run")]) == 0
+    (tmp_path / "labels.csv").write_text("file_name,labels\na.jpg,1\n")
+    assert main(["annotate", str(tmp_path / "*.JPG"), "--out", str(tmp_path / "run"),
+                 "--labels", str(tmp_path / "labels.csv")]) == 0
     assert f"{tmp_path}/*.JPG lists no images (.bmp .gif" in caplog.text
+    assert f"1 file names in {tmp_path}/labels.csv match no listed image" in caplog.text
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["labels_unmatched"] == 1
 
 
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
