@@ -257,6 +257,14 @@ def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:
     return labels.column("labels").combine_chunks().take(at)
 
 
+def unmatched_names(paths: pa.Array, source: str, labels: pa.Table) -> int:
+    """How many file names of labels match none of paths, as labels_column matches them (a typo, or paths
+    below another folder): their images get no labels, unseen unless counted."""
+    names = pc.unique(labels.column("file_name"))
+    keys = pa.concat_arrays([relative_paths(paths, source), pc.replace_substring_regex(paths, r"^.*/", "")])
+    return len(names) - (pc.sum(pc.is_in(names, value_set=keys)).as_py() or 0)
+
+
 def _first(bad: pa.Array) -> int | None:
     index = pc.index(pc.fill_null(bad, True), True).as_py()
     return None if index < 0 else index

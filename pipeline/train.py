@@ -34,7 +34,7 @@ from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.localizer import GapLocalizer, localizer_loss
 from ..workers.models import LOCALIZER_FILE, LOCALIZER_WEIGHTS, ModelError, load_model
 from ..workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .sources import SourceError, labels_column, list_images, read_labels
+from .sources import SourceError, labels_column, list_images, read_labels, unmatched_names
 from .writers import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,11 @@ def labelled_images(images: str, labels: str | None, class_names: list[str]
         except SourceError:
             class_names = sorted({t for names in _label_tokens(labels) for t in names})
             table = read_labels(labels, class_names)
-        found = labels_column(pa.array(paths, pa.string()), images, table).to_pylist()
+        listed = pa.array(paths, pa.string())
+        found = labels_column(listed, images, table).to_pylist()
+        unmatched = unmatched_names(listed, images, table)
+        if unmatched:
+            log.warning("%d file names in %s match no image under %s", unmatched, labels, images)
     else:
         folders = [PurePosixPath(os.path.relpath(p, images)).parts for p in paths]
         class_names = sorted({parts[0] for parts in folders if len(parts) > 1})

@@ -40,6 +40,7 @@ from .sources import (
     manifest_batches,
     manifest_rows,
     relative_paths,
+    unmatched_names,
 )
 from .store import Location
 from .writers import parts_dataset, retire_read_errors, settled_batches, write_part
@@ -133,9 +134,7 @@ def _plan_bucket(writer: pq.ParquetWriter, source: str, listed: pa.ChunkedArray,
     if labels is not None:
         found = labels_column(todo, source, last_row_first(labels))
         column = pc.fill_null(pc.binary_join(pc.cast(found, pa.list_(pa.string())), " "), "-")
-        names = pc.unique(labels.column("file_name"))
-        keys = pa.concat_arrays([relative_paths(unique, source), _file_name(unique)])  # as labels_column matches
-        unmatched = len(names) - (pc.sum(pc.is_in(names, value_set=keys)).as_py() or 0)
+        unmatched = unmatched_names(unique, source, labels)
     else:
         column = pa.array(["-"] * len(todo), pa.string())
     writer.write_table(pa.table({"path": todo, "labels": column}, schema=SCHEMA), row_group_size=WORK_ROW_GROUP)

@@ -271,6 +271,17 @@ def test_bad_training_and_model_dir_settings_fail_naming_the_field(tmp_path):
         labelled_images(str(tmp_path / "images"), str(tmp_path / "labels.csv"), ["cat", "dog"])
 
 
+def test_label_names_that_match_no_image_are_counted_in_a_warning(tmp_path, caplog):
+    """A labels CSV naming files by another folder's paths trained on what matched and said nothing."""
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / name)
+    (tmp_path / "labels.csv").write_text("file_name,labels\n1.png,cat\na/2.png,dog\nmissing.png,cat\nb/2.png,dog\n")
+    paths, labels, classes = labelled_images(str(tmp_path / "images"), str(tmp_path / "labels.csv"), ["cat", "dog"])
+    assert len(paths) == 2 and labels == [[0], [1]] and classes == ["cat", "dog"]
+    assert f"2 file names in {tmp_path}/labels.csv match no image under" in caplog.text  # by bare name, by path
+
+
 def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed(monkeypatch):
     empty = mask_utils.encode(np.zeros((100, 100), np.uint8, order="F"))["counts"].decode("ascii")
     row = {"height": 100, "width": 100, "heatmaps": [], "annotations": [
