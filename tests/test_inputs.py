@@ -209,7 +209,7 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_job(tmp_path)
         f.write(photo)
     config = JobConfig(source=str(tmp_path / "src"), out=str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
-    assert plan_work(config, ["a"], tmp_path / "run", []) == (2, 1)
+    assert plan_work(config, ["a"], tmp_path / "run", []) == (2, 1, 0)
     assert pq.read_table(tmp_path / "run" / WORK_LIST).column("path").to_pylist() == [str(tmp_path / "src" / "ok.png")]
     errors = pq.read_table(tmp_path / "run" / "errors").to_pylist()
     assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "src" / "bad\\xff.png"), "list")]
