@@ -301,7 +301,7 @@ def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
             totals += torch.tensor([loss.item() * len(images), _correct(logits, targets), len(images)])
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
         if epoch == 1:
-            _check_read(totals[2], len(train_set), config, distributed)
+            _check_read(totals[2], len(train_set), config, device if distributed else None)
         seen = totals[2].clamp(min=1)
         record = {"epoch": epoch, "train_images": int(totals[2]), "train_loss": round(float(totals[0] / seen), 4),
                   "train_accuracy": round(float(totals[1] / seen), 4), **_validate(model, val_loader, device)}
@@ -312,11 +312,12 @@ def _train_loop(config: TrainConfig, progress: bool, distributed: bool = False):
     return model, config, base, classes, history
 
 
-def _check_read(read: torch.Tensor, listed: int, config: TrainConfig, distributed: bool) -> None:
-    """A training that read no image learns nothing: refused, where it wrote a model of its random head."""
-    read = read.clone()
-    if distributed:
-        torch.distributed.all_reduce(read)  # every worker's share
+def _check_read(read: torch.Tensor, listed: int, config: TrainConfig, ddp_device: torch.device | None) -> None:
+    """A training that read no image learns nothing: refused, where it wrote a model of its random head. Under
+    DDP the workers' counts are summed on their device (NCCL reduces CUDA tensors only)."""
+    if ddp_device is not None:
+        read = read.to(ddp_device, copy=True)  # a copy: the epoch's record keeps this worker's own count
+        torch.distributed.all_reduce(read)
     if listed and not read:
         raise SourceError(f"{config.labels or config.images}: none of the training images could be read "
                           "(each is named above)")
