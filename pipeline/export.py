@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import ConfigError
 from .store import Location, atomic_file
-from .writers import PARTS, RunError, atomic_write_json, check_parts, read_manifest, run_folders
+from .writers import PARTS, RunError, atomic_write_json, check_parts, read_manifest, run_folders, warn_if_unfinished
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
     check_outside_runs(out, runs)
     for run in runs:
         check_parts(run)
+        warn_if_unfinished(run, read_manifest(run))
     names = run_class_names(runs[0]) if runs else []
     other = next((run for run in runs[1:] if run_class_names(run) != names), None)
     if other is not None:  # one category list: another model's classes would take this one's ids

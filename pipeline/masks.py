@@ -20,7 +20,7 @@ from PIL import Image
 
 from .sources import relative_paths
 from .store import Location
-from .writers import PARTS, atomic_write_bytes, atomic_write_json, check_parts, read_manifest
+from .writers import PARTS, atomic_write_bytes, atomic_write_json, check_parts, read_manifest, warn_if_unfinished
 
 MASK_BATCH = 16  # rows per mask-writing task: a row's label map is full size
 
@@ -109,6 +109,7 @@ def export_masks(run_dir: str | Path, out: Path, low: float = 0.3, high: float =
     run_dir, out = Location.of(run_dir), Path(out)
     manifest = read_manifest(run_dir)
     check_parts(run_dir)
+    warn_if_unfinished(run_dir, manifest)
     names = manifest["model"]["class_names"]
     ignore = ignore_value(len(names))
     colours = voc_palette() if palette and ignore == 255 else None

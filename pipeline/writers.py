@@ -187,6 +187,15 @@ def read_manifest(run_dir: Path | Location) -> dict:
     return manifest
 
 
+def warn_if_unfinished(run_dir: Path | Location, manifest: dict) -> None:
+    """A run stopped, or still running (or its driver killed), holds its finished parts only: read as it is,
+    with a warning, not passed off as the whole collection."""
+    status = manifest.get("status")
+    if status not in (None, "finished"):
+        log.warning("%s has not finished (status %s): only the images of its finished parts are read; run its "
+                    "annotate command again to finish it", run_dir, status)
+
+
 def run_folders(root: Path | Location) -> list[Location]:
     """The runs under an incremental root (root/runs/<run-id>/ with a manifest), oldest first."""
     return [run for run in (Location.of(root) / "runs").folders() if (run / "manifest.json").is_file()]

@@ -80,6 +80,17 @@ def test_a_run_named_twice_is_exported_once_and_never_overwritten(run, tmp_path,
     assert "is not a camlabel manifest" in capsys.readouterr().err
 
 
+def test_a_run_that_has_not_finished_is_exported_with_a_warning(run, tmp_path, caplog):
+    """A stopped run (or one whose driver was killed: still `running`) was exported as if whole, silently."""
+    for status, warned in (("stopped", True), ("running", True), ("finished", False)):
+        atomic_write_json(run / "manifest.json", {"source": "/data", "status": status,
+                                                  "model": {"class_names": ["c0", "c1", "c2"]}})
+        caplog.clear()
+        assert export_coco([run], tmp_path / "coco.json")["images"] == 11
+        assert (f"{run} has not finished (status {status}): only the images of its finished parts" in caplog.text) \
+            is warned
+
+
 def test_a_damaged_part_is_named_not_a_traceback(run, tmp_path, capsys):
     """Parts are written whole; one cut short later (a partial copy) stops the readers in one line naming it."""
     part = sorted((run / "annotations").glob("part-*"))[1]
