@@ -281,7 +281,6 @@ def cmd_runs(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.label_maps:
-
         print(json.dumps(evaluate_label_maps(args.gt, args.label_maps), indent=2))
     else:
         print(json.dumps(evaluate(args.gt, args.pred), indent=2))
