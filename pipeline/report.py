@@ -183,7 +183,8 @@ def _page(manifest: dict, images: int, classes: Counter, sizes, scores, figures:
         "run": manifest.get("run_dir", ""), "source": manifest.get("source", ""), "images annotated": images,
         "annotations": sum(classes.values()), "errors": error_count, "model": model.get("name", ""),
         "weights sha256": model.get("weights_sha256") or "", "method": config.get("method", ""),
-        "input size": config.get("input_size", ""), "finished": manifest.get("finished", ""),
+        "input size": config.get("input_size", ""), "status": manifest.get("status", ""),
+        "finished": manifest.get("finished", ""),
     }
     top = max(classes.values(), default=1)
     class_rows = "".join(f'<tr><td>{e(name)}</td><td>{n}</td><td><span class="bar" style="width:{200 * n / top:.0f}px">'

@@ -89,6 +89,8 @@ def test_a_run_that_has_not_finished_is_exported_with_a_warning(run, tmp_path, c
         assert export_coco([run], tmp_path / "coco.json")["images"] == 11
         assert (f"{run} has not finished (status {status}): only the images of its finished parts" in caplog.text) \
             is warned
+        assert main(["report", str(run), "--out", str(tmp_path / status), "--gallery", "0"]) == 0
+        assert f"<tr><th>status</th><td>{status}</td></tr>" in (tmp_path / status / "report.html").read_text()
 
 
 def test_a_damaged_part_is_named_not_a_traceback(run, tmp_path, capsys):
