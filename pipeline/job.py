@@ -34,7 +34,7 @@ from .plan import annotate_stream, plan_resources
 from .signals import Stopped, kept_from_ray, stopped_by_signals
 from .store import Location, StoreError
 from .worklist import WORK_LIST, plan_work
-from .writers import atomic_write_json, read_manifest, run_counts, run_folders
+from .writers import RunError, atomic_write_json, io_reason, read_manifest, run_counts, run_folders
 
 log = logging.getLogger(__name__)
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
@@ -66,6 +66,9 @@ def connect(address: str | None) -> None:
     """Join the cluster at address (or RAY_ADDRESS); without one, start a private local Ray (not a
     cluster that someone's `ray start` left running on this machine, which plain ray.init() would join).
     Ray's own notices are shown only with -v: a run prints its progress bar and one summary line."""
+    context = ray.data.DataContext.get_current()  # this process's, read by each dataset it builds
+    context.enable_progress_bars = False
+    context.raise_original_map_exception = True  # an actor's OSError (a full disk) reaches us as itself
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -81,7 +84,6 @@ def connect(address: str | None) -> None:
     with kept_from_ray():
         ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
                  log_to_driver=True, include_dashboard=False if not address else None)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     if not verbose:
         drop_false_alarm()
 
@@ -287,7 +289,11 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
             atomic_write_json(run_dir / "manifest.json", manifest)
             start = time.perf_counter()
             if todo:
-                stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
+                try:
+                    stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
+                except OSError as exc:  # writing the run: a full disk, a lost mount, a store refusing a write
+                    raise RunError(f"{run_dir}: {io_reason(exc)}; the parts written are kept: mend it (free space, "
+                                   "remount) and run the same command to resume") from None
             for plan in (WORK_LIST, contents.HASHES, contents.IMAGES):
                 (run_dir / plan).unlink()
             manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),

@@ -20,7 +20,16 @@ from PIL import Image
 
 from .sources import relative_paths
 from .store import Location
-from .writers import PARTS, atomic_write_bytes, atomic_write_json, check_parts, read_manifest, warn_if_unfinished
+from .writers import (
+    PARTS,
+    RunError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_parts,
+    io_reason,
+    read_manifest,
+    warn_if_unfinished,
+)
 
 MASK_BATCH = 16  # rows per mask-writing task: a row's label map is full size
 
@@ -119,9 +128,13 @@ def export_masks(run_dir: str | Path, out: Path, low: float = 0.3, high: float =
         connect(None)
         rows = ray.data.read_parquet(parts, filesystem=run_dir.fs)
         rows = rows.select_columns(["path", "width", "height", "heatmaps"])
-        written = rows.map_batches(write_label_maps, batch_size=MASK_BATCH, batch_format="pyarrow", fn_kwargs={
-            "out": str(out.resolve()), "source": manifest["source"], "low": low, "high": high, "ignore": ignore,
-            "palette": colours}).sum("written")
+        try:
+            written = rows.map_batches(write_label_maps, batch_size=MASK_BATCH, batch_format="pyarrow", fn_kwargs={
+                "out": str(out.resolve()), "source": manifest["source"], "low": low, "high": high, "ignore": ignore,
+                "palette": colours}).sum("written")
+        except OSError as exc:  # a full disk: every PNG written is whole, a rerun writes them all again
+            raise RunError(f"{io_reason(exc)}, reading {run_dir} or writing under {out}; every label map written is "
+                           "whole: run it again once mended") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("background\n" + "\n".join(names) + "\n")
     summary = {"run": str(run_dir), "run_manifest": manifest, "images": written, "low": low, "high": high,

@@ -187,6 +187,13 @@ def read_manifest(run_dir: Path | Location) -> dict:
     return manifest
 
 
+def io_reason(exc: OSError) -> str:
+    """`[Errno 28] No space left on device`, also for an actor's OSError raised through Ray (its `cause`;
+    Ray Data appends its own advice to the filename)."""
+    cause = getattr(exc, "cause", exc)
+    return f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
+
+
 def warn_if_unfinished(run_dir: Path | Location, manifest: dict) -> None:
     """A run stopped, or still running (or its driver killed), holds its finished parts only: read as it is,
     with a warning, not passed off as the whole collection."""

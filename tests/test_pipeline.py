@@ -173,6 +173,19 @@ def fails_on(file_name):
     return patch
 
 
+def disk_full():
+    def patch():
+        import errno
+
+        from camlabel.pipeline import writers
+
+        def full(*_args, **_kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        writers.atomic_write_table = full  # every part the actors write
+    return patch
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the patches travel to the workers by value
 
 
@@ -194,6 +207,22 @@ def test_a_model_that_fails_on_one_image_loses_only_that_image(collection, tmp_p
     assert "injected" in next(e["reason"] for e in errors if e["stage"] == "annotate")
     assert [os.path.basename(r["path"]) for r in rows(out)] == ["astronaut.png", "coffee.png", "horse.png",
                                                                 "rocket.jpg"]
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes_it(collection, tmp_path, capsys):
+    """ENOSPC in the actors that write the parts was Ray Data's traceback, 120 lines, and exit 1."""
+    with_fault(disk_full())
+    out = tmp_path / "run"
+    command = ["annotate", str(collection), "--out", str(out), "--input-size", "160", "--no-flip"]
+    assert main(command) == 2
+    err = capsys.readouterr().err  # Ray Data logs the failure too, quietly only in a Ray that camlabel starts
+    assert err.strip().splitlines()[-1] == (f"camlabel annotate: {out}: [Errno 28] No space left on device; the parts "
+                                            "written are kept: mend it (free space, remount) and run the same command "
+                                            "to resume")
+    with_fault(None)
+    assert main(command) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["annotated"], summary["errors"]) == (5, 1)
 
 
 @pytest.fixture(scope="module")
