@@ -253,7 +253,7 @@ def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:
     path relative to the source, else by its bare file name: a join in Arrow compute."""
     names = labels.column("file_name").combine_chunks()
     at = pc.coalesce(pc.index_in(relative_paths(paths, source), value_set=names),
-                     pc.index_in(pc.replace_substring_regex(paths, r"^.*/", ""), value_set=names))
+                     pc.index_in(file_names(paths), value_set=names))
     return labels.column("labels").combine_chunks().take(at)
 
 
@@ -261,8 +261,13 @@ def unmatched_names(paths: pa.Array, source: str, labels: pa.Table) -> int:
     """How many file names of labels match none of paths, as labels_column matches them (a typo, or paths
     below another folder): their images get no labels, unseen unless counted."""
     names = pc.unique(labels.column("file_name"))
-    keys = pa.concat_arrays([relative_paths(paths, source), pc.replace_substring_regex(paths, r"^.*/", "")])
+    keys = pa.concat_arrays([relative_paths(paths, source), file_names(paths)])
     return len(names) - (pc.sum(pc.is_in(names, value_set=keys)).as_py() or 0)
+
+
+def file_names(paths: pa.Array) -> pa.Array:
+    """Each path's bare file name, what a label row names when it gives no folder."""
+    return pc.replace_substring_regex(paths, r"^.*/", "")
 
 
 def _first(bad: pa.Array) -> int | None:

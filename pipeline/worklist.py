@@ -31,6 +31,7 @@ from ..schemas.config import JobConfig
 from ..schemas.tables import IMAGES, RESULTS
 from . import contents
 from .sources import (
+    file_names,
     image_listing,
     is_glob,
     labels_batches,
@@ -54,14 +55,13 @@ SCHEMA = pa.schema([("path", pa.string()), ("labels", pa.string())])
 
 
 def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Location,
-              earlier: list[Location]) -> tuple[int, int]:
+              earlier: list[Location]) -> tuple[int, int, int]:
     """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
     read errors are retried: I/O may mend), with its labels ("i j", or "-" for none), and with earlier
-    runs, the index of their contents (pipeline.contents). Returns (inputs, images to do, unmatched). Files whose
+    runs, the index of their contents (pipeline.contents). Returns (inputs, images to do, names of the labels
+    file that match no listed image: their images fall back to predicted classes). Files whose
     names are not UTF-8 are settled here, as error rows. Nothing below config.out is listed (unless the
-    source lies there too): a job writing into its own source never annotates its report's overlays. Also
-    returns how many names of the labels file match no listed image (a typo, or paths below another folder):
-    such an image falls back to predicted classes."""
+    source lies there too): a job writing into its own source never annotates its report's overlays."""
     run_dir = Location.of(run_dir)
     run_dir.mkdir()
     scratch = Path(run_dir.path) if run_dir.local else None  # spills beside the run, else in local temp
@@ -123,7 +123,7 @@ def _folder(path: str) -> str:
 
 
 def _plan_bucket(writer: pq.ParquetWriter, source: str, listed: pa.ChunkedArray, settled: pa.ChunkedArray,
-                 labels: pa.Table | None) -> tuple[int, int]:
+                 labels: pa.Table | None) -> tuple[int, int, int]:
     """One bucket's images to do, sorted by path, appended to the work list: an Arrow anti-join against
     the settled paths, then the labels joined as a column. Returns (inputs, images to do, label names that
     match no listed image)."""
@@ -148,20 +148,16 @@ def _spill_inputs(spill: Path, config: JobConfig, class_names: list[str], listin
     name in any folder), else its path relative to the source (a settled path is the same path, a label
     the same relative path), so that a collection of `image.jpg` in every folder still spreads."""
     bare = config.labels is not None and _names_bare_files(labels_batches(config.labels, class_names, SPILL_ROWS))
-    path_key = _file_name if bare else partial(relative_paths, source=config.source)
+    path_key = file_names if bare else partial(relative_paths, source=config.source)
     for name, tables, column, key in (("listing", _tables(listing), "path", path_key),
                                       ("settled", _tables(settled), "path", path_key),
-                                      ("labels", labels or (), "file_name", _file_name if bare else None)):
+                                      ("labels", labels or (), "file_name", file_names if bare else None)):
         _spill(spill, name, tables, partial(_by_key, column=column, key=key, buckets=buckets), buckets)
 
 
 def bucket_of(keys: pa.Array, buckets: int) -> np.ndarray:
     """Each key's bucket: a CRC of it (a Python loop: about 4 s per million keys, planning only)."""
     return np.fromiter((zlib.crc32(k.encode()) for k in keys.to_pylist()), np.int64, len(keys)) % buckets
-
-
-def _file_name(paths: pa.Array) -> pa.Array:
-    return pc.replace_substring_regex(paths, r"^.*/", "")
 
 
 def _names_bare_files(labels: Iterable[pa.Table]) -> bool:
