@@ -212,18 +212,22 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
 
 def planned(config: JobConfig, class_names: list[str], run_dir: Location,
             earlier: list[Location]) -> tuple[int, int, int]:
-    """plan_work on a Ray worker; its errors (a bad manifest or labels file) are raised here as they are. A run
-    stopped meanwhile ends the task, so that nothing writes into the run once its lease is given up. The driver
-    waits in Python (a Future), where SIGTERM's Stopped is raised plainly: raised inside ray.get, it came out
-    as a SystemError."""
+    """plan_work on a Ray worker: (images listed, images to do, label names that match no listed image). Its
+    errors (a bad manifest or labels file) are raised here as they are. A run stopped meanwhile ends the task,
+    so that nothing writes into the run once its lease is given up. The driver waits in Python (a Future),
+    where SIGTERM's Stopped is raised plainly: raised inside ray.get, it came out as a SystemError."""
     task = ray.remote(num_cpus=PLAN_CPUS)(plan_work).remote(config, class_names, run_dir, earlier)
     try:
-        return task.future().result()
+        inputs, todo, unmatched = task.future().result()
     except ray.exceptions.RayTaskError as exc:
         raise exc.cause from None
     except Stopped:
         ray.cancel(task, force=True)
         raise
+    if unmatched:  # those images would quietly fall back to predicted classes
+        log.warning("%d file names in %s match no listed image, by path below the source or by bare file name",
+                    unmatched, config.labels)
+    return inputs, todo, unmatched
 
 
 def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Location, earlier: list[Location],
@@ -248,6 +252,9 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
             bar.update(images)
             done += images
             busy += float(pc.sum(status.column("seconds")).as_py())
+    except OSError as exc:  # writing the run: a full disk, a lost mount, a store refusing a write
+        raise RunError(f"{run_dir}: {io_reason(exc)}; the parts written are kept: mend it (free space, remount) "
+                       "and run the same command to resume") from None
     finally:
         bar.close()
     if busy:  # throughput with the actors up and the model loaded, the figure that scales: each actor's
@@ -283,25 +290,24 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         connect(config.address)
         with stopped_by_signals(), recorded_if_stopped(run_dir, manifest):  # not before: Ray sets its own
             inputs, todo, unmatched = planned(config, loaded.class_names, run_dir, earlier)
-            if unmatched:  # those images would quietly fall back to predicted classes
-                log.warning("%d file names in %s match no listed image, by path below the source or by bare file "
-                            "name", unmatched, config.labels)
             atomic_write_json(run_dir / "manifest.json", manifest)
             start = time.perf_counter()
             if todo:
-                try:
-                    stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
-                except OSError as exc:  # writing the run: a full disk, a lost mount, a store refusing a write
-                    raise RunError(f"{run_dir}: {io_reason(exc)}; the parts written are kept: mend it (free space, "
-                                   "remount) and run the same command to resume") from None
-            for plan in (WORK_LIST, contents.HASHES, contents.IMAGES):
-                (run_dir / plan).unlink()
-            manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
-                             "seconds": round(time.perf_counter() - start, 2),
-                             "counts": {"inputs": inputs, **run_counts(run_dir), "this_run": todo,
-                                        **({"labels_unmatched": unmatched} if config.labels else {})}})
-            atomic_write_json(run_dir / "manifest.json", manifest)
+                stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
+            counts = {"inputs": inputs, **run_counts(run_dir), "this_run": todo,
+                      **({"labels_unmatched": unmatched} if config.labels else {})}
+            record_finished(run_dir, manifest, counts, time.perf_counter() - start)
     return manifest
+
+
+def record_finished(run_dir: Location, manifest: dict, counts: dict, seconds: float) -> None:
+    """The run's plans go and its manifest says `finished`, with its counts: last, so that a run whose driver
+    died before it is resumed, not taken for whole."""
+    for plan in (WORK_LIST, contents.HASHES, contents.IMAGES):
+        (run_dir / plan).unlink()
+    manifest.update({"run_dir": str(run_dir), "status": "finished", "finished": datetime.now(UTC).isoformat(),
+                     "seconds": round(seconds, 2), "counts": counts})
+    atomic_write_json(run_dir / "manifest.json", manifest)
 
 
 @contextmanager
