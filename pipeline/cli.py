@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -148,14 +149,24 @@ class PrintableFormatter(logging.Formatter):
 
 
 def writable(folder: Path) -> Path:
-    """folder, created if need be, once a file could be written in it: a command fails before its work, in one
-    line naming the folder, not with a traceback after it (a file of that name, a read-only parent)."""
+    """folder, once a file could be written in it: a command fails before its work, in one line naming the
+    folder, not with a traceback after it (a file of that name, a read-only parent). The folders made to
+    check are removed again: a command refused later (a bad run, no images) leaves none behind, and each
+    command makes its output's folder as it writes there."""
+    made = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        for parent in reversed((folder, *folder.parents)):
+            if not parent.is_dir():
+                parent.mkdir()
+                made.append(parent)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise ConfigError(f"out: cannot write in {folder}: {exc}") from None
+    finally:
+        for parent in reversed(made):
+            with contextlib.suppress(OSError):  # unless another process wrote there meanwhile
+                parent.rmdir()
     return folder
 
 
@@ -191,6 +202,7 @@ def cmd_demo(args) -> int:
     photos = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
               "camera.png"]
     out = writable(Path(args.out))
+    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "demo_manifest.csv"
     manifest_path.write_text("path\n" + "".join(f"{data / p}\n" for p in photos))
     earlier = out / "run" / "manifest.json"

@@ -437,6 +437,19 @@ def test_an_output_that_cannot_be_written_exits_2_before_any_work(tmp_path, caps
     assert err.startswith(f"camlabel {command[0]}: out: cannot write in {tmp_path / 'a_file'}") and "\n" not in err
 
 
+@pytest.mark.parametrize("command", [["export-coco", "{run}", "--out", "{new}/coco.json"],
+                                     ["export-masks", "{run}", "--out", "{new}"], ["report", "{run}", "--out", "{new}"],
+                                     ["calibrate", "{tmp}", "--gt", "{tmp}/gt.json", "--out", "{new}/t.yaml"],
+                                     ["train", "{tmp}", "--out", "{new}/model"]])
+def test_a_command_refused_after_its_output_was_checked_leaves_no_folder_behind(tmp_path, capsys, command):
+    """The output's folders are made to check that they can be written, then removed: a command refused after
+    (no run there, no ground truth, no images) leaves no empty folder."""
+    args = [c.format(run=tmp_path / "no_run", new=tmp_path / "new" / "out", tmp=tmp_path) for c in command]
+    assert main(args) == 2
+    assert "cannot write" not in capsys.readouterr().err  # refused after the check, not by it
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("incremental", [True, False])
 def test_a_plain_run_and_an_incremental_root_never_share_a_folder(tmp_path, capsys, incremental):
     """Neither would see the other's images, and an export of the folder would leave the plain run out."""
