@@ -30,7 +30,7 @@ def main(config: str, out: str) -> None:
     stamps = [s for s in json.loads(Path(cfg["stamps"]).read_text())
               if s["imagenet_index"] in set(cfg["imagenet_indices"])]
     backgrounds = [Image.open(p).convert("RGB") for p in cfg["backgrounds"]]
-    names = [line.strip().split(",")[0] for line in open(NAMES)]
+    names = [line.strip().split(",")[0] for line in Path(NAMES).read_text().splitlines()]
     folder = Path(out)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, annotations, rows = [], [], []
