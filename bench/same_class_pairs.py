@@ -5,17 +5,30 @@ the top box of a class per image, cannot find it).
 
     python -m bench.same_class_pairs bench/sets/other-pairs.json /tmp/sets/other-pairs
     python -m bench.localisation --methods cam --settings labels --threads 1 --data /tmp/sets/other-pairs
+    python -m bench.same_class_pairs --found /tmp/sets/other-pairs
+
+--found: with labels and the default settings, in how many images none, one or both of the two objects are
+found by some box of their class (IoU >= 0.5), by how the two lie: overlapping, apart, or near (their boxes
+less than a tenth of their mean width or height apart).
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
+import torch
+from camlabel.schemas.config import AnnotateSettings
+from camlabel.workers.annotator import Annotator
+from camlabel.workers.models import load_model
 from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.io import ImageReadMode, decode_image
 
 TOOL = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/tools/make_composites.py"
 NAMES = "/usr/share/doc/opencv-doc/examples/data/dnn/classification_classes_ILSVRC2012.txt"
@@ -53,5 +66,42 @@ def main(config: str, out: str) -> None:
     print(f"{len(images)} images, {len(annotations)} objects, {len(used)} classes -> {folder}")
 
 
+def found(data: Path) -> None:
+    """Print how many of each image's two objects some box of their class finds, by how the two lie."""
+    torch.set_num_threads(1)
+    gt = json.loads((data / "gt.json").read_text())
+    with open(data / "labels.csv") as f:
+        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+    objects: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        objects.setdefault(a["image_id"], []).append(a)
+    annotator = Annotator(load_model(), AnnotateSettings())
+    counts: Counter = Counter()
+    for im in gt["images"]:
+        image = decode_image(str(data / "images" / im["file_name"]), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)
+        a, b = objects[im["id"]]
+        boxes = [p.bbox for p in annotator([image], [labels[im["file_name"]]]).labels[0]
+                 if p.class_index + 1 == a["category_id"]]
+        hits = sum(bool(boxes) and mask_utils.iou(boxes, [o["bbox"]], [0]).max() >= 0.5 for o in (a, b))
+        counts[how_they_lie(a["bbox"], b["bbox"]), hits] += 1
+    print("| the two objects | images | neither found | one | both |\n|---|---|---|---|---|")
+    for lie in ("apart", "near", "overlapping"):
+        row = [counts[lie, n] for n in range(3)]
+        print(f"| {lie} | {sum(row)} | " + " | ".join(map(str, row)) + " |")
+
+
+def how_they_lie(a: list[float], b: list[float]) -> str:
+    """Two COCO boxes: overlapping, apart, or near (less than a tenth of their mean extent apart)."""
+    gap_x = max(a[0], b[0]) - min(a[0] + a[2], b[0] + b[2])
+    gap_y = max(a[1], b[1]) - min(a[1] + a[3], b[1] + b[3])
+    if gap_x < 0 and gap_y < 0:
+        return "overlapping"
+    return "near" if max(gap_x, gap_y) < 0.1 * (a[2] + b[2] + a[3] + b[3]) / 4 else "apart"
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "--found":
+        found(Path(sys.argv[2]))
+    else:
+        main(*sys.argv[1:3])
