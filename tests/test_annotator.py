@@ -47,6 +47,15 @@ def test_labels_choose_the_classes_and_predictions_fill_in_without_them():
     assert box[2] * box[3] > 0.05 * 240 * 320  # the cat fills much of the photo
 
 
+def test_a_class_listed_twice_is_mapped_once():
+    annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=96, scales=(1.0,), flip=False))
+    cat = photo(120, 160)
+    once, twice = annotator([cat], [[281]]), annotator([cat], [[281, 281]])
+    assert twice.classes[0].tolist() == [281]
+    assert once.labels[0] and [p.rle for p in twice.labels[0]] == [p.rle for p in once.labels[0]]
+    assert annotator([cat], [[281, 999, 281]]).classes[0].tolist() == [281, 999]  # in the order first listed
+
+
 @pytest.mark.parametrize("scales", [(1.0, 1.5), (1.5, 2.0)])  # with and without a pass at input_size
 def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_size(scales, monkeypatch):
     annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=96, scales=scales,

@@ -200,8 +200,8 @@ class Annotator:
         as labelled ones are, each present as surely as it was named, with one box kept per object."""
         sizes = sizes or [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         images = upload(images, self.loaded.device)
-        if labels is not None:
-            return self._groups(images, labels, sizes)
+        if labels is not None:  # a class listed twice (one per object: "hen hen") is one class, mapped once
+            return self._groups(images, [list(dict.fromkeys(row)) for row in labels], sizes)
         named: list[dict[int, float]] = [{} for _ in images]  # each image's named classes, each's best score
         found, first_passes = self.look.regions(images, sizes)
         for i, regions in enumerate(found):
