@@ -5,13 +5,17 @@
 Settings: labels (image-level labels choose the classes), predicted (no labels: the top classes propose
 regions, each region's crop names it), agnostic (Eigen-CAM objectness, categories from the labels),
 paper (the CAM paper's rule at the same input size: one scale, no flip, no refinement, 20% of the max,
-the largest component; with labels).
+the largest component; with labels), peer (what users write today, as issue 14 measured it: pytorch-grad-cam's
+Grad-CAM of each labelled class at the shorter side --input-size, then the paper's rule: 20% of the map's max,
+the largest component's box, every kept pixel as mask, scored by the class's probability; needs
+`pip install -e ".[bench]"`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import logging
 import time
@@ -25,6 +29,7 @@ from camlabel.pipeline.evaluate import evaluate
 from camlabel.schemas.config import AnnotateSettings
 from camlabel.workers.annotator import Annotator
 from camlabel.workers.models import LoadedModel, load_model
+from camlabel.workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image
 
@@ -70,6 +75,57 @@ def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | s
     return {**scores, **meter.compute()}, len(names) / seconds
 
 
+def run_peer(data: Path, input_size: int, limit: int | slice | None):
+    """`run`'s scores and images/s for the peer glue (the module's docstring), one image at a time."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from scipy import ndimage
+    from torchvision.transforms.v2 import functional as TF
+
+    gt = json.loads((data / "gt.json").read_text())
+    ids = {im["file_name"]: im["id"] for im in gt["images"]}
+    with open(data / "labels.csv") as f:
+        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+    names = sorted(ids)[limit if isinstance(limit, slice) else slice(limit)]
+    gt_by_image: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        gt_by_image.setdefault(a["image_id"], []).append(a)
+    loaded = load_model()
+    model = loaded.model
+    meter = MapMeter()
+    preds, start = [], time.perf_counter()
+    with GradCAM(model=model, target_layers=[model.get_submodule(loaded.target_layer)]) as cam:
+        for n in names:
+            image = decode_image(str(data / "images" / n), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            height, width = image.shape[-2:]
+            x = TF.normalize(TF.resize(image, input_size, antialias=True).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+            with torch.no_grad():
+                probability = model(x[None]).float().softmax(1)[0]
+            classes = labels[n]
+            heats = torch.stack([torch.from_numpy(cam(input_tensor=x[None], targets=[ClassifierOutputTarget(c)])[0])
+                                 for c in classes])
+            accumulate_maps(meter, heats, torch.tensor(classes), gt_by_image[ids[n]], (height, width))
+            full = F.interpolate(heats[None], size=(height, width), mode="bilinear")[0].numpy()
+            for c, heat in zip(classes, full, strict=True):
+                kept = heat >= 0.2 * heat.max()
+                components, count = ndimage.label(kept)
+                if not count or heat.max() <= 0:
+                    continue
+                ys, xs = np.nonzero(components == np.argmax(np.bincount(components.ravel())[1:]) + 1)
+                rle = mask_utils.encode(np.asfortranarray(kept.astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode("ascii")
+                preds.append({"image_id": ids[n], "category_id": c + 1, "score": float(probability[c]),
+                              "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                                       float(ys.max() - ys.min() + 1)], "segmentation": rle, "area": int(kept.sum())})
+    seconds = time.perf_counter() - start
+    keep = {ids[n] for n in names}
+    subset = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
+              "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+    tmp = Path("/tmp/camlabel_gt_subset.json")
+    tmp.write_text(json.dumps(subset))
+    return {**evaluate(tmp, preds), **meter.compute()}, len(names) / seconds
+
+
 def accumulate_maps(meter: MapMeter, maps, classes, objects: list[dict], size) -> None:
     """Each ground-truth class's map (zero if the class was not mapped) against its boxes and mask."""
     h, w = maps.shape[-2:]
@@ -111,16 +167,22 @@ def main() -> None:
           "PxAP | boxes/object | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     sizes, company = [], []
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    if "peer" in args.settings.split(",") and importlib.util.find_spec("pytorch_grad_cam") is None:
+        raise SystemExit('--settings peer needs pytorch-grad-cam: .venv/bin/pip install -e ".[bench]"')
+    for method in methods:
         for setting in args.settings.split(","):
-            if setting == "agnostic" and method != "eigencam":
-                continue
+            if (setting == "agnostic" and method != "eigencam") or (setting == "peer" and method != methods[0]):
+                continue  # the peer's row does not depend on the method
             chosen = slice(*(int(x) for x in args.images.split(":"))) if args.images else args.limit
             settings = replace(base, method=method)
             if setting == "paper":
                 settings = replace(settings, rule="paper", scales=(1.0,), flip=False, refine=False, threshold=None,
                                    mask_threshold=None)
-            scores, speed = run(args.data, settings, setting != "predicted", chosen)
+            if setting == "peer":
+                scores, speed = run_peer(args.data, args.input_size, chosen)
+            else:
+                scores, speed = run(args.data, settings, setting != "predicted", chosen)
             sizes.append(f"{method} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
             company.append(f"{method} {setting}: " + ", ".join(
