@@ -183,11 +183,12 @@ def main() -> None:
                 scores, speed = run_peer(args.data, args.input_size, chosen)
             else:
                 scores, speed = run(args.data, settings, setting != "predicted", chosen)
-            sizes.append(f"{method} {setting}: " + ", ".join(
+            shown = "pytorch-grad-cam" if setting == "peer" else method
+            sizes.append(f"{shown} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
-            company.append(f"{method} {setting}: " + ", ".join(
+            company.append(f"{shown} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.3f} of {v['objects']}" for name, v in scores["corloc_by_company"].items()))
-            print(f"| {method} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
+            print(f"| {shown} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
                   f"{scores['bbox_AP50']:.3f} | {scores['bbox_AP']:.3f} | {scores['mean_mask_iou']:.3f} | "
                   f"{scores.get('segm_AP50', 0):.3f} | {scores.get('segm_AP', 0):.3f} | {scores['MaxBoxAccV2']:.3f} | "
                   f"{scores['PxAP']:.3f} | {scores['boxes_per_object']:.2f} | {speed:.2f} |", flush=True)
