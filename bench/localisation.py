@@ -42,15 +42,9 @@ def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | s
         loaded: LoadedModel | None = None, names: list[str] | None = None):
     """Scores and images/s of `loaded` (default: the default model) on the first `limit` images (or a
     slice of them, by sorted file name), or on the images called `names`."""
-    gt = json.loads((data / "gt.json").read_text())
-    ids = {im["file_name"]: im["id"] for im in gt["images"]}
-    with open(data / "labels.csv") as f:
-        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+    gt, ids, labels, gt_by_image = read_set(data)
     names = names or sorted(ids)[limit if isinstance(limit, slice) else slice(limit)]
     annotator = Annotator(loaded or load_model(), settings)
-    gt_by_image: dict[int, list[dict]] = {}
-    for a in gt["annotations"]:
-        gt_by_image.setdefault(a["image_id"], []).append(a)
     meter = MapMeter()
     preds, start = [], time.perf_counter()
     for i in range(0, len(names), batch_size):
@@ -63,16 +57,30 @@ def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | s
             preds += [{"image_id": ids[n], "category_id": p.class_index + 1, "bbox": p.bbox, "score": p.score,
                        "segmentation": p.rle, "area": p.area} for p in found]
     seconds = time.perf_counter() - start
-    if len(names) < len(ids):
-        gt = {**gt, "images": [im for im in gt["images"] if im["file_name"] in set(names)]}
-        keep = {im["id"] for im in gt["images"]}
-        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
-        tmp = Path("/tmp/camlabel_gt_subset.json")
-        tmp.write_text(json.dumps(gt))
-        scores = evaluate(tmp, preds)
-    else:
-        scores = evaluate(data / "gt.json", preds)
-    return {**scores, **meter.compute()}, len(names) / seconds
+    return {**scores_on(data, gt, names, preds), **meter.compute()}, len(names) / seconds
+
+
+def read_set(data: Path) -> tuple[dict, dict[str, int], dict[str, list[int]], dict[int, list[dict]]]:
+    """A benchmark set's ground truth, image ids by file name, labels by file name, and objects by image id."""
+    gt = json.loads((data / "gt.json").read_text())
+    with open(data / "labels.csv") as f:
+        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+    objects: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        objects.setdefault(a["image_id"], []).append(a)
+    return gt, {im["file_name"]: im["id"] for im in gt["images"]}, labels, objects
+
+
+def scores_on(data: Path, gt: dict, names: list[str], preds: list[dict]) -> dict:
+    """`evaluate`'s scores of preds against the set's ground truth, of the images called `names` only."""
+    if len(names) == len(gt["images"]):
+        return evaluate(data / "gt.json", preds)
+    subset = {**gt, "images": [im for im in gt["images"] if im["file_name"] in set(names)]}
+    keep = {im["id"] for im in subset["images"]}
+    subset["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+    tmp = Path("/tmp/camlabel_gt_subset.json")
+    tmp.write_text(json.dumps(subset))
+    return evaluate(tmp, preds)
 
 
 def run_peer(data: Path, input_size: int, limit: int | slice | None):
@@ -82,14 +90,8 @@ def run_peer(data: Path, input_size: int, limit: int | slice | None):
     from scipy import ndimage
     from torchvision.transforms.v2 import functional as TF
 
-    gt = json.loads((data / "gt.json").read_text())
-    ids = {im["file_name"]: im["id"] for im in gt["images"]}
-    with open(data / "labels.csv") as f:
-        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
+    gt, ids, labels, gt_by_image = read_set(data)
     names = sorted(ids)[limit if isinstance(limit, slice) else slice(limit)]
-    gt_by_image: dict[int, list[dict]] = {}
-    for a in gt["annotations"]:
-        gt_by_image.setdefault(a["image_id"], []).append(a)
     loaded = load_model()
     model = loaded.model
     meter = MapMeter()
@@ -107,10 +109,10 @@ def run_peer(data: Path, input_size: int, limit: int | slice | None):
             accumulate_maps(meter, heats, torch.tensor(classes), gt_by_image[ids[n]], (height, width))
             full = F.interpolate(heats[None], size=(height, width), mode="bilinear")[0].numpy()
             for c, heat in zip(classes, full, strict=True):
-                kept = heat >= 0.2 * heat.max()
-                components, count = ndimage.label(kept)
-                if not count or heat.max() <= 0:
+                if heat.max() <= 0:  # no evidence: no box
                     continue
+                kept = heat >= 0.2 * heat.max()
+                components, _ = ndimage.label(kept)
                 ys, xs = np.nonzero(components == np.argmax(np.bincount(components.ravel())[1:]) + 1)
                 rle = mask_utils.encode(np.asfortranarray(kept.astype(np.uint8)))
                 rle["counts"] = rle["counts"].decode("ascii")
@@ -118,12 +120,7 @@ def run_peer(data: Path, input_size: int, limit: int | slice | None):
                               "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
                                        float(ys.max() - ys.min() + 1)], "segmentation": rle, "area": int(kept.sum())})
     seconds = time.perf_counter() - start
-    keep = {ids[n] for n in names}
-    subset = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
-              "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
-    tmp = Path("/tmp/camlabel_gt_subset.json")
-    tmp.write_text(json.dumps(subset))
-    return {**evaluate(tmp, preds), **meter.compute()}, len(names) / seconds
+    return {**scores_on(data, gt, names, preds), **meter.compute()}, len(names) / seconds
 
 
 def accumulate_maps(meter: MapMeter, maps, classes, objects: list[dict], size) -> None:

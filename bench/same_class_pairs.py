@@ -14,7 +14,6 @@ less than a tenth of their mean width or height apart).
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import random
@@ -29,6 +28,8 @@ from camlabel.workers.models import load_model
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image
+
+from bench.localisation import read_set
 
 TOOL = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/tools/make_composites.py"
 NAMES = "/usr/share/doc/opencv-doc/examples/data/dnn/classification_classes_ILSVRC2012.txt"
@@ -69,12 +70,7 @@ def main(config: str, out: str) -> None:
 def found(data: Path) -> None:
     """Print how many of each image's two objects some box of their class finds, by how the two lie."""
     torch.set_num_threads(1)
-    gt = json.loads((data / "gt.json").read_text())
-    with open(data / "labels.csv") as f:
-        labels = {row["file_name"]: [int(x) for x in row["labels"].split()] for row in csv.DictReader(f)}
-    objects: dict[int, list[dict]] = {}
-    for a in gt["annotations"]:
-        objects.setdefault(a["image_id"], []).append(a)
+    gt, _, labels, objects = read_set(data)
     annotator = Annotator(load_model(), AnnotateSettings())
     counts: Counter = Counter()
     for im in gt["images"]:
