@@ -29,6 +29,7 @@ import io
 import json
 import shutil
 import struct
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -60,48 +61,51 @@ PHOTOS = {
 
 GCOMPRIS = Path("/usr/share/gcompris-qt/rcc")
 JIGZO = Path("/usr/share/games/jigzo/puzzles/00_default")
-# file: (Qt resource file or jigzo puzzle, [(ImageNet index, class name, [x, y, w, h])])
+# file: (GCompris resource file (.rcc) or jigzo puzzle (.pzl), [(ImageNet index, class name, [x, y, w, h])])
 GAMES = {
-    "cow": ("explore_farm_animals", [(345, "ox", [234, 290, 690, 405]), (345, "ox", [268, 180, 157, 100]),
+    "cow": ("explore_farm_animals.rcc", [(345, "ox", [234, 290, 690, 405]), (345, "ox", [268, 180, 157, 100]),
                                      (345, "ox", [805, 187, 104, 83])]),
-    "sheep": ("explore_farm_animals", [(348, "ram", [237, 85, 487, 590])]),
-    "chicken": ("explore_farm_animals", [(8, "hen", [41, 124, 181, 395]), (8, "hen", [370, 76, 194, 428]),
+    "sheep": ("explore_farm_animals.rcc", [(348, "ram", [237, 85, 487, 590])]),
+    "chicken": ("explore_farm_animals.rcc", [(8, "hen", [41, 124, 181, 395]), (8, "hen", [370, 76, 194, 428]),
                                          (8, "hen", [515, 124, 201, 410]), (8, "hen", [702, 132, 295, 468])]),
-    "pig": ("explore_farm_animals", [(341, "hog", [164, 183, 465, 446])]),
-    "dog": ("explore_farm_animals", [(235, "German shepherd", [51, 26, 855, 698])]),
-    "owl": ("explore_farm_animals", [(24, "great grey owl", [545, 143, 266, 503])]),
-    "cat": ("explore_farm_animals", [(281, "tabby", [187, 107, 829, 456])]),
-    "crocodile": ("explore_world_animals", [(49, "African crocodile", [50, 110, 893, 299])]),
-    "dragon": ("explore_world_animals", [(48, "Komodo dragon", [55, 30, 850, 570])]),
-    "jaguar": ("explore_world_animals", [(290, "jaguar", [161, 234, 321, 380]), (290, "jaguar", [468, 183, 373, 380])]),
-    "panda": ("explore_world_animals", [(388, "giant panda", [208, 51, 640, 540])]),
-    "polar_bear": ("explore_world_animals", [(296, "ice bear", [249, 251, 599, 326])]),
-    "scarlet_macaw": ("explore_world_animals", [(88, "macaw", [230, 105, 695, 685])]),
-    "koala": ("explore_world_animals", [(105, "koala", [100, 245, 545, 637])]),
-    "fish9": ("categorization", [(393, "anemone fish", [58, 21, 160, 80]), (393, "anemone fish", [181, 193, 27, 30])]),
-    "baseball": ("categorization", [(429, "baseball", [0, 0, 320, 317])]),
-    "volleyball": ("categorization", [(890, "volleyball", [4, 4, 312, 314])]),
-    "pan": ("categorization", [(567, "frying pan", [27, 58, 250, 146])]),
-    "cup": ("categorization", [(968, "cup", [71, 12, 187, 159])]),
-    "pillow": ("categorization", [(721, "pillow", [0, 58, 269, 163])]),
-    "weighingMachine": ("categorization", [(778, "scale", [23, 33, 268, 200])]),
-    "bucket": ("categorization", [(463, "bucket", [18, 24, 209, 275])]),
-    "arcDeTriomphe": ("categorization", [(873, "triumphal arch", [62, 32, 188, 180])]),
-    "IndiaGate": ("categorization", [(873, "triumphal arch", [143, 12, 130, 163])]),
-    "zimniPalace": ("categorization", [(698, "palace", [0, 25, 320, 154])]),
-    "hammer1": ("categorization", [(587, "hammer", [30, 16, 266, 180])]),
-    "screwDriver1": ("categorization", [(784, "screwdriver", [30, 50, 250, 148])]),
-    "castle": ("castle-6x3", [(483, "castle", [110, 100, 595, 195])]),
-    "gorilla": ("gorilla2-3x3", [(366, "gorilla", [45, 25, 460, 450])]),
-    "horse": ("horse-4x3", [(339, "sorrel", [0, 0, 503, 470])]),
-    "penguin": ("penguin-3x2", [(145, "king penguin", [10, 45, 615, 437])]),
-    "train": ("train-2x2", [(820, "steam locomotive", [77, 80, 420, 380])]),
+    "pig": ("explore_farm_animals.rcc", [(341, "hog", [164, 183, 465, 446])]),
+    "dog": ("explore_farm_animals.rcc", [(235, "German shepherd", [51, 26, 855, 698])]),
+    "owl": ("explore_farm_animals.rcc", [(24, "great grey owl", [545, 143, 266, 503])]),
+    "cat": ("explore_farm_animals.rcc", [(281, "tabby", [187, 107, 829, 456])]),
+    "crocodile": ("explore_world_animals.rcc", [(49, "African crocodile", [50, 110, 893, 299])]),
+    "dragon": ("explore_world_animals.rcc", [(48, "Komodo dragon", [55, 30, 850, 570])]),
+    "jaguar": ("explore_world_animals.rcc", [(290, "jaguar", [161, 234, 321, 380]),
+                                             (290, "jaguar", [468, 183, 373, 380])]),
+    "panda": ("explore_world_animals.rcc", [(388, "giant panda", [208, 51, 640, 540])]),
+    "polar_bear": ("explore_world_animals.rcc", [(296, "ice bear", [249, 251, 599, 326])]),
+    "scarlet_macaw": ("explore_world_animals.rcc", [(88, "macaw", [230, 105, 695, 685])]),
+    "koala": ("explore_world_animals.rcc", [(105, "koala", [100, 245, 545, 637])]),
+    "fish9": ("categorization.rcc", [(393, "anemone fish", [58, 21, 160, 80]),
+                                     (393, "anemone fish", [181, 193, 27, 30])]),
+    "baseball": ("categorization.rcc", [(429, "baseball", [0, 0, 320, 317])]),
+    "volleyball": ("categorization.rcc", [(890, "volleyball", [4, 4, 312, 314])]),
+    "pan": ("categorization.rcc", [(567, "frying pan", [27, 58, 250, 146])]),
+    "cup": ("categorization.rcc", [(968, "cup", [71, 12, 187, 159])]),
+    "pillow": ("categorization.rcc", [(721, "pillow", [0, 58, 269, 163])]),
+    "weighingMachine": ("categorization.rcc", [(778, "scale", [23, 33, 268, 200])]),
+    "bucket": ("categorization.rcc", [(463, "bucket", [18, 24, 209, 275])]),
+    "arcDeTriomphe": ("categorization.rcc", [(873, "triumphal arch", [62, 32, 188, 180])]),
+    "IndiaGate": ("categorization.rcc", [(873, "triumphal arch", [143, 12, 130, 163])]),
+    "zimniPalace": ("categorization.rcc", [(698, "palace", [0, 25, 320, 154])]),
+    "hammer1": ("categorization.rcc", [(587, "hammer", [30, 16, 266, 180])]),
+    "screwDriver1": ("categorization.rcc", [(784, "screwdriver", [30, 50, 250, 148])]),
+    "castle": ("castle-6x3.pzl", [(483, "castle", [110, 100, 595, 195])]),
+    "gorilla": ("gorilla2-3x3.pzl", [(366, "gorilla", [45, 25, 460, 450])]),
+    "horse": ("horse-4x3.pzl", [(339, "sorrel", [0, 0, 503, 470])]),
+    "penguin": ("penguin-3x2.pzl", [(145, "king penguin", [10, 45, 615, 437])]),
+    "train": ("train-2x2.pzl", [(820, "steam locomotive", [77, 80, 420, 380])]),
 }
 
 
 def qt_resources(data: bytes) -> dict[str, bytes]:
     """The files of a Qt resource file (rcc format 1-3) by path; stored uncompressed, as GCompris's pictures are."""
-    assert data[:4] == b"qres", "not a Qt resource file"
+    if data[:4] != b"qres":
+        raise ValueError("not a Qt resource file")
     version, tree, start, names = struct.unpack(">IIII", data[4:20])
     node = 22 if version >= 2 else 14
     files: dict[str, bytes] = {}
@@ -128,13 +132,12 @@ def qt_resources(data: bytes) -> dict[str, bytes]:
 
 
 def games_picture(name: str, source: str) -> Image.Image:
-    """A picture of `GAMES`: from a GCompris resource file (`source`.rcc, the file `name`.webp), or a jigzo
-    puzzle (`source`.pzl: the full picture is the `image` rectangle of its texture, the 1024 x 1024 JPEG)."""
-    if source.startswith(("explore", "categorization")):
-        files = qt_resources((GCOMPRIS / f"{source}.rcc").read_bytes())
-        (data,) = [v for k, v in files.items() if k.endswith(f"/{name}.webp")]
+    """A picture of `GAMES`: the file `name`.webp of a GCompris resource file (`source` ends in .rcc), or a jigzo
+    puzzle's (.pzl: the full picture is the `image` rectangle of its texture, the 1024 x 1024 JPEG)."""
+    if source.endswith(".rcc"):
+        (data,) = [v for k, v in resources(source).items() if k.endswith(f"/{name}.webp")]
         return Image.open(io.BytesIO(data)).convert("RGB")
-    data = (JIGZO / f"{source}.pzl").read_bytes()
+    data = (JIGZO / source).read_bytes()
     line = next(x for x in data[:4096].split(b"\n") if x.startswith(b"image "))
     x, y, w, h = map(int, line.split()[1:5])
     start = 0
@@ -142,7 +145,13 @@ def games_picture(name: str, source: str) -> Image.Image:
         texture = Image.open(io.BytesIO(data[start:]))
         if texture.size == (1024, 1024):
             return texture.convert("RGB").crop((x, y, x + w, y + h))
-    raise ValueError(f"{source}.pzl: no 1024 x 1024 texture")
+    raise ValueError(f"{source}: no 1024 x 1024 texture")
+
+
+@cache
+def resources(source: str) -> dict[str, bytes]:
+    """A GCompris resource file's files, read once for all its pictures."""
+    return qt_resources((GCOMPRIS / source).read_bytes())
 
 
 def box_mask(box: list[int], width: int, height: int) -> dict:
