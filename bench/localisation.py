@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from camlabel.pipeline.evaluate import evaluate
 from camlabel.schemas.config import AnnotateSettings
-from camlabel.workers.annotator import Annotator
+from camlabel.workers.annotator import Annotator, box_rule
+from camlabel.workers.boxes import BoxRule
 from camlabel.workers.models import LoadedModel, load_model
 from camlabel.workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pycocotools import mask as mask_utils
@@ -39,12 +40,13 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/stamps-pu
 
 
 def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | slice | None, batch_size: int = 8,
-        loaded: LoadedModel | None = None, names: list[str] | None = None):
+        loaded: LoadedModel | None = None, names: list[str] | None = None, rule: BoxRule | None = None):
     """Scores and images/s of `loaded` (default: the default model) on the first `limit` images (or a
-    slice of them, by sorted file name), or on the images called `names`."""
+    slice of them, by sorted file name), or on the images called `names`; rule: the box rule, by default
+    the settings'."""
     gt, ids, labels, gt_by_image = read_set(data)
     names = names or sorted(ids)[limit if isinstance(limit, slice) else slice(limit)]
-    annotator = Annotator(loaded or load_model(), settings)
+    annotator = Annotator(loaded or load_model(), settings, rule=rule)
     meter = MapMeter()
     preds, start = [], time.perf_counter()
     for i in range(0, len(names), batch_size):
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--scales", help="multiples of --input-size whose maps are averaged (default: the method's)")
     parser.add_argument("--precision", default="auto", help="auto, float32 or bfloat16 (model passes)")
+    parser.add_argument("--closer-look", type=float, help="the rule's closer_look share (0: no closer look)")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--images", help="A:B, the images from A to B (sorted by name), e.g. 200:400")
     logging.basicConfig(level=logging.WARNING)
@@ -179,7 +182,10 @@ def main() -> None:
             if setting == "peer":
                 scores, speed = run_peer(args.data, args.input_size, chosen)
             else:
-                scores, speed = run(args.data, settings, setting != "predicted", chosen)
+                rule = box_rule(settings)
+                if args.closer_look is not None and rule.closer_look:
+                    rule = replace(rule, closer_look=args.closer_look)
+                scores, speed = run(args.data, settings, setting != "predicted", chosen, rule=rule)
             shown = "pytorch-grad-cam" if setting == "peer" else method
             sizes.append(f"{shown} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))

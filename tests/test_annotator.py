@@ -3,18 +3,21 @@
 from dataclasses import replace
 
 import camlabel.workers.annotator as annotator_module
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
-from camlabel.workers.annotator import Annotator, mean_map, resample_maps, shape_groups, shape_key
-from camlabel.workers.boxes import working_maps
+from camlabel.workers.annotator import Annotator, mean_map, resample_maps, shape_groups, shape_key, tightened
+from camlabel.workers.boxes import PseudoLabel, working_maps
 from camlabel.workers.heatmaps import compute_heatmaps, normalise
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
 from camlabel.workers.regions import CROP_SIZE
 from PIL import Image
+from pycocotools import mask as mask_utils
 from skimage import data
+from torchvision.ops import box_iou
 
 
 def photo(height: int, width: int) -> torch.Tensor:
@@ -391,3 +394,56 @@ def test_only_labelled_classes_cut_each_others_masks():
     (named,) = [p for p in replace(maps, named=True).labels(rule)[0] if p.class_index == 3]
     assert labelled.bbox == named.bbox == [16.0, 16.0, 96.0, 96.0]
     assert labelled.area < named.area - 30 * 30  # the one in front: cut from the labelled mask only
+
+
+def _label(bbox: list[float], size: tuple[int, int]) -> PseudoLabel:
+    """A PseudoLabel whose mask fills its box in an image of `size` (height, width)."""
+    x, y, w, h = (int(v) for v in bbox)
+    mask = np.zeros(size, dtype=np.uint8, order="F")
+    mask[y : y + h, x : x + w] = 1
+    rle = mask_utils.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return PseudoLabel(281, [float(v) for v in bbox], 0.7, w * h, rle)
+
+
+def test_a_closer_look_replaces_a_box_and_its_mask_only_where_it_tightens_them():
+    size, view = (300, 400), (80.0, 60.0, 120.0, 90.0)  # the view's (x, y, w, h) in the image
+    p = _label([100, 70, 60, 60], size)
+    inner = [True, True, True, True]
+    seen = _label([30, 20, 40, 30], (90, 120))  # at (110, 80) in the image: inside p, smaller
+    closer = tightened(p, seen, view, inner, size)
+    assert closer.bbox == [110.0, 80.0, 40.0, 30.0] and closer.score == p.score and closer.area == 1200
+    mask = mask_utils.decode(closer.rle)
+    assert mask.shape == size and mask.sum() == 1200 and mask[80:110, 110:150].all()  # placed at the view's offset
+    at_edge = _label([0, 20, 40, 30], (90, 120))  # on the view's left edge: the object may reach beyond the view
+    assert tightened(p, at_edge, view, inner, size) is p
+    assert tightened(p, at_edge, view, [False, True, True, True], size).bbox == [80.0, 80.0, 40.0, 30.0]  # the image's
+    assert tightened(p, _label([10, 5, 100, 80], (90, 120)), view, inner, size) is p  # over 1.5 times p's area
+    assert tightened(p, _label([85, 60, 20, 20], (90, 120)), view, inner, size) is p  # centred outside p
+
+
+def test_a_small_swollen_box_is_tightened_by_a_closer_look(monkeypatch):
+    canvas = torch.full((3, 480, 640), 128, dtype=torch.uint8)
+    canvas[:, 216:252, 310:358] = photo(36, 48)  # a cat of 0.6% of the image
+    cat = torch.tensor([[310.0, 216.0, 358.0, 252.0]])
+    annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=160, scales=(1.0,), flip=False))
+    swollen = _label([296, 204, 76, 57], (480, 640))  # 1.4% of the image: under the rule's closer_look
+    assert swollen.bbox[2] * swollen.bbox[3] < annotator.rule.closer_look * 480 * 640
+    views = []
+    closer = annotator.closer
+
+    def spied(crops, classes, sizes):
+        views.extend((tuple(c.shape), k, s) for c, k, s in zip(crops, classes, sizes, strict=True))
+        return closer(crops, classes, sizes)
+
+    monkeypatch.setattr(annotator, "closer", spied)
+    (looked,) = annotator.looked_closer([canvas], [[swollen]], [(480, 640)])[0:1]
+    assert views == [((3, 171, 228), [281], (171, 228))]  # three times the box's sides, around its centre
+    (p,) = looked
+
+    def corners(b):
+        return torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]]])
+
+    assert box_iou(corners(p.bbox), cat).item() > box_iou(corners(swollen.bbox), cat).item() + 0.2
+    ys, xs = np.nonzero(mask_utils.decode(p.rle))
+    assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == pytest.approx(corners(p.bbox)[0].tolist(), abs=1)

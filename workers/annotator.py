@@ -10,8 +10,10 @@ from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from ..schemas.config import METHOD_DEFAULTS, AnnotateSettings
@@ -22,6 +24,8 @@ from .preprocess import MULTIPLE, prepare_batch, scaled_size
 from .regions import Classify, fine_box_holds, name_regions, one_box_per_object
 
 CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
+CLOSER_VIEW = 3  # a closer look's view: the box's sides times this, around its centre (`Annotator.looked_closer`)
+CLOSER_VIEW_MIN = 64  # pixels of the decoded image: the least side of a closer look's view
 
 
 @dataclass
@@ -100,6 +104,28 @@ class WorkingMaps:
                 for j, (h, w) in enumerate(self.valid.tolist())]
 
 
+def tightened(p: PseudoLabel, seen: PseudoLabel, view: tuple[float, float, float, float], inner: list[bool],
+              size: tuple[int, int]) -> PseudoLabel:
+    """Instance p, or its closer look `seen` (in a view at (x, y, w, h) of p's image of that original size, whose
+    left, top, right and bottom edges lie inside the image where `inner` says) where that tightens it."""
+    vx, vy, vw, vh = view
+    x, y, w, h = seen.bbox
+    edge = 2.0  # pixels: a box this near a view's inner edge may reach beyond it
+    touches = (x < edge, y < edge, x + w > round(vw) - edge, y + h > round(vh) - edge)
+    x, y = x + vx, y + vy
+    px, py, pw, ph = p.bbox
+    centred = px <= x + w / 2 <= px + pw and py <= y + h / 2 <= py + ph
+    if any(t and i for t, i in zip(touches, inner, strict=True)) or w * h > 1.5 * pw * ph or not centred:
+        return p
+    mask = np.zeros(size, dtype=np.uint8, order="F")
+    left, top = round(vx), round(vy)
+    part = mask_utils.decode(seen.rle)[: size[0] - top, : size[1] - left]
+    mask[top : top + part.shape[0], left : left + part.shape[1]] = part
+    rle = mask_utils.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return replace(p, bbox=[x, y, w, h], area=seen.area, rle=rle)
+
+
 def scored_by_crops(found: list[list[PseudoLabel]], classify: Classify, batch: Tensor, valid: Tensor,
                     sizes: list[tuple[int, int]]) -> list[list[PseudoLabel]]:
     """`found` (labels of images batch [B,3,H,W], each with its valid (h, w) and original size) with each score
@@ -157,13 +183,15 @@ def _one_box_per_object(found: list[list[PseudoLabel]], valid: Tensor, sizes: li
 class Annotator:
     """Holds one model on one device; call it with a list of uint8 [3,H,W] images."""
 
-    def __init__(self, loaded: LoadedModel, settings: AnnotateSettings, named_detail: str | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, settings: AnnotateSettings, named_detail: str | None = None,
+                 rule: BoxRule | None = None) -> None:
         """named_detail (the look's): the detail layer of the annotator the look names classes for; the look's
-        pass keeps its graph down to that layer, and the named classes' unmirrored detail map comes from it."""
+        pass keeps its graph down to that layer, and the named classes' unmirrored detail map comes from it.
+        rule: the box rule, by default the settings' (`box_rule`)."""
         self.loaded = loaded
         self.named_detail = named_detail
         self.settings = settings = settings.resolved()
-        self.rule = box_rule(settings)
+        self.rule = rule or box_rule(settings)
         self.precision = settings.precision
         if self.precision == "auto":
             self.precision = "bfloat16" if native_bfloat16(loaded.device) else "float32"
@@ -189,7 +217,51 @@ class Annotator:
             top_scores[group.members] = group.top_scores.float().cpu()
         width = max(len(c) for c in classes)
         padded = torch.stack([F.pad(c, (0, width - len(c)), value=-1) for c in classes])
+        found = self.looked_closer(images, found, sizes or [tuple(img.shape[-2:]) for img in images])
         return BatchResult(found, top_classes, top_scores, maps, padded)
+
+    def looked_closer(self, images: list[Tensor], found: list[list[PseudoLabel]], sizes: list[tuple[int, int]],
+                      ) -> list[list[PseudoLabel]]:
+        """`found` with each box under the rule's `closer_look` share of its image looked at again: its class
+        mapped in a view of three times its sides (at least CLOSER_VIEW_MIN pixels) around it, which the pass
+        enlarges to input_size (`closer`). The view's top box of the class, and its mask, replace the
+        instance's where they tighten it: no more than 1.5 times its area, centred within it, clear of the
+        view's edges that lie inside the image (else the object may reach beyond the view). The score stays:
+        it ranks across images."""
+        views, crops, classes = [], [], []
+        for i, labels in enumerate(found):
+            (height, width), (original_h, original_w) = images[i].shape[-2:], sizes[i]
+            sy, sx = height / original_h, width / original_w
+            for k, p in enumerate(labels):
+                x, y, w, h = p.bbox
+                if w * h >= self.rule.closer_look * original_h * original_w:
+                    continue
+                half_w = max(CLOSER_VIEW * w * sx, CLOSER_VIEW_MIN) / 2
+                half_h = max(CLOSER_VIEW * h * sy, CLOSER_VIEW_MIN) / 2
+                cx, cy = (x + w / 2) * sx, (y + h / 2) * sy
+                x0, y0 = max(0, int(cx - half_w)), max(0, int(cy - half_h))
+                x1, y1 = min(width, math.ceil(cx + half_w)), min(height, math.ceil(cy + half_h))
+                views.append((i, k, x0 / sx, y0 / sy, (x1 - x0) / sx, (y1 - y0) / sy, x0 > 0, y0 > 0,
+                              x1 < width, y1 < height))
+                crops.append(images[i][:, y0:y1, x0:x1].contiguous())
+                classes.append([p.class_index])
+        if not views:
+            return found
+        seen = self.closer(crops, classes, [(round(v[5]), round(v[4])) for v in views]).labels
+        closer = [list(labels) for labels in found]
+        for (i, k, vx, vy, vw, vh, *inner), labels in zip(views, seen, strict=True):
+            if labels:
+                p = closer[i][k]
+                closer[i][k] = tightened(p, max(labels, key=lambda q: q.score), (vx, vy, vw, vh), inner, sizes[i])
+        return closer
+
+    @cached_property
+    def closer(self) -> Annotator:
+        """What looks again at small boxes (`looked_closer`): these settings and rule at input_size alone,
+        unmirrored, with no closer look. The view's one pass gave other-small what all of them did (box AP
+        0.510 against 0.520, mask IoU 0.646 against 0.643) at a sixth of the cost (bench/README.md)."""
+        return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False),
+                         rule=replace(self.rule, closer_look=0.0))
 
     @torch.no_grad()
     def work(self, images: list[Tensor], labels: list[list[int]] | None = None,
