@@ -258,8 +258,9 @@ class Annotator:
     @cached_property
     def closer(self) -> Annotator:
         """What looks again at small boxes (`looked_closer`): these settings and rule at input_size alone,
-        unmirrored, with no closer look. The view's one pass gave other-small what all of them did (box AP
-        0.510 against 0.520, mask IoU 0.646 against 0.643) at a sixth of the cost (bench/README.md)."""
+        unmirrored, with no closer look. The view's one pass gave other-small what every scale and mirror did
+        (box AP 0.510 against 0.520, mask IoU 0.646 against 0.643) at about a ninth of the added time
+        (bench/README.md, "A closer look at small boxes")."""
         return Annotator(self.loaded, replace(self.settings, scales=(1.0,), flip=False),
                          rule=replace(self.rule, closer_look=0.0))
 

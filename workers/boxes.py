@@ -65,7 +65,7 @@ class BoxRule:
     mapped at the full input size (`workers.annotator.Annotator.looked_closer`): such a box spans a few of the
     map's cells, and a map that coarse swells over a busy background. Its box and mask then come from the
     view where the view tightens them (other-small box AP 0.470 -> 0.510, mask IoU 0.605 -> 0.646, CorLoc +2
-    objects; no public set has a box that small, bench/README.md). 0: none (the paper's rule).
+    objects; the public sets have almost no box that small, bench/README.md). 0: none (the paper's rule).
 
     revision: how this camlabel makes a rule's labels, raised when that changes with no other field changing
     (2: a box is its mask's, 2026-12-03; 3: a mask holds the cells it encloses, 2026-12-04), so that runs
