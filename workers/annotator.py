@@ -228,7 +228,9 @@ class Annotator:
         instance's where they tighten it: no more than 1.5 times its area, centred within it, clear of the
         view's edges that lie inside the image (else the object may reach beyond the view). The score stays:
         it ranks across images."""
-        views, crops, classes = [], [], []
+        if not self.rule.closer_look:
+            return found
+        views, crops, classes = [], [], []  # views: (image, instance, its (x, y, w, h) and inner edges)
         for i, labels in enumerate(found):
             (height, width), (original_h, original_w) = images[i].shape[-2:], sizes[i]
             sy, sx = height / original_h, width / original_w
@@ -241,18 +243,17 @@ class Annotator:
                 cx, cy = (x + w / 2) * sx, (y + h / 2) * sy
                 x0, y0 = max(0, int(cx - half_w)), max(0, int(cy - half_h))
                 x1, y1 = min(width, math.ceil(cx + half_w)), min(height, math.ceil(cy + half_h))
-                views.append((i, k, x0 / sx, y0 / sy, (x1 - x0) / sx, (y1 - y0) / sy, x0 > 0, y0 > 0,
-                              x1 < width, y1 < height))
+                views.append((i, k, (x0 / sx, y0 / sy, (x1 - x0) / sx, (y1 - y0) / sy),
+                              [x0 > 0, y0 > 0, x1 < width, y1 < height]))
                 crops.append(images[i][:, y0:y1, x0:x1].contiguous())
                 classes.append([p.class_index])
         if not views:
             return found
-        seen = self.closer(crops, classes, [(round(v[5]), round(v[4])) for v in views]).labels
+        seen = self.closer(crops, classes, [(round(view[3]), round(view[2])) for _, _, view, _ in views]).labels
         closer = [list(labels) for labels in found]
-        for (i, k, vx, vy, vw, vh, *inner), labels in zip(views, seen, strict=True):
+        for (i, k, view, inner), labels in zip(views, seen, strict=True):
             if labels:
-                p = closer[i][k]
-                closer[i][k] = tightened(p, max(labels, key=lambda q: q.score), (vx, vy, vw, vh), inner, sizes[i])
+                closer[i][k] = tightened(closer[i][k], max(labels, key=lambda q: q.score), view, inner, sizes[i])
         return closer
 
     @cached_property
