@@ -195,7 +195,7 @@ def cmd_demo(args) -> int:
     from ..schemas.tables import IMAGES
     from .export import export_coco
     from .job import annotate
-    from .report import NAMED_FROM, write_report
+    from .report import NAMED_FROM, described, write_report
     from .writers import read_parts
 
     data = Path(skimage.data.data_dir)
@@ -217,7 +217,7 @@ def cmd_demo(args) -> int:
     rows = read_parts(out / "run" / "annotations", IMAGES, ["path", "annotations"]).to_pylist()
     for row in sorted(rows, key=lambda r: r["path"]):
         shown = [a for a in row["annotations"] if a["score"] >= NAMED_FROM]
-        found = ", ".join(f"{a['class_name']} {a['score']:.2f}" for a in shown) or "nothing"
+        found = ", ".join(described(a) for a in shown) or "nothing"
         weaker = len(row["annotations"]) - len(shown)
         print(f"  {Path(row['path']).name:22} {found}" + (f" (+{weaker} weaker)" if weaker else ""))
     print(f"Pictures: {page} (open it in a browser; boxes, masks and heatmaps for every photo)")

@@ -93,6 +93,8 @@ def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids:
             "id": next(annotation_ids), "image_id": image_id, "category_id": ann["category_id"],
             "bbox": [round(v, 2) for v in ann["bbox"]], "score": round(ann["score"], 5), "area": ann["area"],
             "iscrowd": 0, "segmentation": {"size": [row["height"], row["width"]], "counts": ann["rle_counts"]},
+            **({"runner_ups": [{"category_id": r["category_id"], "score": round(r["score"], 5)}
+                               for r in ann["runner_ups"]]} if ann.get("runner_ups") else {}),
         } for ann in row["annotations"]]
 
 

@@ -80,6 +80,14 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
     return out / "report.html"
 
 
+def described(annotation: dict) -> str:
+    """An annotation as a person reads it: "moped 0.34 (or disk brake 0.11, Model T 0.05)", with its two best
+    runner-ups that score at least a tenth of its own."""
+    rivals = [r for r in annotation.get("runner_ups") or [] if r["score"] >= annotation["score"] / 10][:2]
+    named = f"{annotation['class_name']} {annotation['score']:.2f}"
+    return named + (" (or " + ", ".join(f"{r['class_name']} {r['score']:.2f}" for r in rivals) + ")" if rivals else "")
+
+
 def _batches(run_dir: Location, columns: list[str], where=None):
     dataset = parts_dataset(run_dir / "annotations", IMAGES)
     yield from dataset.to_batches(columns=columns, filter=where, batch_size=256) if dataset else ()
@@ -192,7 +200,7 @@ def _page(manifest: dict, images: int, classes: Counter, sizes, scores, figures:
     cards = []
     for fig in figures:
         row = fig["row"]
-        caption = ", ".join(f"{a['class_name']} {a['score']:.2f}" for a in row["annotations"]) or "no annotation"
+        caption = ", ".join(described(a) for a in row["annotations"]) or "no annotation"
         picture = (f'<img src="{e(fig["file"])}" alt="{e(Path(row["path"]).name)}" loading="eager">' if fig["file"]
                    else f"<p>cannot draw: {e(fig['why'])}</p>")
         cards.append(f"<figure>{picture}<figcaption><b>{e(row['path'])}</b><br>{e(caption)}</figcaption></figure>")

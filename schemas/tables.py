@@ -9,6 +9,9 @@ ANNOTATION = pa.struct([
     ("score", pa.float32()),
     ("area", pa.int64()),  # mask pixels
     ("rle_counts", pa.string()),  # COCO compressed RLE of the mask, size = (height, width)
+    # without labels: the other classes named on this object, best first (a tabby's "tiger cat"); null in older parts
+    ("runner_ups", pa.list_(pa.struct([("category_id", pa.int32()), ("class_name", pa.string()),
+                                       ("score", pa.float32())]))),
 ])
 
 HEATMAP = pa.struct([

@@ -406,6 +406,20 @@ def _label(bbox: list[float], size: tuple[int, int]) -> PseudoLabel:
     return PseudoLabel(281, [float(v) for v in bbox], 0.7, w * h, rle)
 
 
+def test_without_labels_the_classes_folded_into_an_objects_box_stay_on_it_as_runner_ups():
+    size = (200, 300)
+    found = [[replace(_label([20, 20, 100, 100], size), class_index=285, score=0.5),  # Egyptian cat, the cat
+              replace(_label([22, 18, 100, 104], size), class_index=281, score=0.3),  # tabby, the same cat
+              replace(_label([24, 24, 96, 96], size), class_index=281, score=0.35),  # tabby again, better
+              replace(_label([18, 22, 104, 96], size), class_index=285, score=0.2),  # Egyptian cat again
+              replace(_label([200, 50, 60, 60], size), class_index=673, score=0.4)]]  # a mouse beside it
+    valid = torch.tensor([size])
+    kept = annotator_module._one_box_per_object(found, valid, [size])[0]
+    assert [(p.class_index, p.score) for p in kept] == [(285, 0.5), (673, 0.4)]
+    # each other class once, at its best score; never the box's own class
+    assert kept[0].runner_ups == [(281, 0.35)] and kept[1].runner_ups == []
+
+
 def test_a_closer_look_replaces_a_box_and_its_mask_only_where_it_tightens_them():
     size, view = (300, 400), (80.0, 60.0, 120.0, 90.0)  # the view's (x, y, w, h) in the image
     p = _label([100, 70, 60, 60], size)

@@ -7,11 +7,13 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.export import export_coco
-from camlabel.pipeline.writers import atomic_write_json, run_counts, write_part
-from camlabel.schemas.tables import RESULTS
+from camlabel.pipeline.report import described
+from camlabel.pipeline.writers import atomic_write_json, read_parts, run_counts, write_part
+from camlabel.schemas.tables import IMAGES, RESULTS
 from pycocotools.coco import COCO
 
 
@@ -157,3 +159,26 @@ def test_shard_size_must_be_positive(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-coco", str(run), "--out", str(tmp_path / "c.json"), "--shard-size", "0"])
     assert "not a positive whole number" in capsys.readouterr().err
+
+
+def test_runner_ups_reach_the_export_and_the_report_and_older_parts_without_them_still_read(tmp_path):
+    run_dir = tmp_path / "run"
+    row = result_row(0, 2)
+    row["annotations"][1]["runner_ups"] = [{"category_id": 2, "class_name": "c1", "score": 0.2},
+                                           {"category_id": 3, "class_name": "c2", "score": 0.01}]
+    write_part(run_dir, pa.Table.from_pylist([row], schema=RESULTS))
+    # a part written before annotations kept their runner-ups: the same columns, without the field
+    older = pa.schema([pa.field(f.name, pa.list_(pa.struct([a for a in f.type.value_type if a.name != "runner_ups"])))
+                       if f.name == "annotations" else f for f in IMAGES])
+    old = {k: v for k, v in result_row(1, 1).items() if k in older.names}
+    pq.write_table(pa.Table.from_pylist([old], schema=older), run_dir / "annotations" / "part-older.parquet")
+    atomic_write_json(run_dir / "manifest.json", {"source": "/data", "model": {"class_names": ["c0", "c1", "c2"]}})
+    export_coco([run_dir], tmp_path / "coco.json")
+    coco = COCO(str(tmp_path / "coco.json"))
+    by_score = {(a["image_id"], a["score"]): a for a in coco.dataset["annotations"]}
+    assert len(by_score) == 3
+    assert by_score[(1, 0.6)]["runner_ups"] == [{"category_id": 2, "score": 0.2}, {"category_id": 3, "score": 0.01}]
+    assert "runner_ups" not in by_score[(1, 0.5)] and "runner_ups" not in by_score[(2, 0.5)]
+    # a person reads the two best that score at least a tenth of the box's own
+    shown = [described(a) for a in read_parts(run_dir / "annotations", IMAGES).to_pylist()[0]["annotations"]]
+    assert shown == ["c0 0.50", "c0 0.60 (or c1 0.20)"]

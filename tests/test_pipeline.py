@@ -106,6 +106,10 @@ def test_annotate_export_and_resume(local_ray, collection, labelled_run, tmp_pat
     assert {a["category_id"] for a in by_name["coffee.png"]["annotations"]} <= {968, 505}
     assert {a["category_id"] for a in by_name["rocket.jpg"]["annotations"]} == {813}
     assert by_name["astronaut.png"]["label_source"] == "predicted"
+    for row in first:  # runner-ups only without labels: other classes, scoring no more than their box
+        for a in row["annotations"]:
+            assert not a["runner_ups"] if row["label_source"] == "labels" else all(
+                u["category_id"] != a["category_id"] and u["score"] <= a["score"] for u in a["runner_ups"])
     assert by_name["cat.png"]["width"] == 160 and by_name["cat.png"]["height"] == 120
     assert len({r["image_id"] for r in first}) == 5
 

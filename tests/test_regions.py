@@ -15,6 +15,7 @@ from camlabel.workers.regions import (
     CROP_SIZE,
     SURE,
     fine_box_holds,
+    folded_into,
     name_regions,
     one_box_per_object,
 )
@@ -83,6 +84,9 @@ def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():
     owners = torch.tensor([0, 0, 0, 0, 0, 1, 0, 0])
     keep = one_box_per_object(boxes, scores, classes, owners)
     assert keep.tolist() == [1, 6, 4, 7, 5]
+    # the tabby and Egyptian cat boxes were folded into the tiger cat's; the head (a part, overlapping it by
+    # less than SAME_OBJECT_IOU), the same place in another image and the kept boxes into none
+    assert folded_into(boxes, keep, owners).tolist() == [1, -1, 1, -1, -1, -1, -1, -1]
 
 
 def photo(name: str, height: int, width: int) -> torch.Tensor:

@@ -85,7 +85,9 @@ class AnnotateActor:
             rows["device"][i] = self.device
             rows["annotations"][i] = [
                 {"category_id": p.class_index + 1, "class_name": names[p.class_index], "bbox": p.bbox,
-                 "score": p.score, "area": p.area, "rle_counts": p.rle["counts"]}
+                 "score": p.score, "area": p.area, "rle_counts": p.rle["counts"],
+                 "runner_ups": [{"category_id": c + 1, "class_name": names[c], "score": score}
+                                for c, score in p.runner_ups]}
                 for p in result.labels[j]]
             rows["heatmaps"][i] = stored_heatmaps(result.maps[j], result.classes[j])
 

@@ -21,7 +21,7 @@ from .boxes import RULES, WORK_STRIDE, BoxRule, Judge, PseudoLabel, pseudo_label
 from .heatmaps import ClassMaps, class_maps, classify, compute_heatmaps, hooked, normalise
 from .models import LoadedModel
 from .preprocess import MULTIPLE, prepare_batch, scaled_size
-from .regions import Classify, fine_box_holds, name_regions, one_box_per_object
+from .regions import Classify, fine_box_holds, folded_into, name_regions, one_box_per_object
 
 CPU_INFO = Path("/proc/cpuinfo")  # its flags say whether the CPU computes bfloat16 natively
 CLOSER_VIEW = 3  # a closer look's view: the box's sides times this, around its centre (`Annotator.looked_closer`)
@@ -167,16 +167,24 @@ def _flattened(found: list[list[PseudoLabel]], valid: Tensor, sizes: list[tuple[
 
 def _one_box_per_object(found: list[list[PseudoLabel]], valid: Tensor, sizes: list[tuple[int, int]],
                         ) -> list[list[PseudoLabel]]:
-    """`found` less the boxes that cover an object a better box covers (`workers.regions.one_box_per_object`)."""
+    """`found` less the boxes that cover an object a better box covers (`workers.regions.one_box_per_object`).
+    The other classes of the boxes folded into a kept one stay on it as its runner-ups (each class's best
+    score, best first): a tabby's box keeps "tiger cat" and "Egyptian cat", which named the same cat."""
     flat, owners, boxes = _flattened(found, valid, sizes)
     if not flat:
         return found
     scores = torch.tensor([p.score for _, p in flat], device=valid.device)
     classes = torch.tensor([p.class_index for _, p in flat], device=valid.device)
+    keep = one_box_per_object(boxes, scores, classes, owners)
+    runner_ups: dict[int, dict[int, float]] = {j: {} for j in keep.tolist()}
+    for j, into in enumerate(folded_into(boxes, keep, owners).tolist()):
+        rival = flat[j][1]
+        if into >= 0 and rival.class_index != flat[into][1].class_index:
+            runner_ups[into][rival.class_index] = max(rival.score, runner_ups[into].get(rival.class_index, 0.0))
     kept: list[list[PseudoLabel]] = [[] for _ in found]
-    for j in one_box_per_object(boxes, scores, classes, owners).tolist():
+    for j, rivals in runner_ups.items():
         i, p = flat[j]
-        kept[i].append(p)
+        kept[i].append(replace(p, runner_ups=sorted(rivals.items(), key=lambda r: -r[1])))
     return kept
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -109,6 +109,7 @@ class PseudoLabel:
     score: float
     area: int
     rle: dict  # COCO RLE, counts as str
+    runner_ups: list[tuple[int, float]] = field(default_factory=list)  # without labels: (class, score), best first
 
 
 def affinity_refine(maps: Tensor, image: Tensor, valid: Tensor, radius: int = 2, sigma: float = 0.15,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, box_iou, roi_align
 
 CROP_SIZE = 224  # the resolution ImageNet classifiers were trained at
 CROP_CONTEXT = 1.25  # a crop's side, as a multiple of the region's longer side: a little context, as in training
@@ -58,6 +58,15 @@ def one_box_per_object(boxes: Tensor, scores: Tensor, classes: Tensor, owners: T
     better = torch.ones(len(keep), len(keep), dtype=torch.bool, device=boxes.device).tril(-1)  # j before i
     part = (same & better & (inside > PART_OVERLAP)).any(1)
     return keep[~part]
+
+
+def folded_into(boxes: Tensor, keep: Tensor, owners: Tensor) -> Tensor:
+    """For each box [N] (x1, y1, x2, y2) of images owners [N], the kept box it was folded into by
+    `one_box_per_object` (keep: its answer, best first): the best kept box of its image that overlaps it by more
+    than SAME_OBJECT_IOU, which suppressed it; -1 for kept boxes and for those no kept box overlaps that much."""
+    over = (box_iou(boxes[keep].float(), boxes.float()) > SAME_OBJECT_IOU) & (owners[keep][:, None] == owners)
+    over[:, keep] = False
+    return torch.where(over.any(0), keep[over.int().argmax(0)], -1)
 
 
 @torch.no_grad()
