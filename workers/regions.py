@@ -5,7 +5,8 @@ Without image-level labels the classes come from the classifier itself. Its whol
 rarely name an object that fills a tenth of a cluttered scene, and near-synonyms (tabby, tiger cat,
 Egyptian cat) each map the same cat. So the whole image's top classes only propose regions; each region
 is then named by the same model looking at a crop around it, where the object fills the frame as in the
-classifier's training images, and boxes that cover one object are merged into the best-named one.
+classifier's training images, and boxes that cover one object are merged into the best-named one, their
+classes kept on it as its runner-ups.
 """
 
 from __future__ import annotations
