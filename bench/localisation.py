@@ -33,6 +33,7 @@ from camlabel.workers.models import LoadedModel, load_model
 from camlabel.workers.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pycocotools import mask as mask_utils
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.ops import box_iou
 
 from bench.map_meter import MapMeter
 
@@ -48,7 +49,7 @@ def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | s
     names = names or sorted(ids)[limit if isinstance(limit, slice) else slice(limit)]
     annotator = Annotator(loaded or load_model(), settings, rule=rule)
     meter = MapMeter()
-    preds, start = [], time.perf_counter()
+    preds, naming, start = [], np.zeros(3, dtype=int), time.perf_counter()
     for i in range(0, len(names), batch_size):
         chunk = names[i : i + batch_size]
         images = [decode_image(str(data / "images" / n), mode=ImageReadMode.RGB, apply_exif_orientation=True)
@@ -58,8 +59,28 @@ def run(data: Path, settings: AnnotateSettings, use_labels: bool, limit: int | s
             accumulate_maps(meter, result.maps[j], result.classes[j], gt_by_image[ids[n]], images[j].shape[-2:])
             preds += [{"image_id": ids[n], "category_id": p.class_index + 1, "bbox": p.bbox, "score": p.score,
                        "segmentation": p.rle, "area": p.area} for p in found]
+            naming += named_right(gt_by_image.get(ids[n], []), found)
     seconds = time.perf_counter() - start
-    return {**scores_on(data, gt, names, preds), **meter.compute()}, len(names) / seconds
+    return {**scores_on(data, gt, names, preds), **meter.compute(), "named": naming.tolist()}, len(names) / seconds
+
+
+def named_right(objects: list[dict], found: list) -> np.ndarray:
+    """Of an image's objects (COCO annotations), how many some box of `found` covers (IoU >= 0.5, whatever its
+    class), how many of those the best such box names right, and how many more one of its runner-ups names
+    right (without labels: the classes it was named over, README "Without labels")."""
+    if not objects or not found:
+        return np.zeros(3, dtype=int)
+    xywh = torch.tensor([o["bbox"] for o in objects] + [p.bbox for p in found], dtype=torch.float64)
+    corners = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    overlaps = box_iou(corners[: len(objects)], corners[len(objects) :]) >= 0.5
+    counts = np.zeros(3, dtype=int)
+    for o, over in zip(objects, overlaps, strict=True):
+        covering = [found[j] for j in over.nonzero()[:, 0].tolist()]
+        if covering:
+            best, wanted = max(covering, key=lambda p: p.score), o["category_id"] - 1
+            named = best.class_index == wanted
+            counts += [1, named, not named and wanted in [c for c, _ in best.runner_ups]]
+    return counts
 
 
 def read_set(data: Path) -> tuple[dict, dict[str, int], dict[str, list[int]], dict[int, list[dict]]]:
@@ -166,7 +187,7 @@ def main() -> None:
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
           "PxAP | boxes/object | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    sizes, company = [], []
+    sizes, company, naming = [], [], []
     methods = args.methods.split(",")
     if "peer" in args.settings.split(",") and importlib.util.find_spec("pytorch_grad_cam") is None:
         raise SystemExit('--settings peer needs pytorch-grad-cam: .venv/bin/pip install -e ".[bench]"')
@@ -189,6 +210,10 @@ def main() -> None:
             shown = "pytorch-grad-cam" if setting == "peer" else method
             sizes.append(f"{shown} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
+            if setting == "predicted":
+                covered, right, runner_up = scores["named"]
+                naming.append(f"{shown} {setting}: {covered} objects covered by some box (IoU >= 0.5), the best such "
+                              f"box named right for {right}, a runner-up right for {runner_up} more")
             company.append(f"{shown} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.3f} of {v['objects']}" for name, v in scores["corloc_by_company"].items()))
             print(f"| {shown} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
@@ -198,6 +223,8 @@ def main() -> None:
     print("\nCorLoc by object size (its box's share of the image):\n\n" + "\n".join(f"- {s}" for s in sizes))
     print("\nCorLoc of objects alone in their image and of those sharing it:\n")
     print("\n".join(f"- {c}" for c in company))
+    if naming:
+        print("\nWithout labels, how the boxes over each object are named:\n\n" + "\n".join(f"- {n}" for n in naming))
 
 
 if __name__ == "__main__":

@@ -195,3 +195,20 @@ def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_path_not_bare_nam
         evaluate(tmp_path / "gt.json", predicted)
     with pytest.raises(EvaluationError, match="no annotations"):
         evaluate(tmp_path / "gt.json", {"images": images})
+
+
+def test_the_bench_counts_objects_named_right_by_their_best_box_or_its_runner_ups():
+    from bench.localisation import named_right
+    from camlabel.workers.boxes import PseudoLabel
+
+    def label(c, bbox, score, runner_ups=()):
+        return PseudoLabel(c, bbox, score, 1, {"size": [500, 500], "counts": "0"}, list(runner_ups))
+
+    objects = [{"category_id": 282, "bbox": [0, 0, 100, 100]},  # a tabby (class 281)
+               {"category_id": 6, "bbox": [200, 0, 100, 100]},  # class 5
+               {"category_id": 9, "bbox": [400, 400, 10, 10]}]  # no box covers it
+    found = [label(285, [2, 0, 100, 98], 0.5, [(281, 0.3)]),  # the tabby's best box: Egyptian cat, or tabby
+             label(281, [0, 0, 100, 100], 0.2),  # right, but not its best box
+             label(5, [205, 5, 90, 95], 0.4),
+             label(8, [400, 400, 40, 40], 0.9)]  # IoU 1/16 with the last object: covers nothing
+    assert named_right(objects, found).tolist() == [2, 1, 1]
