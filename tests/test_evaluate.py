@@ -198,8 +198,9 @@ def test_a_predicted_dataset_is_matched_to_the_ground_truth_by_path_not_bare_nam
 
 
 def test_the_bench_counts_objects_named_right_by_their_best_box_or_its_runner_ups():
-    from bench.localisation import named_right
     from camlabel.workers.boxes import PseudoLabel
+
+    from bench.localisation import named_right
 
     def label(c, bbox, score, runner_ups=()):
         return PseudoLabel(c, bbox, score, 1, {"size": [500, 500], "counts": "0"}, list(runner_ups))

@@ -19,7 +19,7 @@ from torchvision.ops import batched_nms, box_iou, roi_align
 
 CROP_SIZE = 224  # the resolution ImageNet classifiers were trained at
 CROP_CONTEXT = 1.25  # a crop's side, as a multiple of the region's longer side: a little context, as in training
-SAME_OBJECT_IOU = 0.5  # boxes overlapping more than this cover one object
+SAME_OBJECT_IOU = 0.7  # boxes overlapping more than this cover one object (bench/README.md, "One object, one box")
 PART_OVERLAP = 0.8  # a box of one class lying this much inside a better one of its class is a part of it
 SURE = 0.7  # fine_box_holds: the whole image's probability of a class above which the classifier judges its boxes
 
