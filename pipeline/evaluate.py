@@ -153,6 +153,8 @@ def _check_prediction(n: int, a) -> None:
     box = a["bbox"]
     if not (isinstance(box, list) and len(box) == 4 and all(map(_finite, box))):
         fail(f"bbox {reprlib.repr(box)} is not four numbers [x, y, w, h]")
+    if box[2] < 0 or box[3] < 0:  # corners (x1, y1, x2, y2) taken for [x, y, w, h] often give these
+        fail(f"bbox {reprlib.repr(box)} has a negative width or height: [x, y, w, h] expected")
     if not _finite(a["score"]):
         fail(f"score {reprlib.repr(a['score'])} is not a number")
     seg = a.get("segmentation")

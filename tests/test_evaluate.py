@@ -66,7 +66,8 @@ def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
         evaluate(gt_path, [bad])
     # malformed ones are named, not raised inside pycocotools (a traceback) or scored as something else
     for field, value, says in (("bbox", "abc", "is not four numbers"), ("bbox", [1, 2, 3], "is not four numbers"),
-                               ("bbox", [float("nan"), 1, 2, 3], "is not four numbers"), ("score", "x", "not a number"),
+                               ("bbox", [float("nan"), 1, 2, 3], "is not four numbers"),
+                               ("bbox", [50, 40, 10, -5], "negative width or height"), ("score", "x", "not a number"),
                                ("category_id", [5], "is not an integer"), ("segmentation", "zz", "neither an RLE")):
         with pytest.raises(EvaluationError, match=f"prediction 1: {field} .* {says}"):
             evaluate(gt_path, [pred(10), {**pred(10), field: value}])
