@@ -187,7 +187,7 @@ def main() -> None:
     print("| method | setting | CorLoc | box IoU | box AP50 | box AP | mask IoU | segm AP50 | segm AP | MaxBoxAccV2 | "
           "PxAP | boxes/object | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    sizes, company, naming = [], [], []
+    sizes, company, naming, worth = [], [], [], []
     methods = args.methods.split(",")
     if "peer" in args.settings.split(",") and importlib.util.find_spec("pytorch_grad_cam") is None:
         raise SystemExit('--settings peer needs pytorch-grad-cam: .venv/bin/pip install -e ".[bench]"')
@@ -214,6 +214,8 @@ def main() -> None:
                 covered, right, runner_up = scores["named"]
                 naming.append(f"{shown} {setting}: {covered} objects covered by some box (IoU >= 0.5), the best such "
                               f"box named right for {right}, a runner-up right for {runner_up} more")
+            worth.append(f"{shown} {setting}: scores " + ", ".join(
+                f"{b} {v['precision']:.2f} of {v['boxes']}" for b, v in scores["bbox_precision_by_score"].items()))
             company.append(f"{shown} {setting}: " + ", ".join(
                 f"{name} {v['corloc']:.3f} of {v['objects']}" for name, v in scores["corloc_by_company"].items()))
             print(f"| {shown} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
@@ -223,6 +225,8 @@ def main() -> None:
     print("\nCorLoc by object size (its box's share of the image):\n\n" + "\n".join(f"- {s}" for s in sizes))
     print("\nCorLoc of objects alone in their image and of those sharing it:\n")
     print("\n".join(f"- {c}" for c in company))
+    print("\nBoxes by score, and the share of them that hit an object of their class (IoU >= 0.5, COCO's matching):\n")
+    print("\n".join(f"- {w}" for w in worth))
     if naming:
         print("\nWithout labels, how the boxes over each object are named:\n\n" + "\n".join(f"- {n}" for n in naming))
 

@@ -13,6 +13,7 @@ import math
 import reprlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from itertools import pairwise
 from pathlib import Path
 from typing import TypeVar
 
@@ -266,7 +267,8 @@ def _check_ground_truth(path, dataset: dict) -> None:
 
 def _coco_ap(gt: COCO, anns: list[dict], iou_type: str) -> dict[str, float]:
     if not anns:
-        return {f"{iou_type}_AP": 0.0, f"{iou_type}_AP50": 0.0}
+        return {f"{iou_type}_AP": 0.0, f"{iou_type}_AP50": 0.0,
+                **({"bbox_precision_by_score": precision_by_score(None)} if iou_type == "bbox" else {})}
     anns = [{k: v for k, v in a.items() if k != "id"} for a in anns]
     if iou_type == "bbox":  # loadRes would otherwise build box-derived polygons it never uses
         anns = [{k: v for k, v in a.items() if k != "segmentation"} for a in anns]
@@ -277,7 +279,31 @@ def _coco_ap(gt: COCO, anns: list[dict], iou_type: str) -> dict[str, float]:
         ev.accumulate()
         ev.summarize()
     stats = np.maximum(ev.stats, 0.0)  # -1 means "no ground truth in this range"
-    return {f"{iou_type}_AP": float(stats[0]), f"{iou_type}_AP50": float(stats[1])}
+    result = {f"{iou_type}_AP": float(stats[0]), f"{iou_type}_AP50": float(stats[1])}
+    if iou_type == "bbox":
+        result["bbox_precision_by_score"] = precision_by_score(ev)
+    return result
+
+
+SCORE_BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # lower edges of `precision_by_score`'s bins
+
+
+def precision_by_score(ev: COCOeval | None) -> dict[str, dict]:
+    """What a box's score is worth: of the boxes an evaluated COCOeval judged (those of the ground truth's
+    categories, at most its last maxDets per image and class, crowd matches aside; none without one), by score
+    bin, how many there are and the share that COCOeval matched to an object of their class at IoU 0.5."""
+    scores, right = [np.zeros(0)], [np.zeros(0, dtype=bool)]
+    for e in [] if ev is None else ev.evalImgs:
+        if e is None or e["aRng"] != ev.params.areaRng[0]:  # the first range is every area
+            continue
+        counted = ~np.asarray(e["dtIgnore"][0], dtype=bool)
+        scores.append(np.asarray(e["dtScores"], dtype=float)[counted])
+        right.append(np.asarray(e["dtMatches"][0])[counted] > 0)
+    scores, right = np.concatenate(scores), np.concatenate(right)
+    bins = np.digitize(scores, SCORE_BINS[1:])
+    names = [f"{low}-{high}" for low, high in pairwise(SCORE_BINS)] + [f">={SCORE_BINS[-1]}"]
+    return {name: {"boxes": int((bins == i).sum()), "precision": float(right[bins == i].mean() if (bins == i).any()
+                                                                           else 0.0)} for i, name in enumerate(names)}
 
 
 class SegmentationMeter:

@@ -55,6 +55,18 @@ def test_corloc_uses_the_top_scoring_box_of_the_class(gt_path):
     assert evaluate(gt_path, [pred(10, score=0.8), pred(60, score=0.2)])["corloc"] == 1
 
 
+def test_precision_by_score_counts_the_boxes_of_each_bin_that_match_an_object(gt_path):
+    # the object is matched once, by its best box at IoU >= 0.5 (0.6 at x=20); a second hit on it is wrong
+    preds = [pred(20, score=0.07), pred(10, score=0.06), pred(60, score=0.6), pred(12, score=0.01),
+             {**pred(10, score=0.9), "category_id": 8}]
+    by_score = evaluate(gt_path, preds)["bbox_precision_by_score"]
+    assert list(by_score) == ["0.0-0.05", "0.05-0.1", "0.1-0.2", "0.2-0.3", "0.3-0.5", ">=0.5"]
+    assert by_score["0.05-0.1"] == {"boxes": 2, "precision": 0.5}  # the class the ground truth lacks is not judged
+    assert by_score["0.0-0.05"] == by_score[">=0.5"] == {"boxes": 1, "precision": 0.0}
+    assert by_score["0.3-0.5"] == {"boxes": 0, "precision": 0.0}
+    assert evaluate(gt_path, [])["bbox_precision_by_score"][">=0.5"] == {"boxes": 0, "precision": 0.0}
+
+
 def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
     r = evaluate(gt_path, [])
     assert r["corloc"] == 0 and r["bbox_AP"] == 0 and r["predictions"] == 0
