@@ -103,6 +103,8 @@ def calibrate(images: str | list[str], gt_path: Path, loaded: LoadedModel, setti
         "mask_threshold": best_mask,
         "box_thresholds": {t: {k: round(boxes[t].get(k, 0.0), 4) for k in keys} for t in thresholds},
         "mask_thresholds": {m: {k: round(masks[m].get(k, 0.0), 4) for k in keys} for m in thresholds},
+        # what each score is worth on these images at the chosen threshold: where to cut a run's boxes
+        "precision_by_score": boxes[best]["bbox_precision_by_score"],
     }
 
 

@@ -66,6 +66,8 @@ def test_calibrate_chooses_by_its_rule_and_its_figures_are_what_annotate_scores(
     direct = evaluate(gt, preds)
     for key, value in table[result["threshold"]].items():
         assert direct[key] == pytest.approx(value, abs=1e-4), key
+    assert result["precision_by_score"] == direct["bbox_precision_by_score"]
+    assert sum(b["boxes"] for b in result["precision_by_score"].values()) == direct["predictions"] > 0  # each once
 
 
 def test_calibrating_for_predicted_classes_maps_no_labels_and_scores_what_annotate_does_without(
