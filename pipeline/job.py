@@ -38,7 +38,10 @@ from .writers import RunError, atomic_write_json, io_reason, read_manifest, run_
 
 log = logging.getLogger(__name__)
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
-RAY_FALSE_ALARM = b"has constructor arguments in the object store"  # ray-project/ray#57733, see drop_false_alarm
+# lines Ray prints that no user can act on (`drop_false_alarms`): the error its C++ core logs for every Ray Data
+# actor pool (ray-project/ray#57733), and the raylet's word on each actor that Ray Data itself kills as a stopped
+# run shuts its pool down ("... submit failed ... The actor is dead because it was killed by `ray.kill`")
+RAY_FALSE_ALARMS = (b"has constructor arguments in the object store", b"because it was killed by `ray.kill`")
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
 
 
@@ -85,14 +88,15 @@ def connect(address: str | None) -> None:
         ray.init(address=address or "local", logging_level=logging.INFO if verbose else logging.ERROR,
                  log_to_driver=True, include_dashboard=False if not address else None)
     if not verbose:
-        drop_false_alarm()
+        drop_false_alarms()
 
 
-def drop_false_alarm() -> None:
+def drop_false_alarms() -> None:
     """Ray's C++ core logs an error in this process for every Ray Data actor pool, whose constructor
-    arguments Ray Data itself keeps in the object store (ray-project/ray#57733): a false alarm no user can
-    act on. When stderr is the process's own (a console, not pytest's capture or a notebook's stream),
-    fd 2, where C++ writes, becomes a pipe whose reader forwards everything else as it comes. Installed
+    arguments Ray Data itself keeps in the object store (ray-project/ray#57733), and a stopped run's raylet
+    reports each actor Ray Data kills on its way out: false alarms no user can act on (RAY_FALSE_ALARMS). When
+    stderr is the process's own (a console, not pytest's capture or a notebook's stream), fd 2, where C++ and
+    Ray's log monitor write, becomes a pipe whose reader forwards everything else as it comes. Installed
     after Ray started its processes, so none of them inherits the pipe; undone at exit, once the reader
     has forwarded the last byte."""
     if sys.stderr is not sys.__stderr__:
@@ -107,7 +111,8 @@ def drop_false_alarm() -> None:
         readable = True
         while chunk := os.read(read, 1 << 16):  # read on even when stderr's reader has gone: writers never block
             lines = chunk.split(b"\n")  # a log line arrives whole: C++ writes it with one write()
-            data = memoryview(b"".join(line + b"\n" for line in lines[:-1] if RAY_FALSE_ALARM not in line)
+            data = memoryview(b"".join(line + b"\n" for line in lines[:-1]
+                                       if not any(alarm in line for alarm in RAY_FALSE_ALARMS))
                               + lines[-1])
             try:
                 while readable and data:

@@ -273,6 +273,24 @@ def test_a_tiny_run_prints_no_warnings_of_rays(collection, tmp_path):
     assert "annotate: 100%" in done.stderr and json.loads(done.stdout)["annotated"] == 1
 
 
+def test_rays_false_alarms_are_dropped_from_stderr_and_every_other_line_is_forwarded():
+    """What the driver's stderr filter drops (`RAY_FALSE_ALARMS`): written to fd 2 as C++ and Ray's log monitor
+    write them, in a process whose stderr is its own, as a run's is."""
+    script = """if True:
+        import os, sys
+        from camlabel.pipeline.job import drop_false_alarms
+        drop_false_alarms()
+        os.write(2, b"[core_worker.cc:123] Actor has constructor arguments in the object store and ...\\n")
+        print("kept: first", file=sys.stderr)
+        print("(raylet) Task MapWorker.submit failed. Error: The actor is dead because it was killed by `ray.kill`.",
+              file=sys.stderr)
+        os.write(2, b"kept: second\\nkept: third, then a partial line")
+        """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "kept: first\nkept: second\nkept: third, then a partial line"
+
+
 def test_a_killed_driver_resumes_and_broken_parts_are_redone(local_ray, many_cats, tmp_path):
     """SIGKILL the driver (and its local Ray) once parts exist; the same command then finishes the job.
     A part cut short by a non-atomic store is set aside and its images annotated again."""
