@@ -9,6 +9,7 @@ import importlib.resources
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which
 # actor pool (ray-project/ray#57733), and the raylet's word on each actor that Ray Data itself kills as a stopped
 # run shuts its pool down ("... submit failed ... The actor is dead because it was killed by `ray.kill`")
 RAY_FALSE_ALARMS = (b"has constructor arguments in the object store", b"because it was killed by `ray.kill`")
+LINE_WAIT = 0.05  # seconds the stderr filter waits for the rest of a line before it shows what it has
 PACKAGES = ("camlabel", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "numpy", "pillow")
 
 
@@ -96,7 +98,8 @@ def drop_false_alarms() -> None:
     arguments Ray Data itself keeps in the object store (ray-project/ray#57733), and a stopped run's raylet
     reports each actor Ray Data kills on its way out: false alarms no user can act on (RAY_FALSE_ALARMS). When
     stderr is the process's own (a console, not pytest's capture or a notebook's stream), fd 2, where C++ and
-    Ray's log monitor write, becomes a pipe whose reader forwards everything else as it comes. Installed
+    Ray's log monitor write, becomes a pipe whose reader forwards everything else as it comes (a line once it
+    is whole, or when its writer has paused LINE_WAIT: a progress bar is never held back). Installed
     after Ray started its processes, so none of them inherits the pipe; undone at exit, once the reader
     has forwarded the last byte."""
     if sys.stderr is not sys.__stderr__:
@@ -108,17 +111,30 @@ def drop_false_alarms() -> None:
     os.close(write)
 
     def forward() -> None:
-        readable = True
-        while chunk := os.read(read, 1 << 16):  # read on even when stderr's reader has gone: writers never block
-            lines = chunk.split(b"\n")  # a log line arrives whole: C++ writes it with one write()
-            data = memoryview(b"".join(line + b"\n" for line in lines[:-1]
-                                       if not any(alarm in line for alarm in RAY_FALSE_ALARMS))
-                              + lines[-1])
+        readable, partial = True, b""
+
+        def emit(data: bytes) -> None:
+            nonlocal readable
+            view = memoryview(data)
             try:
-                while readable and data:
-                    data = data[os.write(original, data):]
+                while readable and view:
+                    view = view[os.write(original, view):]
             except OSError:  # e.g. `2>&1 | head` has exited: what follows is lost, as it would be unfiltered
                 readable = False
+
+        while True:  # read on even when stderr's reader has gone: writers never block
+            if partial and not select.select([read], [], [], LINE_WAIT)[0]:
+                emit(partial)  # a line still being written (a progress bar's): shown as it stands
+                partial = b""
+                continue
+            chunk = os.read(read, 1 << 16)
+            if not chunk:  # the pipe's last writer has gone (`restore`)
+                emit(partial)
+                return
+            # C++ writes a log line with one write(); unbuffered Python (PYTHONUNBUFFERED) writes a printed
+            # line's text and its newline apart: a line is judged once it is whole
+            *lines, partial = (partial + chunk).split(b"\n")
+            emit(b"".join(line + b"\n" for line in lines if not any(alarm in line for alarm in RAY_FALSE_ALARMS)))
 
     reader = threading.Thread(target=forward, name="camlabel-stderr", daemon=True)
     reader.start()

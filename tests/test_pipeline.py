@@ -277,14 +277,15 @@ def test_rays_false_alarms_are_dropped_from_stderr_and_every_other_line_is_forwa
     """What the driver's stderr filter drops (`RAY_FALSE_ALARMS`): written to fd 2 as C++ and Ray's log monitor
     write them, in a process whose stderr is its own, as a run's is."""
     script = """if True:
-        import os, sys
+        import os, sys, time
         from camlabel.pipeline.job import drop_false_alarms
         drop_false_alarms()
         os.write(2, b"[core_worker.cc:123] Actor has constructor arguments in the object store and ...\\n")
         print("kept: first", file=sys.stderr)
-        print("(raylet) Task MapWorker.submit failed. Error: The actor is dead because it was killed by `ray.kill`.",
-              file=sys.stderr)
-        os.write(2, b"kept: second\\nkept: third, then a partial line")
+        os.write(2, b"(raylet) Task MapWorker.submit failed. Error: The actor is dead because it was killed by ")
+        os.write(2, b"`ray.kill`.")  # unbuffered Python writes a line's text and its newline apart
+        time.sleep(0.01)
+        os.write(2, b"\\nkept: second\\nkept: third, then a partial line")
         """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
