@@ -301,9 +301,11 @@ def precision_by_score(ev: COCOeval | None) -> dict[str, dict]:
         right.append(np.asarray(e["dtMatches"][0])[counted] > 0)
     scores, right = np.concatenate(scores), np.concatenate(right)
     bins = np.digitize(scores, SCORE_BINS[1:])
+    boxes = np.bincount(bins, minlength=len(SCORE_BINS))
+    hits = np.bincount(bins, weights=right, minlength=len(SCORE_BINS))
     names = [f"{low}-{high}" for low, high in pairwise(SCORE_BINS)] + [f">={SCORE_BINS[-1]}"]
-    return {name: {"boxes": int((bins == i).sum()), "precision": float(right[bins == i].mean() if (bins == i).any()
-                                                                           else 0.0)} for i, name in enumerate(names)}
+    return {name: {"boxes": int(n), "precision": float(h / n) if n else 0.0}
+            for name, n, h in zip(names, boxes, hits, strict=True)}
 
 
 class SegmentationMeter:
