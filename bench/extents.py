@@ -117,7 +117,8 @@ class CachedSet:
             judged = classifier_judge(self.annotator.loaded.model, batch) if judge else None
             labels = pseudo_labels(work, classes, torch.ones(classes.shape), cached["valid"],
                                    tuple(n * WORK_STRIDE for n in work.shape[-2:]), [cached["size"]], rule,
-                                   None if coarse is None else self.work(name, coarse, spread, refine), judged)
+                                   None if coarse is None else self.work(name, coarse, spread, refine), judged,
+                                   None if spread == "off" else cached["features"].float())
             if rule.crop_scores:
                 labels = scored_by_crops(labels, self.annotator._classify, batch, cached["valid"], [cached["size"]])
             labels = labels[0]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from camlabel.schemas.config import METHOD_DEFAULTS, SCALES, AnnotateSettings
 from camlabel.workers.annotator import Annotator, mean_map, resample_maps, shape_groups, shape_key, tightened
-from camlabel.workers.boxes import PseudoLabel, working_maps
+from camlabel.workers.boxes import PseudoLabel, pseudo_labels, working_maps
 from camlabel.workers.heatmaps import compute_heatmaps, normalise
 from camlabel.workers.models import load_model
 from camlabel.workers.preprocess import prepare_batch
@@ -64,11 +64,15 @@ def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_
     annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=96, scales=scales,
                                                                      precision="float32"))
     cat = photo(120, 200)
-    seen, sets = [], []
+    seen, sets, cut_with = [], [], []
     monkeypatch.setattr(annotator_module, "working_maps",
                         lambda maps, *args, features=None, **kw: seen.append(features) or sets.append(
                             (maps.shape[1], kw.get("set_size"))) or working_maps(maps, *args, **kw, features=features))
+    # the same features tell two objects of a class from one object's parts (`BoxRule.alike`)
+    monkeypatch.setattr(annotator_module, "pseudo_labels",
+                        lambda *args: cut_with.append(args[-1]) or pseudo_labels(*args))
     annotator([cat], [[281, 283]])
+    assert all(j is f for j, f in zip(cut_with, seen, strict=True))
     assert sets[0] == (4, 2)  # two classes at the fine and at the coarse scales: each set's two compete
     batch, _ = prepare_batch([cat], 96, "cpu", pad_to=(128, 192))  # its shape group's padded input
     with torch.no_grad():
@@ -80,6 +84,7 @@ def test_labelled_maps_spread_with_the_features_of_the_unmirrored_pass_at_input_
     assert seen[0] is None  # the classes it names then do, as labelled ones
     assert len(seen) == 2
     torch.testing.assert_close(seen[1], expected)
+    assert all(j is f for j, f in zip(cut_with[1:], seen, strict=True))  # the look's, then the named's
 
 
 def test_without_labels_the_looks_pass_serves_the_named_classes_at_input_size():

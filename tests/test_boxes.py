@@ -477,6 +477,41 @@ def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
     assert len(kept) == 2 and sorted(p.bbox[0] for p in kept) == [40.0, 200.0]  # one part only: fine maps
 
 
+def test_held_fine_instances_that_look_alike_are_two_objects_not_parts():
+    # the same maps as above: the coarse instance holds the first two fine instances. Where the classifier's
+    # features (stride 16: a cell is 4 of the grid's) see the same thing in both boxes, they are two objects
+    # of the class side by side and the fine instances stay; where they see different things, parts
+    fine = torch.zeros(1, 1, 64, 64)
+    fine[0, 0, 10:16, 10:16] = 1.0
+    fine[0, 0, 30:36, 30:36] = 0.9
+    fine[0, 0, 50:56, 50:56] = 0.8
+    coarse = torch.zeros(1, 1, 64, 64)
+    coarse[0, 0, 8:38, 8:38] = 1.0
+    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[256, 256]]), (256, 256), [(256, 256)])
+    features = torch.rand(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    features[0, :, 2:4, 2:4] = torch.tensor([1.0, 2, 0, 0, 1, 0, 0, 0])[:, None, None]  # the first box's cells
+    features[0, :, 7:9, 7:9] = torch.tensor([1.0, 2, 0, 0, 0, 0, 0, 0])[:, None, None]  # the second's: cosine 0.91
+    rule = RULES["instances"]
+    (alike,) = labels_from_work(fine, *args, rule=rule, coarse=coarse, features=features)
+    assert sorted(p.bbox[0] for p in alike) == [40.0, 120.0, 200.0]  # every fine instance
+    features[0, :, 7:9, 7:9] = torch.tensor([0.0, 0, 3, 1, 0, 0, 0, 0])[:, None, None]  # cosine 0
+    (unlike,) = labels_from_work(fine, *args, rule=rule, coarse=coarse, features=features)
+    assert [p.bbox[:2] for p in unlike] == [[32.0, 32.0]]  # the whole object, as without features
+    (strict,) = labels_from_work(fine, *args, rule=replace(rule, alike=0.95), coarse=coarse, features=features)
+    assert [p.bbox[:2] for p in strict] == [[32.0, 32.0]]
+
+
+def test_a_boxs_look_is_its_features_summed_over_the_cells_it_touches():
+    features = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(1))
+    box = torch.tensor([[0.0, 0.0, 28.0, 24.0], [5.0, 9.0, 6.0, 10.0], [13.0, 2.0, 27.0, 23.0]])  # grid cells
+    image = torch.tensor([0, 1, 1])
+    looks = boxes._looks(features, image, box, width=28)  # the grid is 4 times finer
+    spans = [(0, 6, 0, 7), (2, 3, 1, 2), (0, 6, 3, 7)]  # feature rows y1:y2, columns x1:x2
+    expected = torch.stack([features[i, :, y1:y2, x1:x2].sum((1, 2))
+                            for i, (y1, y2, x1, x2) in zip(image, spans, strict=True)])
+    torch.testing.assert_close(looks, torch.nn.functional.normalize(expected, dim=1))
+
+
 def test_masks_in_chunks_equal_masks_all_at_once(monkeypatch):
     """A photo too large for MASK_BUDGET goes a few instances at a time; the masks do not change."""
     from camlabel.workers import boxes

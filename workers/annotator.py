@@ -67,6 +67,7 @@ class WorkingMaps:
     named: bool = False  # the classes were named by the look (no labels): one box per object across them
     judge: Judge | None = None  # whether a class's fine box already holds its object (the classifier's view)
     first_pass: FirstPass | None = None  # the look's: what the classes it names are mapped from
+    features: Tensor | None = None  # the affinity layer's, which tell two objects of a class from one's parts
 
     def labels(self, rule: BoxRule) -> list[list[PseudoLabel]]:
         # classes the model names may be one object's near-synonyms (a tabby, a tiger cat): only labelled
@@ -74,7 +75,7 @@ class WorkingMaps:
         if self.named or self.renames:
             rule = replace(rule, rival_margin=math.inf)
         found = pseudo_labels(self.work, self.classes, self.present, self.valid, self.input_size, self.sizes, rule,
-                              self.coarse, self.judge)
+                              self.coarse, self.judge, self.features)
         if self.renames:
             return self._named(found)
         if self.namer is not None:
@@ -367,7 +368,7 @@ class Annotator:
         if labels is not None:
             judge = None if coarse is None else classifier_judge(self._classify, batch)
             return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
-                               top.values, **cropped, named=sureness is not None, judge=judge)
+                               top.values, **cropped, named=sureness is not None, judge=judge, features=features)
         return WorkingMaps(members, work, coarse, classes, present, valid, input_size, sizes, top.indices,
                            top.values, **cropped, renames=True, min_score=s.min_score, first_pass=first)
 

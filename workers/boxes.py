@@ -67,6 +67,13 @@ class BoxRule:
     view where the view tightens them (other-small box AP 0.470 -> 0.510, mask IoU 0.605 -> 0.646, CorLoc +2
     objects; the public sets have almost no box that small, bench/README.md). 0: none (the paper's rule).
 
+    alike: the fine instances that a class's top coarse instance holds are parts of one object (the class then
+    takes its coarse extent) unless its first two are more alike than this: the cosine similarity of the
+    classifier's own features (`pseudo_labels`' `features`) summed over each one's box. One object's parts look
+    unlike each other (a head, a body: at most 0.75 on the public sets and the held-out proxies); two objects of
+    one class side by side look alike (0.86-0.97 for most of other-pairs' pairs): other-pairs' CorLoc 0.394 ->
+    0.425 and box AP50 0.538 -> 0.579, no other set moved (bench/README.md).
+
     revision: how this camlabel makes a rule's labels, raised when that changes with no other field changing
     (2: a box is its mask's, 2026-12-03; 3: a mask holds the cells it encloses, 2026-12-04), so that runs
     made before form another series and are neither resumed nor merged with newer ones (`pipeline.job.series_of`).
@@ -85,6 +92,7 @@ class BoxRule:
     crop_scores: bool = True
     rival_margin: float = 0.1
     closer_look: float = 0.0
+    alike: float = 0.8
     revision: int = 3
 
     @property
@@ -363,6 +371,7 @@ def pseudo_labels(
     rule: BoxRule = RULES["instances"],
     coarse: Tensor | None = None,
     judge: Judge | None = None,
+    features: Tensor | None = None,
 ) -> list[list[PseudoLabel]]:
     """Working maps [B,K,H/4,W/4] (from `working_maps`), classes/scores [B,K] -> each image's labels.
 
@@ -373,7 +382,9 @@ def pseudo_labels(
     with a coarse instance (under `rule.large`) whose box covers over `rule.large_share` of the image takes
     its instances from `coarse`, every other class from `work` (`_large_objects`). judge: asked, for each
     class about to take its coarse extent whose top fine box differs from its top coarse one, whether that
-    fine box already holds the object (see `Judge`); a class it says so of keeps its fine instances. With
+    fine box already holds the object (see `Judge`); a class it says so of keeps its fine instances. features:
+    the classifier's features of the batch at a coarser stride [B,C,h,w] (`working_maps`'), which tell two
+    objects of a class from one object's parts (`BoxRule.alike`); without them, held instances are parts. With
     `coarse`, a class's scores are multiplied by (1 + the IoU of its top boxes on the two extents) / 2.
     """
     b, k = classes.shape
@@ -400,7 +411,8 @@ def pseudo_labels(
         mine = owner[kept]
         top = _tops(mine, confidence[kept])
         top_box, has_top = _top_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, kept[top])
-        large = _large_objects(kept, top, owner, box, cells, rule.large_share, b, k)
+        looks = None if features is None else _looks(features, owner[kept] // m, box[kept], labels.shape[-1])
+        large = _large_objects(kept, top, owner, box, cells, rule.large_share, b, k, looks, rule.alike)
         if judge is not None:
             large = _judged(large, judge, classes, top_box, has_top)
         # a class's score rises with how far its two extents' top boxes agree: a re-ranking across classes and
@@ -442,12 +454,14 @@ def pseudo_labels(
 
 
 def _large_objects(kept: Tensor, top: Tensor, owner: Tensor, box: Tensor, cells: Tensor, large_share: float,
-                   b: int, k: int) -> Tensor:
+                   b: int, k: int, looks: Tensor | None = None, alike: float = 1.0) -> Tensor:
     """Which classes [B*K] take their coarse instances: those with a large object, a coarse instance whose box
     covers over `large_share` of the image (cells: each map's image area), or whose top coarse instance holds
     (half or more of the box of) two or more of the class's fine instances, which are then parts of one
-    object. kept: the kept components (indices, ordered by owner map, over B images x 2k maps: k fine, then k
-    coarse); top [len(kept)]: which is its map's top instance, its best by score (`_tops`)."""
+    object, unless the first two look alike (the cosine of their `looks` [len(kept), C] over `alike`): then
+    they are two objects.
+    kept: the kept components (indices, ordered by owner map, over B images x 2k maps: k fine, then k coarse);
+    top [len(kept)]: which is its map's top instance, its best by score (`_tops`)."""
     mine = owner[kept]
     image, slot = mine // (2 * k), mine % (2 * k)
     coarse = slot >= k
@@ -463,7 +477,30 @@ def _large_objects(kept: Tensor, top: Tensor, owner: Tensor, box: Tensor, cells:
     hi = torch.minimum(box[kept, 2:], top_box[cls, 2:])
     held = (hi - lo).clamp(min=0).prod(1) >= 0.5 * (box[kept, 2:] - box[kept, :2]).prod(1)
     parts = torch.zeros(b * k, device=box.device).index_add_(0, cls[~coarse], held[~coarse].float())
+    if looks is not None:
+        # the class's first two held fine instances (kept orders a map's instances by rank): two alike are
+        # two objects of the class, not parts of one
+        ordered = (held & ~coarse).nonzero()[:, 0]
+        position = torch.arange(len(ordered), device=box.device) - torch.searchsorted(cls[ordered], cls[ordered])
+        second = ordered[position == 1]
+        first = ordered[torch.searchsorted(cls[ordered], cls[second])]
+        two_objects = (looks[first] * looks[second]).sum(1) > alike
+        parts[cls[second]] = torch.where(two_objects, 0.0, parts[cls[second]])
     return (share > large_share) | (parts >= 2)
+
+
+def _looks(features: Tensor, image: Tensor, box: Tensor, width: int) -> Tensor:
+    """What each box looks like to the classifier [N,C]: its image's features [B,C,h,w] summed over the box (x1,
+    y1, x2, y2 in cells of a grid `width` wide; the features' cells are coarser, and a box takes every one it
+    touches), to unit length, so that a product of two is their cosine similarity."""
+    step = width / features.shape[-1]
+    table = F.pad(features.float().cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # summed-area table [B,C,h+1,w+1]
+    lo = (box[:, :2] / step).floor().long()
+    hi = torch.maximum((box[:, 2:] / step).ceil().long(), lo + 1)
+    hi = torch.minimum(hi, torch.tensor([features.shape[-1], features.shape[-2]], device=box.device))
+    (x1, y1), (x2, y2) = lo.T, hi.T
+    summed = table[image, :, y2, x2] - table[image, :, y1, x2] - table[image, :, y2, x1] + table[image, :, y1, x1]
+    return F.normalize(summed, dim=1)
 
 
 def _judged(large: Tensor, judge: Judge, classes: Tensor, top_box: Tensor, has_top: Tensor) -> Tensor:
