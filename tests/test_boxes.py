@@ -459,16 +459,23 @@ def test_a_mask_holds_where_its_map_dips_inside_it_but_not_where_another_class_i
                           ).tolist() == [[[False] * 3, [False, True, False], [False] * 3], [[False] * 3] * 3]
 
 
-def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
-    # a mid-sized object (a fifth of the image): the fine maps split it into two parts, the coarse map
-    # holds both in one instance, so the class takes the coarse instance although it is not "large"
+def held_by_one_coarse_instance() -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(fine maps, coarse maps, the rest of `pseudo_labels`' arguments) of one class in a 256-pixel image: three
+    fine instances, the first two held by the coarse map's one instance (0.22 of the image), the third apart."""
     fine = torch.zeros(1, 1, 64, 64)
     fine[0, 0, 10:16, 10:16] = 1.0
     fine[0, 0, 30:36, 30:36] = 0.9
-    fine[0, 0, 50:56, 50:56] = 0.8  # a second, separate object of the class: outside the coarse box
+    fine[0, 0, 50:56, 50:56] = 0.8
     coarse = torch.zeros(1, 1, 64, 64)
-    coarse[0, 0, 8:38, 8:38] = 1.0  # 900 of 4096 cells: 0.22 of the image
-    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[256, 256]]), (256, 256), [(256, 256)])
+    coarse[0, 0, 8:38, 8:38] = 1.0  # 900 of 4096 cells
+    return fine, coarse, (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[256, 256]]), (256, 256), [(256, 256)])
+
+
+def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
+    # a mid-sized object (a fifth of the image): the fine maps split it into two parts, the coarse map
+    # holds both in one instance, so the class takes the coarse instance although it is not "large" (the
+    # third fine instance is a second, separate object of the class)
+    fine, coarse, args = held_by_one_coarse_instance()
     (found,) = labels_from_work(fine, *args, rule=RULES["instances"], coarse=coarse)
     assert [p.bbox[:2] for p in found] == [[32.0, 32.0]]  # the whole object, from the coarse map
     one_part = fine.clone()
@@ -478,16 +485,10 @@ def test_fine_instances_held_by_one_coarse_instance_are_its_parts():
 
 
 def test_held_fine_instances_that_look_alike_are_two_objects_not_parts():
-    # the same maps as above: the coarse instance holds the first two fine instances. Where the classifier's
+    # the maps above: the coarse instance holds the first two fine instances. Where the classifier's
     # features (stride 16: a cell is 4 of the grid's) see the same thing in both boxes, they are two objects
     # of the class side by side and the fine instances stay; where they see different things, parts
-    fine = torch.zeros(1, 1, 64, 64)
-    fine[0, 0, 10:16, 10:16] = 1.0
-    fine[0, 0, 30:36, 30:36] = 0.9
-    fine[0, 0, 50:56, 50:56] = 0.8
-    coarse = torch.zeros(1, 1, 64, 64)
-    coarse[0, 0, 8:38, 8:38] = 1.0
-    args = (torch.tensor([[3]]), torch.ones(1, 1), torch.tensor([[256, 256]]), (256, 256), [(256, 256)])
+    fine, coarse, args = held_by_one_coarse_instance()
     features = torch.rand(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     features[0, :, 2:4, 2:4] = torch.tensor([1.0, 2, 0, 0, 1, 0, 0, 0])[:, None, None]  # the first box's cells
     features[0, :, 7:9, 7:9] = torch.tensor([1.0, 2, 0, 0, 0, 0, 0, 0])[:, None, None]  # the second's: cosine 0.91
