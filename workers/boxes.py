@@ -68,7 +68,7 @@ class BoxRule:
     objects; the public sets have almost no box that small, bench/README.md). 0: none (the paper's rule).
 
     alike: the fine instances that a class's top coarse instance holds are parts of one object (the class then
-    takes its coarse extent) unless its first two are more alike than this: the cosine similarity of the
+    takes its coarse extent) unless the first two are more alike than this: the cosine similarity of the
     classifier's own features (`pseudo_labels`' `features`) summed over each one's box. One object's parts look
     unlike each other (a head, a body: at most 0.75 on the public sets and the held-out proxies); two objects of
     one class side by side look alike (0.86-0.97 for most of other-pairs' pairs): other-pairs' CorLoc 0.394 ->
