@@ -495,11 +495,12 @@ def test_held_fine_instances_that_look_alike_are_two_objects_not_parts():
     rule = RULES["instances"]
     (alike,) = labels_from_work(fine, *args, rule=rule, coarse=coarse, features=features)
     assert sorted(p.bbox[0] for p in alike) == [40.0, 120.0, 200.0]  # every fine instance
+    # the same features against a stricter rule: not alike enough, parts
+    (strict,) = labels_from_work(fine, *args, rule=replace(rule, alike=0.95), coarse=coarse, features=features)
+    assert [p.bbox[:2] for p in strict] == [[32.0, 32.0]]
     features[0, :, 7:9, 7:9] = torch.tensor([0.0, 0, 3, 1, 0, 0, 0, 0])[:, None, None]  # cosine 0
     (unlike,) = labels_from_work(fine, *args, rule=rule, coarse=coarse, features=features)
     assert [p.bbox[:2] for p in unlike] == [[32.0, 32.0]]  # the whole object, as without features
-    (strict,) = labels_from_work(fine, *args, rule=replace(rule, alike=0.95), coarse=coarse, features=features)
-    assert [p.bbox[:2] for p in strict] == [[32.0, 32.0]]
 
 
 def test_a_boxs_look_is_its_features_summed_over_the_cells_it_touches():
