@@ -10,6 +10,9 @@ the mean of its smaller ones, choosing per class (workers.boxes `_large_objects`
 the detail map (workers.annotator `Annotator.maps_per_scale`), which --detail off leaves out. Every image's maps at
 each scale of --scales are computed once, with image-level labels and the default settings otherwise,
 and cached under --cache; a variant then only refines, thresholds and scores, about 15 s per 200 images.
+The closer look at small boxes (`BoxRule.closer_look`, a pass of `Annotator` over each box's view) is left out:
+where a set has boxes under 2% of the image (other-small; one of stamps-public's) the figures are those
+without it, and `bench.localisation` gives the whole default's.
 
 --spread POWER,MIX sets the semantic spread's power and mix (workers.boxes.SPREAD_POWER, SPREAD_MIX) for
 a variant, `off` leaves the spread out; each --spread is run with each --coarse. --judge off leaves out the
