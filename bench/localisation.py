@@ -160,6 +160,11 @@ def accumulate_maps(meter: MapMeter, maps, classes, objects: list[dict], size) -
         meter.accumulate(heatmap, boxes, mask)
 
 
+def share(value: float | None, digits: int) -> str:
+    """A bin's share to print: "none" for a bin that holds nothing (`pipeline.evaluate` gives None there)."""
+    return "none" if value is None else f"{value:.{digits}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -209,15 +214,16 @@ def main() -> None:
                 scores, speed = run(args.data, settings, setting != "predicted", chosen, rule=rule)
             shown = "pytorch-grad-cam" if setting == "peer" else method
             sizes.append(f"{shown} {setting}: " + ", ".join(
-                f"{name} {v['corloc']:.2f} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
+                f"{name} {share(v['corloc'], 2)} of {v['objects']}" for name, v in scores["corloc_by_size"].items()))
             if setting == "predicted":
                 covered, right, runner_up = scores["named"]
                 naming.append(f"{shown} {setting}: {covered} objects covered by some box (IoU >= 0.5), the best such "
                               f"box named right for {right}, a runner-up right for {runner_up} more")
+            by_score = scores["bbox_precision_by_score"]
             worth.append(f"{shown} {setting}: scores " + ", ".join(
-                f"{b} {v['precision']:.2f} of {v['boxes']}" for b, v in scores["bbox_precision_by_score"].items()))
+                f"{b} {share(v['precision'], 2)} of {v['boxes']}" for b, v in by_score.items()))
             company.append(f"{shown} {setting}: " + ", ".join(
-                f"{name} {v['corloc']:.3f} of {v['objects']}" for name, v in scores["corloc_by_company"].items()))
+                f"{name} {share(v['corloc'], 3)} of {v['objects']}" for name, v in scores["corloc_by_company"].items()))
             print(f"| {shown} | {setting} | {scores['corloc']:.3f} | {scores['mean_box_iou']:.3f} | "
                   f"{scores['bbox_AP50']:.3f} | {scores['bbox_AP']:.3f} | {scores['mean_mask_iou']:.3f} | "
                   f"{scores.get('segm_AP50', 0):.3f} | {scores.get('segm_AP', 0):.3f} | {scores['MaxBoxAccV2']:.3f} | "

@@ -92,8 +92,8 @@ class LocalisationMeter:
 
 
 def _by_bin(counts: dict[str, list[int]]) -> dict[str, dict]:
-    """Each bin's [hits, objects] as its objects and CorLoc."""
-    return {name: {"objects": k, "corloc": hits / max(k, 1)} for name, (hits, k) in counts.items()}
+    """Each bin's [hits, objects] as its objects and CorLoc (None for a bin with no object: not a measured 0)."""
+    return {name: {"objects": k, "corloc": hits / k if k else None} for name, (hits, k) in counts.items()}
 
 
 def _boxes_on(obj: list[float], boxes: list[list[float]]) -> int:
@@ -291,7 +291,8 @@ SCORE_BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # lower edges of `precision_by_sco
 def precision_by_score(ev: COCOeval | None) -> dict[str, dict]:
     """What a box's score is worth: of the boxes an evaluated COCOeval judged (those of the ground truth's
     categories, at most its last maxDets per image and class, crowd matches aside; none without one), by score
-    bin, how many there are and the share that COCOeval matched to an object of their class at IoU 0.5."""
+    bin, how many there are and the share that COCOeval matched to an object of their class at IoU 0.5 (None
+    for a bin with no box)."""
     scores, right = [np.zeros(0)], [np.zeros(0, dtype=bool)]
     for e in [] if ev is None else ev.evalImgs:
         if e is None or e["aRng"] != ev.params.areaRng[0]:  # the first range is every area
@@ -304,7 +305,7 @@ def precision_by_score(ev: COCOeval | None) -> dict[str, dict]:
     boxes = np.bincount(bins, minlength=len(SCORE_BINS))
     hits = np.bincount(bins, weights=right, minlength=len(SCORE_BINS))
     names = [f"{low}-{high}" for low, high in pairwise(SCORE_BINS)] + [f">={SCORE_BINS[-1]}"]
-    return {name: {"boxes": int(n), "precision": float(h / n) if n else 0.0}
+    return {name: {"boxes": int(n), "precision": float(h / n) if n else None}
             for name, n, h in zip(names, boxes, hits, strict=True)}
 
 

@@ -63,8 +63,8 @@ def test_precision_by_score_counts_the_boxes_of_each_bin_that_match_an_object(gt
     assert list(by_score) == ["0.0-0.05", "0.05-0.1", "0.1-0.2", "0.2-0.3", "0.3-0.5", ">=0.5"]
     assert by_score["0.05-0.1"] == {"boxes": 2, "precision": 0.5}  # the class the ground truth lacks is not judged
     assert by_score["0.0-0.05"] == by_score[">=0.5"] == {"boxes": 1, "precision": 0.0}
-    assert by_score["0.3-0.5"] == {"boxes": 0, "precision": 0.0}
-    assert evaluate(gt_path, [])["bbox_precision_by_score"][">=0.5"] == {"boxes": 0, "precision": 0.0}
+    assert by_score["0.3-0.5"] == {"boxes": 0, "precision": None}  # no box: no share, not a share of 0
+    assert evaluate(gt_path, [])["bbox_precision_by_score"][">=0.5"] == {"boxes": 0, "precision": None}
 
 
 def test_empty_unknown_and_incomplete_predictions(gt_path, tmp_path, capsys):
@@ -141,7 +141,7 @@ def test_corloc_by_object_size_and_company_counts_each_object_in_its_bin():
     meter.accumulate(gt, preds, 100, 100)
     r = meter.compute()
     assert r["corloc"] == pytest.approx(2 / 3)
-    assert r["corloc_by_size"] == {"<3%": {"objects": 1, "corloc": 1.0}, "3-8%": {"objects": 0, "corloc": 0.0},
+    assert r["corloc_by_size"] == {"<3%": {"objects": 1, "corloc": 1.0}, "3-8%": {"objects": 0, "corloc": None},
                                    "8-20%": {"objects": 1, "corloc": 1.0}, ">=20%": {"objects": 1, "corloc": 0.0}}
     meter.accumulate(gt[:1], [], 100, 100)  # an object alone in its image, missed
     assert meter.compute()["corloc_by_company"] == {"alone": {"objects": 1, "corloc": 0.0},
