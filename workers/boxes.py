@@ -408,19 +408,41 @@ def pseudo_labels(
     wider = (box[:, 2:] - box[:, :2]).prod(1) > per_map("wide_share")[owner] * cells[owner]
     mask_threshold = per_map("mask_threshold")[owner] - wider * per_map("wide_drop")[owner]  # per component
     if len(rules) == 2:
-        mine = owner[kept]
-        top = _tops(mine, confidence[kept])
-        top_box, has_top = _top_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, kept[top])
-        looks = None if features is None else _looks(features, owner[kept] // m, box[kept], labels.shape[-1])
-        large = _large_objects(kept, top, owner, box, cells, rule.large_share, b, k, looks, rule.alike)
-        if judge is not None:
-            large = _judged(large, judge, classes, top_box, has_top)
-        # a class's score rises with how far its two extents' top boxes agree: a re-ranking across classes and
-        # images that changes no class's top instance (without labels, one box per object across classes follows
-        # scores, so there it can change which box an object keeps)
-        confidence = confidence * (1 + _agreement(top_box, has_top, b, k)[owner]) / 2
-        # a class's instances come from its coarse maps when it is a large object, else from its fine ones
-        kept = kept[(mine % m >= k) == large.view(b, 1, k).expand(b, 2, k).flatten()[mine]]
+        kept, confidence = _extent_chosen(maps, labels, kept, owner, ids, box, cells, confidence, mask_threshold,
+                                          classes, rule, judge, features)
+    return _labels_of(maps, labels, kept, owner, ids, confidence, mask_threshold, classes, valid, input_size,
+                      original_sizes, rule)
+
+
+def _extent_chosen(maps: Tensor, labels: Tensor, kept: Tensor, owner: Tensor, ids: Tensor, box: Tensor, cells: Tensor,
+                   confidence: Tensor, mask_threshold: Tensor, classes: Tensor, rule: BoxRule, judge: Judge | None,
+                   features: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`pseudo_labels`' kept instances of both extents (maps [B,2K,h,w]: the fine maps, then the coarse) cut to
+    each class's chosen one, and every component's confidence times the two extents' agreement."""
+    b, k = classes.shape
+    m = 2 * k
+    mine = owner[kept]
+    top = _tops(mine, confidence[kept])
+    top_box, has_top = _top_boxes(maps.flatten(0, 1), labels, owner, ids, mask_threshold, kept[top])
+    looks = None if features is None else _looks(features, owner[kept] // m, box[kept], labels.shape[-1])
+    large = _large_objects(kept, top, owner, box, cells, rule.large_share, b, k, looks, rule.alike)
+    if judge is not None:
+        large = _judged(large, judge, classes, top_box, has_top)
+    # a class's score rises with how far its two extents' top boxes agree: a re-ranking across classes and
+    # images that changes no class's top instance (without labels, one box per object across classes follows
+    # scores, so there it can change which box an object keeps)
+    confidence = confidence * (1 + _agreement(top_box, has_top, b, k)[owner]) / 2
+    # a class's instances come from its coarse maps when it is a large object, else from its fine ones
+    return kept[(mine % m >= k) == large.view(b, 1, k).expand(b, 2, k).flatten()[mine]], confidence
+
+
+def _labels_of(maps: Tensor, labels: Tensor, kept: Tensor, owner: Tensor, ids: Tensor, confidence: Tensor,
+               mask_threshold: Tensor, classes: Tensor, valid: Tensor, input_size: tuple[int, int],
+               original_sizes: list[tuple[int, int]], rule: BoxRule) -> list[list[PseudoLabel]]:
+    """`pseudo_labels`' kept instances (components of maps [B,m,h,w], m a multiple of the K classes) as each
+    image's labels: masks sampled at the original size, a batch's masks encoded together."""
+    b, k = classes.shape
+    m = maps.shape[1]
     mask_thresholds = mask_threshold[kept]
     # what the host needs of the batch, in one copy each: not one per image or instance (GPU syncs)
     owner, ids, confidence = owner[kept].tolist(), ids[kept], confidence[kept].tolist()
@@ -440,12 +462,12 @@ def pseudo_labels(
         need = original_sizes[i][0] * original_sizes[i][1] * len(members)
         if sum(s.box_masks.numel() for s in pending) + need > MASK_BUDGET:
             _encode(pending, results)
-        for region, kept, chunk in masks_at_original_size(
+        for region, masks, chunk in masks_at_original_size(
                 maps[i], labels.view(b, m, *labels.shape[-2:])[i], valid_hw[i], input_size, original_sizes[i],
                 ranks, ids[members], mask_thresholds[members], None if owned is None else owned[i]):
             # a box is its instance's mask's; the paper's rule boxes the largest component but keeps every pixel
             # above threshold as mask
-            pending.append(Sampled(i, kept, region if rule.name == "paper" else kept, names[chunk],
+            pending.append(Sampled(i, masks, region if rule.name == "paper" else masks, names[chunk],
                                    scores_i[chunk]))
             if need > MASK_BUDGET:  # a photo too large for one go: its chunks go one at a time
                 _encode(pending, results)
