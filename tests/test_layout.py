@@ -9,14 +9,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("pipeline", "workers", "schemas")
 
 
+def absolute_imports(node: ast.AST) -> list[str]:
+    """The modules an import statement names, unless it is relative."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+
+
 @pytest.mark.parametrize("path", sorted(p for stage in STAGES for p in (ROOT / stage).glob("*.py")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_package_modules_never_import_the_bare_stage_names(path):
     # a bare `from workers.boxes import ...` works from the repository root and breaks once installed
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
-        for name in names:
+        for name in absolute_imports(node):
             assert name.split(".")[0] not in STAGES, f"{path.name}:{node.lineno} imports {name}; use a relative import"
 
 
@@ -25,6 +30,9 @@ def test_the_schemas_import_no_other_stage_and_no_torch():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level >= 2:
                 pytest.fail(f"schemas/{path.name}:{node.lineno} imports from {'.' * node.level}{node.module}")
+            for name in absolute_imports(node):
+                assert name.split(".")[0] not in ("torch", "torchvision", "ray", "camlabel"), \
+                    f"schemas/{path.name}:{node.lineno} imports {name}"
 
 
 def test_installed_as_camlabel_namespace():
