@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["image_id", "path", "width", "height", "annotations"]
 READ_BATCH = 256  # rows per record batch read from a part
+# a run's manifest fields each exported image points to (`camlabel_run`), beside its model
+PROVENANCE = ("series", "settings", "rule", "versions", "devices", "precisions", "status", "started", "finished")
 
 
 def run_class_names(run_dir: Location) -> list[str]:
@@ -72,13 +74,22 @@ def check_outside_runs(out: Path, runs: list[Location]) -> None:
 
 
 def annotated_rows(run_dirs: list[Location]) -> Iterator[dict]:
-    """Every annotated image of the runs: run by run, part by part, in path order within a part. Runs of
-    one incremental root never hold the same image twice (a run skips what earlier runs annotated)."""
-    for run_dir in run_dirs:
+    """Every annotated image of the runs, with `run`, its run's position in run_dirs: run by run, part by
+    part, in path order within a part. Runs of one incremental root never hold the same image twice (a run
+    skips what earlier runs annotated)."""
+    for run, run_dir in enumerate(run_dirs):
         for part in (run_dir / "annotations").files(PARTS):
             file = pq.ParquetFile(part.path, filesystem=part.fs)
             for batch in file.iter_batches(batch_size=READ_BATCH, columns=COLUMNS):
-                yield from batch.to_pylist()
+                yield from ({**row, "run": run} for row in batch.to_pylist())
+
+
+def provenance(run_dir: Location) -> dict:
+    """What made a run's labels, from its manifest: the model and its weights' hash (not its class names, which
+    are the categories), the settings and box rule as run, the package versions, the devices and precisions."""
+    manifest = read_manifest(run_dir)
+    model = {k: v for k, v in manifest.get("model", {}).items() if k != "class_names"}
+    return {"dir": str(run_dir), "model": model, **{k: manifest[k] for k in PROVENANCE if k in manifest}}
 
 
 def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids: Iterator[int],
@@ -88,7 +99,7 @@ def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids:
         image_id = next(image_ids)
         name = os.path.relpath(row["path"], relative_to) if relative_to else row["path"]
         image = {"id": image_id, "file_name": name, "width": row["width"], "height": row["height"],
-                 "camlabel_id": row["image_id"]}
+                 "camlabel_id": row["image_id"], "camlabel_run": row["run"]}
         yield image, [{
             "id": next(annotation_ids), "image_id": image_id, "category_id": ann["category_id"],
             "bbox": [round(v, 2) for v in ann["bbox"]], "score": round(ann["score"], 5), "area": ann["area"],
@@ -149,7 +160,7 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
                     listed.add({k: ann[k] for k in keys})
             f.write("\n]\n")
         return {"out": str(out), "annotations": listed.count}
-    header = {"info": {"description": "camlabel pseudo labels", "runs": [str(r) for r in runs]},
+    header = {"info": {"description": "camlabel pseudo labels", "runs": [provenance(r) for r in runs]},
               "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]}
     if not shard_size:
         return {"out": str(out), **write_dataset(out, records, header)}

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,6 +154,25 @@ def test_results_list_and_relative_names(run, tmp_path):
     assert boxes_by_file(coco) == expected_boxes(root="")
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 15 and len(coco.loadRes(results).getAnnIds()) == 15
+
+
+
+def test_every_image_points_to_the_provenance_of_the_run_that_labelled_it(run, tmp_path):
+    later = tmp_path / "later"  # a second run of the series, by another camlabel and torch
+    write_part(later, pa.Table.from_pylist([result_row(i, 1) for i in (20, 21)], schema=RESULTS))
+    made = {"source": "/data", "series": "abc", "versions": {"camlabel": "0.2.0", "torch": "2.14.1"},
+            "settings": {"method": "cam", "input_size": 448}, "rule": {"name": "instances", "threshold": 0.45},
+            "model": {"class_names": ["c0", "c1", "c2"], "name": "mobilenet_v2", "weights_sha256": "f00d"}}
+    atomic_write_json(later / "manifest.json", made)
+    export_coco([run, later], tmp_path / "coco.json", shard_size=8)
+    shards = [json.loads((tmp_path / f"coco-{n:05d}.json").read_text()) for n in (0, 1)]
+    for shard in shards:  # each shard says where all its images came from
+        first, second = shard["info"]["runs"]
+        assert first == {"dir": str(run), "model": {}}  # a manifest without provenance gives none, not a guess
+        assert second == {"dir": str(later), "model": {"name": "mobilenet_v2", "weights_sha256": "f00d"},
+                          **{k: made[k] for k in ("series", "versions", "settings", "rule")}}
+    made_by = {Path(i["file_name"]).name: i["camlabel_run"] for shard in shards for i in shard["images"]}
+    assert made_by == {**{f"img{i:03d}.jpg": 0 for i in range(11)}, "img020.jpg": 1, "img021.jpg": 1}
 
 
 def test_shard_size_must_be_positive(run, tmp_path, capsys):

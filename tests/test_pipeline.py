@@ -142,6 +142,11 @@ def test_annotate_export_and_resume(local_ray, collection, labelled_run, tmp_pat
                 for i in coco.getImgIds()}
     assert exported == {r["path"]: sorted((a["category_id"], [round(v, 2) for v in a["bbox"]])
                                           for a in r["annotations"]) for r in first}
+    (made_by,) = coco.dataset["info"]["runs"]  # and says what made them
+    assert {i["camlabel_run"] for i in coco.dataset["images"]} == {0} and made_by["dir"] == str(out)
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert made_by["model"]["weights_sha256"] == resumed["model"]["weights_sha256"] and "class_names" not in made_by
+    assert made_by["versions"] == resumed["versions"] and made_by["rule"] == resumed["rule"]
     assert main(["export-coco", str(out), "--out", str(tmp_path / "results.json"), "--results"]) == 0
     assert len(coco.loadRes(str(tmp_path / "results.json")).getAnnIds()) == len(coco.getAnnIds())
 
