@@ -44,6 +44,10 @@ ODD = {
                           append_images=[Image.fromarray(gradient()[::-1]).convert("P")]),
     "bmp": lambda: encode(Image.fromarray(gradient()), "BMP"),
     "tiny": lambda: encode(Image.fromarray(np.zeros((1, 1, 3), np.uint8)), "PNG"),
+    "apng": lambda: encode(Image.fromarray(gradient()), "PNG", save_all=True,
+                           append_images=[Image.fromarray(gradient()[::-1])]),
+    "webp": lambda: encode(Image.fromarray(gradient()), "WEBP", save_all=True,
+                           append_images=[Image.fromarray(gradient()[::-1])]),
 }
 
 

@@ -417,7 +417,7 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     folder = tmp_path / "hostile"
     folder.mkdir()
     for name, make in ODD.items():
-        (folder / f"{name}.{'gif' if name == 'gif' else 'png'}").write_bytes(make())
+        (folder / f"{name}.{name if name in ('gif', 'webp') else 'png'}").write_bytes(make())
     good = encode(Image.fromarray(gradient(64, 48)), "JPEG")
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
@@ -427,19 +427,25 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     (folder / "dup_a.jpg").write_bytes(good)
     (folder / "dup_b.jpg").write_bytes(good)
     os.symlink(folder, folder / "loop")
+    os.symlink("/dev/zero", folder / "device.jpg")  # endless bytes behind a photo's name
+    os.symlink(folder / "gone.png", folder / "dangling.png")
+    (folder / "new\nline.jpg").write_bytes(good)  # a name a line-based tool would split
     out = tmp_path / "run"
     annotate(folder, out)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["inputs"] == len(ODD) + 7
+    assert summary["inputs"] == len(ODD) + 10
     assert summary["annotated"] + summary["errors"] == summary["inputs"]
     errors = {e["path"].rsplit("/", 1)[1]: e for e in
               pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()}
-    assert set(errors) == {"zero.jpg", "random.jpg", "page.png", "bomb.png", "truncated.jpg"} or set(errors) == {
-        "zero.jpg", "random.jpg", "page.png", "bomb.png"}  # libjpeg may recover a truncated file's top half
+    refused = {"zero.jpg", "random.jpg", "page.png", "bomb.png", "device.jpg", "dangling.png"}
+    assert set(errors) in (refused | {"truncated.jpg"}, refused)  # libjpeg may recover a truncated file's top half
     assert "refused" in errors["bomb.png"]["reason"] and "empty" in errors["zero.jpg"]["reason"]
+    assert "not a regular file" in errors["device.jpg"]["reason"] and errors["dangling.png"]["stage"] == "read"
     annotated = {r["path"].rsplit("/", 1)[1]: r for r in rows(out)}
-    assert annotated["dup_a.jpg"]["image_id"] == annotated["dup_b.jpg"]["image_id"]
+    assert annotated["dup_a.jpg"]["image_id"] == annotated["dup_b.jpg"]["image_id"] == annotated["new\nline.jpg"][
+        "image_id"]
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
+    assert (annotated["apng.png"]["width"], annotated["webp.webp"]["height"]) == (40, 30)  # first frames
 
 
 def test_a_fixed_pool_of_cpu_actors_takes_one_part_each_at_a_time_and_the_others_queue_one_more():
