@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["image_id", "path", "width", "height", "annotations"]
 READ_BATCH = 256  # rows per record batch read from a part
-# a run's manifest fields each exported image points to (`camlabel_run`), beside its model
+# the manifest's fields that `info.runs` gives for each run, beside its model; each image names its run (`camlabel_run`)
 PROVENANCE = ("series", "settings", "rule", "versions", "devices", "precisions", "status", "started", "finished")
 
 

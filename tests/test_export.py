@@ -156,7 +156,6 @@ def test_results_list_and_relative_names(run, tmp_path):
     assert len(results) == 15 and len(coco.loadRes(results).getAnnIds()) == 15
 
 
-
 def test_every_image_points_to_the_provenance_of_the_run_that_labelled_it(run, tmp_path):
     later = tmp_path / "later"  # a second run of the series, by another camlabel and torch
     write_part(later, pa.Table.from_pylist([result_row(i, 1) for i in (20, 21)], schema=RESULTS))
