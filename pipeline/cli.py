@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import shutil
 import signal
 import sys
@@ -33,6 +34,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1")
+    return value
 
 
 def _count(text: str) -> int:
@@ -71,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
     what.add_argument("--shard-size", type=_positive, metavar="N",
                       help="one COCO file per N images beside OUT (OUT-00000.json, ...); OUT indexes them")
+    export.add_argument("--min-score", type=_share, default=0.0, metavar="S",
+                        help="leave out boxes scoring under S (0-1; eval and calibrate say what each score is "
+                             "worth); every image stays (default 0: every box)")
     masks = sub.add_parser("export-masks", help="one PNG label map per image, with an ignore band")
     masks.add_argument("run", help="run directory (path or URI)")
     masks.add_argument("--out", required=True, type=Path)
@@ -272,7 +286,8 @@ def cmd_export(args) -> int:
     if args.out.is_dir():
         raise ConfigError(f"out: {args.out} is a folder; give the JSON file to write")
     writable(args.out.parent)
-    summary = export_coco(args.runs, args.out, results=args.results, shard_size=args.shard_size)
+    summary = export_coco(args.runs, args.out, results=args.results, shard_size=args.shard_size,
+                          min_score=args.min_score)
     print(json.dumps({k: v for k, v in summary.items() if k != "shards"}))
     return 0
 

@@ -93,8 +93,9 @@ def provenance(run_dir: Location) -> dict:
 
 
 def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids: Iterator[int],
-                 relative_to: str | None = None) -> Iterator[tuple[dict, list[dict]]]:
-    """Rows -> (COCO image, its COCO annotations), numbered from the two counters."""
+                 relative_to: str | None = None, min_score: float = 0.0) -> Iterator[tuple[dict, list[dict]]]:
+    """Rows -> (COCO image, its COCO annotations scoring at least min_score), numbered from the two counters.
+    Every image is kept, with no annotation when none scores enough: to a detector it is then background."""
     for row in rows:
         image_id = next(image_ids)
         name = os.path.relpath(row["path"], relative_to) if relative_to else row["path"]
@@ -106,7 +107,7 @@ def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids:
             "iscrowd": 0, "segmentation": {"size": [row["height"], row["width"]], "counts": ann["rle_counts"]},
             **({"runner_ups": [{"category_id": r["category_id"], "score": round(r["score"], 5)}
                                for r in ann["runner_ups"]]} if ann.get("runner_ups") else {}),
-        } for ann in row["annotations"]]
+        } for ann in row["annotations"] if ann["score"] >= min_score]
 
 
 class JsonList:
@@ -137,9 +138,11 @@ def write_dataset(path: Path, records: Iterator[tuple[dict, list[dict]]], header
 
 
 def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, relative_to: str | None = None,
-                shard_size: int | None = None) -> dict:
+                shard_size: int | None = None, min_score: float = 0.0) -> dict:
     """Write the runs as one COCO dataset (or the results list with `results`), or as shards of
-    `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards."""
+    `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards.
+    min_score: boxes scoring less are left out (where to cut: `camlabel eval`'s or `calibrate`'s precision by
+    score on labelled images)."""
     runs, out = expand_runs(run_dirs), Path(out)
     check_outside_runs(out, runs)
     for run in runs:
@@ -149,7 +152,7 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
     other = next((run for run in runs[1:] if run_class_names(run) != names), None)
     if other is not None:  # one category list: another model's classes would take this one's ids
         raise RunError(f"{other} was made by a model with other classes than {runs[0]}; export them apart")
-    records = coco_records(annotated_rows(runs), count(1), count(1), relative_to)
+    records = coco_records(annotated_rows(runs), count(1), count(1), relative_to, min_score)
     if results:
         keys = ("image_id", "category_id", "bbox", "score", "segmentation")
         with atomic_file(out, "w") as f:

@@ -156,6 +156,19 @@ def test_results_list_and_relative_names(run, tmp_path):
     assert len(results) == 15 and len(coco.loadRes(results).getAnnIds()) == 15
 
 
+def test_a_score_cut_leaves_out_weaker_boxes_and_keeps_every_image(run, tmp_path, capsys):
+    assert main(["export-coco", str(run), "--out", str(tmp_path / "cut.json"), "--min-score", "0.55"]) == 0
+    coco = COCO(str(tmp_path / "cut.json"))
+    strong = {name: [box for box in boxes if box[2] >= 0.55] for name, boxes in expected_boxes().items()}
+    assert boxes_by_file(coco) == strong and len(coco.getImgIds()) == 11  # images without a box stay: background
+    assert sum(map(len, strong.values())) == 5 < 15
+    assert main(["export-coco", str(run), "--out", str(tmp_path / "cut.json"), "--results", "--min-score", "0.55"]) == 0
+    assert sorted(a["score"] for a in json.loads((tmp_path / "cut.json").read_text())) == [0.6] * 5
+    with pytest.raises(SystemExit):
+        main(["export-coco", str(run), "--out", str(tmp_path / "c.json"), "--min-score", "1.5"])
+    assert "not a number from 0 to 1" in capsys.readouterr().err
+
+
 def test_every_image_points_to_the_provenance_of_the_run_that_labelled_it(run, tmp_path):
     later = tmp_path / "later"  # a second run of the series, by another camlabel and torch
     write_part(later, pa.Table.from_pylist([result_row(i, 1) for i in (20, 21)], schema=RESULTS))
