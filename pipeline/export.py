@@ -20,14 +20,21 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import ConfigError
 from .store import Location, atomic_file
-from .writers import PARTS, RunError, atomic_write_json, check_parts, read_manifest, run_folders, warn_if_unfinished
+from .writers import (
+    PARTS,
+    RunError,
+    atomic_write_json,
+    check_parts,
+    provenance,
+    read_manifest,
+    run_folders,
+    warn_if_unfinished,
+)
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["image_id", "path", "width", "height", "annotations"]
 READ_BATCH = 256  # rows per record batch read from a part
-# the manifest's fields that `info.runs` gives for each run, beside its model; each image names its run (`camlabel_run`)
-PROVENANCE = ("series", "settings", "rule", "versions", "devices", "precisions", "status", "started", "finished")
 
 
 def run_class_names(run_dir: Location) -> list[str]:
@@ -83,13 +90,6 @@ def annotated_rows(run_dirs: list[Location]) -> Iterator[dict]:
             for batch in file.iter_batches(batch_size=READ_BATCH, columns=COLUMNS):
                 yield from ({**row, "run": run} for row in batch.to_pylist())
 
-
-def provenance(run_dir: Location) -> dict:
-    """What made a run's labels, from its manifest: the model and its weights' hash (not its class names, which
-    are the categories), the settings and box rule as run, the package versions, the devices and precisions."""
-    manifest = read_manifest(run_dir)
-    model = {k: v for k, v in manifest.get("model", {}).items() if k != "class_names"}
-    return {"dir": str(run_dir), "model": model, **{k: manifest[k] for k in PROVENANCE if k in manifest}}
 
 
 def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids: Iterator[int],
@@ -163,7 +163,8 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
                     listed.add({k: ann[k] for k in keys})
             f.write("\n]\n")
         return {"out": str(out), "annotations": listed.count}
-    header = {"info": {"description": "camlabel pseudo labels", "runs": [provenance(r) for r in runs]},
+    header = {"info": {"description": "camlabel pseudo labels", "runs": [
+        {"dir": str(r), **provenance(read_manifest(r))} for r in runs]},  # each image's `camlabel_run` indexes them
               "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]}
     if not shard_size:
         return {"out": str(out), **write_dataset(out, records, header)}

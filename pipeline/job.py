@@ -35,7 +35,7 @@ from .plan import annotate_stream, plan_resources
 from .signals import Stopped, kept_from_ray, stopped_by_signals
 from .store import Location, StoreError
 from .worklist import WORK_LIST, plan_work
-from .writers import RunError, atomic_write_json, io_reason, read_manifest, run_counts, run_folders
+from .writers import RunError, atomic_write_json, io_reason, provenance, read_manifest, run_counts, run_folders
 
 log = logging.getLogger(__name__)
 PLAN_CPUS = 1  # the planning task: one core for a moment (never the head, which offers none)
@@ -262,7 +262,9 @@ def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Lo
     bar = tqdm(total=todo, unit="img", disable=not progress, desc="annotate")
     done, busy, devices, precisions, actors, nodes = 0, 0.0, set(), set(), set(), set()
     try:
-        for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir, bool(earlier)):
+        made_by = provenance(manifest)  # before any part: without the devices and precisions the parts bring
+        for status in annotate_stream(run_dir / WORK_LIST, todo, model, settings, resources, run_dir, bool(earlier),
+                                      made_by):
             images = int(pc.sum(status.column("annotated")).as_py()) + int(pc.sum(status.column("errors")).as_py())
             devices.update(status.column("device").to_pylist())
             precisions.update(status.column("precision").to_pylist())

@@ -98,9 +98,9 @@ class AnnotateAndWrite:
     the index of their contents that planning wrote (pipeline.contents)."""
 
     def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: Location, decodes: bool,
-                 earlier: bool) -> None:
+                 earlier: bool, made_by: dict | None = None) -> None:
         self.actor = AnnotateActor(model, settings, batch_size)
-        self.run_dir, self.decodes = run_dir, decodes
+        self.run_dir, self.decodes, self.made_by = run_dir, decodes, made_by
         self.earlier = EarlierContents(run_dir) if earlier else None
         self.shortest = shortest_needed(settings)
         where = ray.get_runtime_context() if ray.is_initialized() else None
@@ -110,9 +110,11 @@ class AnnotateAndWrite:
         start = time.perf_counter()
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
         batch = mark_duplicates(batch, self.earlier) if self.earlier else batch
-        counts = write_part(self.run_dir, self.actor(batch))
         where = {"device": self.actor.device, "precision": self.actor.annotator.precision,
                  "actor": self.actor_id, "node": self.node_id}
+        made_by = None if self.made_by is None else {
+            **self.made_by, "devices": [where["device"]], "precisions": [where["precision"]]}
+        counts = write_part(self.run_dir, self.actor(batch), made_by)
         return pa.Table.from_pylist([{**counts, **where, "seconds": time.perf_counter() - start}])
 
 
@@ -171,13 +173,15 @@ def annotate_stream(
     resources: Resources,
     run_dir: Path | Location,
     earlier: bool,
+    made_by: dict | None = None,
 ) -> Iterator[pa.Table]:
     """work_list: a Parquet file of the `count` images to annotate, columns path and labels ("i j", or
     "-" for none) -> parts under run_dir, and a stream of their counts (tables of {"part", "annotated",
     "errors", "annotations", "device", "precision", "actor", "node", "seconds": the part's decode, annotate
-    and write time}). earlier: whether earlier runs of the series exist
-    (planning indexed their contents in run_dir). Blocks of about a part, so that every actor gets work,
-    and at most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
+    and write time}). earlier: whether earlier runs of the series exist (planning indexed their contents in
+    run_dir). made_by: the run's provenance, which each part's footer holds with its actor's device and
+    precision (`pipeline.writers.provenance`). Blocks of about a part, so that every actor gets work, and at
+    most MAX_BLOCKS of them: the driver's plan has the same size for any collection."""
     blocks = max(1, min(count, max(count // resources.part_size, 2 * resources.actors), MAX_BLOCKS))
     # one read task at a time: reads take milliseconds
     work = WorkList(Location.of(work_list), count, -(-count // blocks))
@@ -189,7 +193,7 @@ def annotate_stream(
         AnnotateAndWrite,
         fn_constructor_kwargs={"model": model, "settings": settings, "batch_size": resources.batch_size,
                                "run_dir": Location.of(run_dir), "decodes": not resources.decode_stage,
-                               "earlier": earlier},
+                               "earlier": earlier, "made_by": made_by},
         batch_size=resources.part_size,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor,

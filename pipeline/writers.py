@@ -89,22 +89,35 @@ def parts_dataset(folder: Path | Location, schema: pa.Schema) -> pads.Dataset | 
 
 
 COUNT_KEY = b"camlabel.annotations"  # a part's annotation count, in its footer: counting reads no rows
+PROVENANCE_KEY = b"camlabel.provenance"  # what made a part's rows (`provenance`, JSON), in its footer
+PROVENANCE = ("series", "settings", "rule", "versions", "devices", "precisions")  # of a manifest's fields
 
 
-def write_part(run_dir: Path | Location, results: pa.Table) -> dict:
+def provenance(manifest: dict) -> dict:
+    """What made a run's labels, from its manifest: the model and its weights' hash (not its class names), the
+    series, settings and box rule as run, the package versions and, once parts have landed, the actors' devices
+    and precisions."""
+    model = {k: v for k, v in manifest.get("model", {}).items() if k != "class_names"}
+    return {"model": model, **{k: manifest[k] for k in PROVENANCE if k in manifest}}
+
+
+def write_part(run_dir: Path | Location, results: pa.Table, made_by: dict | None = None) -> dict:
     """One batch's results (schemas.RESULTS) as a part named by its images' paths: a retried batch writes
-    the same name again, so its rows land once. Returns the part's counts, all the driver receives."""
+    the same name again, so its rows land once. made_by (`provenance`) goes in the footer of each file: a part
+    read alone, or one written before a resume by another camlabel, still says what made its rows. Returns
+    the part's counts, all the driver receives."""
     run_dir, table = Location.of(run_dir), results.cast(RESULTS).sort_by("path")
     name = "part-" + hashlib.sha256("\n".join(table.column("path").to_pylist()).encode()).hexdigest()[:20]
     failed = table.filter(pc.is_valid(table.column("error")))
     good = table.filter(pc.is_null(table.column("error")))
     annotations = int(pc.sum(pc.list_value_length(good.column("annotations"))).as_py() or 0)
+    footer = {} if made_by is None else {PROVENANCE_KEY: json.dumps(made_by, sort_keys=True).encode()}
     if failed.num_rows:
         errors = pa.table({"path": failed.column("path"), "stage": failed.column("error_stage"),
                            "reason": failed.column("error")}, schema=ERRORS)
-        atomic_write_table(run_dir / "errors" / f"{name}.parquet", errors)
+        atomic_write_table(run_dir / "errors" / f"{name}.parquet", errors.replace_schema_metadata(footer))
     if good.num_rows:
-        rows = good.select(IMAGES.names).replace_schema_metadata({COUNT_KEY: str(annotations).encode()})
+        rows = good.select(IMAGES.names).replace_schema_metadata({COUNT_KEY: str(annotations).encode(), **footer})
         atomic_write_table(run_dir / "annotations" / f"{name}.parquet", rows)
     return {"part": name, "annotated": good.num_rows, "errors": failed.num_rows, "annotations": annotations}
 

@@ -98,8 +98,14 @@ def test_annotate_export_and_resume(local_ray, collection, labelled_run, tmp_pat
     first = rows(out)
     assert [r["path"].rsplit("/", 1)[1] for r in first] == ["astronaut.png", "cat.png", "coffee.png", "horse.png",
                                                              "rocket.jpg"]
-    for part in (out / "annotations").glob("*.parquet"):
-        assert pq.read_schema(part).equals(IMAGES, check_metadata=False)
+    made = json.loads((out / "manifest.json").read_text())
+    for part in [*(out / "annotations").glob("*.parquet"), *(out / "errors").glob("*.parquet")]:
+        schema = pq.read_schema(part)
+        assert schema.equals(IMAGES if part.parent.name == "annotations" else ERRORS, check_metadata=False)
+        footer = json.loads(schema.metadata[b"camlabel.provenance"])  # a part read alone says what made it
+        assert footer["model"] == {k: v for k, v in made["model"].items() if k != "class_names"}
+        assert all(footer[k] == made[k] for k in ("versions", "settings", "rule", "series"))
+        assert footer["devices"] == ["cpu"] and footer["precisions"] == made["precisions"]
     by_name = {r["path"].rsplit("/", 1)[1]: r for r in first}
     assert by_name["cat.png"]["label_source"] == "labels"
     assert {a["category_id"] for a in by_name["cat.png"]["annotations"]} == {282}
