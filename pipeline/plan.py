@@ -100,7 +100,9 @@ class AnnotateAndWrite:
     def __init__(self, model: dict, settings: AnnotateSettings, batch_size: int, run_dir: Location, decodes: bool,
                  earlier: bool, made_by: dict | None = None) -> None:
         self.actor = AnnotateActor(model, settings, batch_size)
-        self.run_dir, self.decodes, self.made_by = run_dir, decodes, made_by
+        self.run_dir, self.decodes = run_dir, decodes
+        self.made_by = None if made_by is None else {  # with this actor's device and precision, in every part
+            **made_by, "devices": [self.actor.device], "precisions": [self.actor.annotator.precision]}
         self.earlier = EarlierContents(run_dir) if earlier else None
         self.shortest = shortest_needed(settings)
         where = ray.get_runtime_context() if ray.is_initialized() else None
@@ -110,11 +112,9 @@ class AnnotateAndWrite:
         start = time.perf_counter()
         batch = decode_batch(batch, self.shortest) if self.decodes else batch
         batch = mark_duplicates(batch, self.earlier) if self.earlier else batch
+        counts = write_part(self.run_dir, self.actor(batch), self.made_by)
         where = {"device": self.actor.device, "precision": self.actor.annotator.precision,
                  "actor": self.actor_id, "node": self.node_id}
-        made_by = None if self.made_by is None else {
-            **self.made_by, "devices": [where["device"]], "precisions": [where["precision"]]}
-        counts = write_part(self.run_dir, self.actor(batch), made_by)
         return pa.Table.from_pylist([{**counts, **where, "seconds": time.perf_counter() - start}])
 
 
