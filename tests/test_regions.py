@@ -64,10 +64,12 @@ def test_a_box_holds_its_object_when_it_alone_keeps_the_class_as_surely_as_the_w
     small[0, 1] = 3.0  # background in another channel: the class does not see it
     assert torch.sigmoid(torch.tensor(2.0)) >= SURE > 0.5
     whole, half, around = [8.0, 8, 16, 16], [8.0, 8, 12, 16], [4.0, 4, 20, 20]
-    holds = fine_box_holds(model, small, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 0]),
-                           torch.tensor([whole, half, around, whole]))
+    seen = []
+    holds = fine_box_holds(lambda x: seen.append(len(x)) or model(x), small, torch.tensor([0, 0, 0, 1]),
+                           torch.tensor([0, 0, 0, 0]), torch.tensor([whole, half, around, whole]))
     # the object alone, or with a margin of background, keeps all it had; half of it, probability 0.5
     assert holds.tolist() == [True, False, True, False]
+    assert seen == [2 + 4]  # one pass: each of the two images once, and the four boxes alone
 
 
 def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():

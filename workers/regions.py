@@ -80,14 +80,16 @@ def fine_box_holds(model: Classify, small: Tensor, images: Tensor, classes: Tens
     alone (everything outside it set to the dataset mean, 0): the box holds the object when, alone, it
     keeps at least the class's probability in the whole image, the smallest sufficient region of Dabkowski
     & Gal 2017. Only where the whole image gives the class at least SURE: where the classifier doubts
-    the class (most objects pasted on another scene), it cannot judge a box. One pass over 2N images."""
+    the class (most objects pasted on another scene), it cannot judge a box. One pass over the N boxes alone
+    and each of their images once (an image asked about two classes is not classified twice)."""
     h, w = small.shape[-2:]
     rows = torch.arange(h, device=small.device)[None, :, None]
     cols = torch.arange(w, device=small.device)[None, None, :]
     x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
-    whole = small[images]
-    seen = torch.cat([whole, whole * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]])
-    seen = seen.contiguous(memory_format=torch.channels_last)
-    probability = model(seen).float().softmax(1).gather(1, classes.repeat(2)[:, None]).view(2, -1)
-    whole, kept = probability
+    distinct, which = images.unique(return_inverse=True)
+    alone = small[images] * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]
+    seen = torch.cat([small[distinct], alone]).contiguous(memory_format=torch.channels_last)
+    probability = model(seen).float().softmax(1)
+    whole = probability[which].gather(1, classes[:, None])[:, 0]
+    kept = probability[len(distinct) :].gather(1, classes[:, None])[:, 0]
     return (whole >= SURE) & (kept >= whole)
