@@ -91,7 +91,6 @@ def annotated_rows(run_dirs: list[Location]) -> Iterator[dict]:
                 yield from ({**row, "run": run} for row in batch.to_pylist())
 
 
-
 def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids: Iterator[int],
                  relative_to: str | None = None, min_score: float = 0.0) -> Iterator[tuple[dict, list[dict]]]:
     """Rows -> (COCO image, its COCO annotations scoring at least min_score), numbered from the two counters.
