@@ -69,7 +69,11 @@ def test_a_box_holds_its_object_when_it_alone_keeps_the_class_as_surely_as_the_w
                            torch.tensor([0, 0, 0, 0]), torch.tensor([whole, half, around, whole]))
     # the object alone, or with a margin of background, keeps all it had; half of it, probability 0.5
     assert holds.tolist() == [True, False, True, False]
-    assert seen == [2 + 4]  # one pass: each of the two images once, and the four boxes alone
+    assert seen == [2, 3]  # each of the two images once, then the sure class's three boxes alone
+    seen.clear()
+    doubted = fine_box_holds(lambda x: seen.append(len(x)) or model(x), small, torch.tensor([1]),
+                             torch.tensor([0]), torch.tensor([whole]))
+    assert doubted.tolist() == [False] and seen == [1]  # no box is shown alone where no class is sure
 
 
 def test_boxes_of_one_object_keep_only_the_best_whatever_their_class():

@@ -80,16 +80,21 @@ def fine_box_holds(model: Classify, small: Tensor, images: Tensor, classes: Tens
     alone (everything outside it set to the dataset mean, 0): the box holds the object when, alone, it
     keeps at least the class's probability in the whole image, the smallest sufficient region of Dabkowski
     & Gal 2017. Only where the whole image gives the class at least SURE: where the classifier doubts
-    the class (most objects pasted on another scene), it cannot judge a box. One pass over the N boxes alone
-    and each of their images once (an image asked about two classes is not classified twice)."""
+    the class (most objects pasted on another scene), it cannot judge a box, and its box is not shown alone.
+    Two passes: each asked image once, then the boxes of sure classes alone (without labels most classes are
+    doubted: 8 of 76 boxes shown alone on 32 stamps-large images, none of 45 on stamps-public's)."""
+    distinct, which = images.unique(return_inverse=True)
+    seen = small[distinct].contiguous(memory_format=torch.channels_last)
+    whole = model(seen).float().softmax(1)[which].gather(1, classes[:, None])[:, 0]
+    sure = whole >= SURE
+    holds = torch.zeros_like(sure)
+    if not sure.any():
+        return holds
     h, w = small.shape[-2:]
     rows = torch.arange(h, device=small.device)[None, :, None]
     cols = torch.arange(w, device=small.device)[None, None, :]
-    x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
-    distinct, which = images.unique(return_inverse=True)
-    alone = small[images] * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]
-    seen = torch.cat([small[distinct], alone]).contiguous(memory_format=torch.channels_last)
-    probability = model(seen).float().softmax(1)
-    whole = probability[which].gather(1, classes[:, None])[:, 0]
-    kept = probability[len(distinct) :].gather(1, classes[:, None])[:, 0]
-    return (whole >= SURE) & (kept >= whole)
+    x1, y1, x2, y2 = (boxes[sure, i, None, None] for i in range(4))
+    alone = small[images[sure]] * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]
+    kept = model(alone.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+    holds[sure] = kept.gather(1, classes[sure, None])[:, 0] >= whole[sure]
+    return holds
