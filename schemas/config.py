@@ -69,7 +69,8 @@ class AnnotateSettings:
                                       "the rule's, 0.45; eigencam 0.6)")
     mask_threshold: float | None = setting(None, "the same for masks (default: threshold if given, else the "
                                            "rule's, 0.5; eigencam 0.65)")
-    top_k: int = setting(5, "without labels: the classes whose evidence peaks highest propose regions")
+    top_k: int = setting(5, "without labels: the classes whose evidence peaks highest propose regions (and one "
+                         "more, the best of those that win some cells of their own)")
     min_score: float = setting(0.1, "without labels: a region's crop must name its class with this probability")
     flip: bool | None = setting(None, "average with the mirrored image's maps, at every scale but the largest "
                                 "of several (default: yes; not for scorecam and occlusion)")

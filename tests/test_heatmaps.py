@@ -180,6 +180,30 @@ def test_peak_evidence_finds_a_small_object_the_whole_images_softmax_buries():
     assert maps.peak_evidence(torch.tensor([[32, 16]]), 32)[0].argmax().item() == 0
 
 
+def test_an_object_beside_one_with_near_synonyms_is_still_proposed():
+    # classes 0 and 1 are near-synonyms of the red object (the same weights), class 2 names the blue one; where the
+    # blue is, class 2 is the most probable class (0.45 against 0.27 each), yet both synonyms peak higher (0.5)
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, 0, 0, 0] = model[0].weight[1, 2, 0, 0] = 1.0
+        model[0].bias.zero_()
+        model[4].weight.copy_(torch.tensor([[10.0, 0.0], [10.0, 0.0], [0.0, 0.5]]))
+        model[4].bias.zero_()
+    x = torch.zeros(1, 3, 8, 8)
+    x[0, 0, :, :6] = 1.0  # red: six columns
+    x[0, 2, :, 6:] = 1.0  # blue: two
+    maps = class_maps(model.eval(), x, target_layer="1")
+    valid = torch.tensor([[8, 8]])
+    assert maps.peak_evidence(valid, 8)[0].topk(2).indices.sort().values.tolist() == [0, 1]
+    two = maps.proposals(valid, 8, 2)[0].tolist()
+    assert sorted(two[:2]) == [0, 1] and two[2] == 2  # the blue object's class, from its own cells
+    assert sorted(maps.proposals(valid, 8, 3)[0].tolist()[:3]) == [0, 1, 2]
+    assert maps.proposals(valid, 8, 3)[0, 3] == -1  # no class outside the three wins a cell
+    # the padding's cells are no one's: with the blue columns outside the image, nothing more is proposed
+    assert maps.proposals(torch.tensor([[8, 6]]), 8, 2)[0, 2] == -1
+
+
 def test_cam_refuses_a_head_that_is_not_gap_linear():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 8), nn.ReLU(),
                           nn.Linear(8, 3)).eval()

@@ -218,13 +218,29 @@ class ClassMaps:
         that fills a tenth of a cluttered scene, which the whole image's average (its softmax) buries under
         the background's classes.
         """
+        return self._local_probability(valid, input_height).amax(2)
+
+    def proposals(self, valid: Tensor, input_height: int, k: int) -> Tensor:
+        """The classes the look maps [B, k+1] (-1 pads): the k whose local probability peaks highest
+        (`peak_evidence`), and the best-peaking of the classes that are the most probable at some cell but
+        not among the k. A large object's k are often its near-synonyms (tabby, tiger cat, Egyptian cat),
+        and an object beside it that wins its own cells would go unproposed (bench/README.md, "One proposal
+        from elsewhere")."""
+        local = self._local_probability(valid, input_height)
+        peaks = local.amax(2)
+        top = peaks.topk(min(k, peaks.shape[1]), dim=1).indices
+        wins = ((local == local.amax(1, keepdim=True)) & (local > 0)).any(2)  # padding's cells are all 0
+        other = (peaks * wins.scatter(1, top, False)).max(1)
+        return torch.cat([top, torch.where(other.values > 0, other.indices, -1)[:, None]], 1)
+
+    def _local_probability(self, valid: Tensor, input_height: int) -> Tensor:
+        """[B, classes, cells]: each cell's softmax over classes, 0 on the padding."""
         local = self.cams.float() + self.bias.float()[:, None, None]
         h, w = local.shape[-2:]
         stride = input_height / h
         rows = torch.arange(h, device=local.device)[None, :, None] < (valid[:, 0, None, None] / stride).ceil()
         cols = torch.arange(w, device=local.device)[None, None, :] < (valid[:, 1, None, None] / stride).ceil()
-        probability = local.softmax(1) * (rows & cols)[:, None]
-        return probability.flatten(2).amax(2)
+        return (local.softmax(1) * (rows & cols)[:, None]).flatten(2)
 
 
 def class_maps(model: nn.Module, images: Tensor, *, target_layer: str, detail_layer: str | None = None
