@@ -170,14 +170,13 @@ def test_the_class_maps_pass_gives_the_detail_map_of_classes_chosen_after_it(gap
         plain.detail(targets)
 
 
-def test_peak_evidence_finds_a_small_object_the_whole_images_softmax_buries():
+def test_the_proposals_find_a_small_object_the_whole_images_softmax_buries():
     x = planted(side=2)  # 4 red pixels of 1024: class 1's whole-image logit 20 x 4/1024 < class 0's bias 0.5
     maps = class_maps(RedDetector().eval(), x, target_layer="features")
     assert maps.probs[0].argmax().item() == 0
-    peaks = maps.peak_evidence(torch.tensor([[32, 32]]), 32)
-    assert peaks[0].argmax().item() == 1 and peaks[0, 1] > 0.99  # where the red is, class 1 wins outright
+    assert maps.proposals(torch.tensor([[32, 32]]), 32, 1)[0].tolist() == [1, 0]  # the red's class peaks highest
     # cells outside the image's valid region (padding) are not searched: the red lies in columns 20-21
-    assert maps.peak_evidence(torch.tensor([[32, 16]]), 32)[0].argmax().item() == 0
+    assert maps.proposals(torch.tensor([[32, 16]]), 32, 1)[0].tolist() == [0, -1]
 
 
 def test_an_object_beside_one_with_near_synonyms_is_still_proposed():
@@ -195,7 +194,6 @@ def test_an_object_beside_one_with_near_synonyms_is_still_proposed():
     x[0, 2, :, 6:] = 1.0  # blue: two
     maps = class_maps(model.eval(), x, target_layer="1")
     valid = torch.tensor([[8, 8]])
-    assert maps.peak_evidence(valid, 8)[0].topk(2).indices.sort().values.tolist() == [0, 1]
     two = maps.proposals(valid, 8, 2)[0].tolist()
     assert sorted(two[:2]) == [0, 1] and two[2] == 2  # the blue object's class, from its own cells
     assert sorted(maps.proposals(valid, 8, 3)[0].tolist()[:3]) == [0, 1, 2]

@@ -209,23 +209,18 @@ class ClassMaps:
         logits, leaf, self.logits, self.leaf = self.logits, self.leaf, None, None
         return _layercam(logits, leaf, targets)
 
-    def peak_evidence(self, valid: Tensor, input_height: int) -> Tensor:
-        """Each class's highest local probability anywhere in each image [B, classes].
+    def proposals(self, valid: Tensor, input_height: int, k: int) -> Tensor:
+        """The classes the look maps [B, k+1] (-1 pads), by their local probability.
 
         A GAP + linear head scores every location of the target layer as it scores the whole image (the
         CAM of every class plus its bias); the softmax over classes at each location, maxed over the
         image's own cells (valid [B,2] of the padded input, `input_height` pixels high), finds an object
         that fills a tenth of a cluttered scene, which the whole image's average (its softmax) buries under
-        the background's classes.
+        the background's classes. The k classes whose local probability peaks highest are proposed, and the
+        best-peaking of those that are the most probable class at some cell but not among the k: a large
+        object's k are often its near-synonyms (tabby, tiger cat, Egyptian cat), and an object beside it that
+        wins its own cells would go unproposed (bench/README.md, "One proposal from elsewhere").
         """
-        return self._local_probability(valid, input_height).amax(2)
-
-    def proposals(self, valid: Tensor, input_height: int, k: int) -> Tensor:
-        """The classes the look maps [B, k+1] (-1 pads): the k whose local probability peaks highest
-        (`peak_evidence`), and the best-peaking of the classes that are the most probable at some cell but
-        not among the k. A large object's k are often its near-synonyms (tabby, tiger cat, Egyptian cat),
-        and an object beside it that wins its own cells would go unproposed (bench/README.md, "One proposal
-        from elsewhere")."""
         local = self._local_probability(valid, input_height)
         peaks = local.amax(2)
         top = peaks.topk(min(k, peaks.shape[1]), dim=1).indices
