@@ -469,7 +469,7 @@ def test_a_small_swollen_box_is_tightened_by_a_closer_look(monkeypatch):
 
 
 def test_only_labelled_classes_boxes_are_looked_at_closer(monkeypatch):
-    # without labels a box under 2% of its image is rarely named right, and the look moved no figure: no pass
+    # without labels a box under 2% of its image is rarely named right, and looking closer moved no figure
     annotator = Annotator(load_model(device="cpu"), AnnotateSettings(input_size=128, scales=(1.0,), flip=False))
     looked = []
     monkeypatch.setattr(annotator, "looked_closer", lambda images, found, sizes: looked.append(found) or found)

@@ -238,7 +238,7 @@ class Annotator:
         instance's where they tighten it: no more than 1.5 times its area, centred within it, clear of the
         view's edges that lie inside the image (else the object may reach beyond the view). The score stays:
         it ranks across images. Labelled classes' boxes only: without labels every box this small scored
-        under 0.02 on 48 public images (parts, and background named as something), the look moved no figure
+        under 0.02 on 48 public images (parts, and background named as something), looking closer moved no figure
         of either public set, and it took 5-10% of the time (bench/README.md, "One proposal from elsewhere")."""
         if not self.rule.closer_look:
             return found
