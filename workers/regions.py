@@ -86,14 +86,14 @@ def fine_box_holds(model: Classify, small: Tensor, images: Tensor, classes: Tens
     distinct, which = images.unique(return_inverse=True)
     seen = small[distinct].contiguous(memory_format=torch.channels_last)
     whole = model(seen).float().softmax(1)[which].gather(1, classes[:, None])[:, 0]
-    sure = whole >= SURE
-    holds = torch.zeros_like(sure)
-    if not sure.any():
+    sure = (whole >= SURE).nonzero()[:, 0]  # one host sync, which indexing by a mask would repeat
+    holds = torch.zeros_like(whole, dtype=torch.bool)
+    if not len(sure):
         return holds
     h, w = small.shape[-2:]
     rows = torch.arange(h, device=small.device)[None, :, None]
     cols = torch.arange(w, device=small.device)[None, None, :]
-    x1, y1, x2, y2 = (boxes[sure, i, None, None] for i in range(4))
+    x1, y1, x2, y2 = (side[:, None, None] for side in boxes[sure].unbind(1))
     alone = small[images[sure]] * ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[:, None]
     kept = model(alone.contiguous(memory_format=torch.channels_last)).float().softmax(1)
     holds[sure] = kept.gather(1, classes[sure, None])[:, 0] >= whole[sure]
