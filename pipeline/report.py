@@ -19,8 +19,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from PIL import ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from torchvision.io import encode_png
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..schemas.tables import ERRORS, IMAGES
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PAGE_SIDE = 480  # longest side of a gallery picture
 NAMED_FROM = 0.05  # boxes scoring under this are drawn thin and grey, unnamed (the run keeps every box)
+LABEL_FONT = ImageFont.load_default(size=16)  # Pillow's own scalable font: no font file to find on the host
 BINS = 10
 # The page may load its own pictures and inline style and script, nothing from anywhere else.
 POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -121,10 +124,10 @@ def _overlay_name(path: str) -> str:
     return f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:10]}.png"
 
 
-def overlay(image: torch.Tensor, row: dict) -> torch.Tensor:
-    """uint8 [3,H,W] image and its run row -> uint8 [3,h,w] picture at most PAGE_SIDE on a side."""
+def overlay(image: torch.Tensor, row: dict, side: int = PAGE_SIDE) -> torch.Tensor:
+    """uint8 [3,H,W] image and its run row -> uint8 [3,h,w] picture at most `side` on a side (never larger)."""
     height, width = image.shape[-2:]
-    h, w = scaled_size(height, width, min(height, width), max_side=min(PAGE_SIDE, max(height, width)))
+    h, w = scaled_size(height, width, min(height, width), max_side=min(side, max(height, width)))
     picture = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
     maps, _ = decode_heatmaps(row["heatmaps"])
     if len(maps):
@@ -146,11 +149,29 @@ def overlay(image: torch.Tensor, row: dict) -> torch.Tensor:
     weak = [i for i, n in enumerate(named) if not n]
     if weak:  # drawn first, under the named ones: visible, but the picture reads as its objects
         picture = draw_bounding_boxes(picture, boxes[weak], colors="grey", width=1)
-    strong = [i for i, n in enumerate(named) if n]
+    strong = sorted((i for i, n in enumerate(named) if n), key=lambda i: anns[i]["score"])  # best name on top
     if not strong:
         return picture
-    labels = [f"{anns[i]['class_name']} {anns[i]['score']:.2f}" for i in strong]
-    return draw_bounding_boxes(picture, boxes[strong], labels, colors="yellow", width=2)
+    picture = draw_bounding_boxes(picture, boxes[strong], colors="yellow", width=2)
+    return _named(picture, boxes[strong], [f"{anns[i]['class_name']} {anns[i]['score']:.2f}" for i in strong])
+
+
+def _named(picture: torch.Tensor, boxes: torch.Tensor, labels: list[str]) -> torch.Tensor:
+    """Each label black on a yellow strip over its box's top-left corner, kept inside the picture.
+
+    torchvision draws labels in a fixed 10-pixel bitmap font (a larger one only from a font file the host may
+    lack), which no one can read once the picture is scaled down.
+    """
+    canvas = to_pil_image(picture)
+    draw = ImageDraw.Draw(canvas)
+    for (x0, y0, _, _), text in zip(boxes.tolist(), labels, strict=True):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=LABEL_FONT)
+        width, height = right - left + 6, bottom - top + 4
+        x = min(max(x0, 0), max(canvas.width - width, 0))
+        y = y0 - height if y0 >= height else min(max(y0, 0), max(canvas.height - height, 0))  # above, else inside
+        draw.rectangle((x, y, x + width - 1, y + height - 1), fill="yellow")
+        draw.text((x + 3 - left, y + 2 - top), text, fill="black", font=LABEL_FONT)
+    return pil_to_tensor(canvas)
 
 
 STYLE = """

@@ -1,8 +1,9 @@
-"""The README's picture: the demo report's overlays side by side, small.
+"""The README's picture: the demo run's overlays side by side, drawn at the size they are shown.
 
-    .venv/bin/python scripts/readme_picture.py [runs/demo/report/overlays] [docs/demo.png]
+    .venv/bin/python scripts/readme_picture.py [runs/demo/run] [docs/demo.png]
 
-Run `bash scripts/demo.sh` first; every picture is scaled to ROW_HEIGHT pixels and laid out in rows.
+Run `bash scripts/demo.sh` first. Each photo is drawn ROW_HEIGHT pixels high by the report's own `overlay`
+(shrinking the report's larger pictures would shrink their labels past reading), PER_ROW to a row.
 """
 
 from __future__ import annotations
@@ -11,35 +12,38 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_png, encode_png, read_file
+from camlabel.pipeline.report import overlay
+from camlabel.pipeline.writers import read_parts
+from camlabel.schemas.tables import IMAGES
+from camlabel.workers.decode import decode, read_bytes
+from torchvision.io import encode_png
 
-ROW_HEIGHT = 130
+ROW_HEIGHT = 180
 PER_ROW = 4
 GAP = 4
 
 
 def contact_sheet(pictures: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 [3,H,W] pictures -> one uint8 sheet, PER_ROW a row, each ROW_HEIGHT high, white gaps."""
-    scaled = [F.interpolate(p[None].float(), size=(ROW_HEIGHT, max(1, round(p.shape[-1] * ROW_HEIGHT / p.shape[-2]))),
-                            mode="bilinear", antialias=True)[0] for p in pictures]
-    rows = [scaled[i : i + PER_ROW] for i in range(0, len(scaled), PER_ROW)]
+    """uint8 [3,h,w] pictures of one height -> one uint8 sheet, PER_ROW a row, white gaps between."""
+    rows = [pictures[i : i + PER_ROW] for i in range(0, len(pictures), PER_ROW)]
     width = max(sum(p.shape[-1] for p in row) + GAP * (len(row) - 1) for row in rows)
-    sheet = torch.full((3, len(rows) * (ROW_HEIGHT + GAP) - GAP, width), 255.0)
+    sheet = torch.full((3, len(rows) * (ROW_HEIGHT + GAP) - GAP, width), 255, dtype=torch.uint8)
     for r, row in enumerate(rows):
-        x = 0
+        x, top = 0, r * (ROW_HEIGHT + GAP)
         for p in row:
-            sheet[:, r * (ROW_HEIGHT + GAP) : r * (ROW_HEIGHT + GAP) + ROW_HEIGHT, x : x + p.shape[-1]] = p
+            sheet[:, top : top + p.shape[-2], x : x + p.shape[-1]] = p
             x += p.shape[-1] + GAP
-    return sheet.round().clamp(0, 255).to(torch.uint8)
+    return sheet
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/report/overlays")
+    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/run")
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/demo.png")
-    pictures = [decode_png(read_file(str(p)), ImageReadMode.RGB) for p in sorted(folder.glob("*.png"))]
-    if not pictures:
-        raise SystemExit(f"no overlays in {folder}: run `bash scripts/demo.sh` first")
+    rows = sorted(read_parts(run / "annotations", IMAGES).to_pylist(), key=lambda r: Path(r["path"]).name)
+    if not rows:
+        raise SystemExit(f"no annotated images in {run}: run `bash scripts/demo.sh` first")
+    sides = [round(ROW_HEIGHT * max(r["width"], r["height"]) / r["height"]) for r in rows]  # each ROW_HEIGHT high
+    pictures = [overlay(decode(read_bytes(r["path"])), r, side) for r, side in zip(rows, sides, strict=True)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode_png(contact_sheet(pictures), compression_level=9).numpy().tobytes())
     print(out)

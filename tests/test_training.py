@@ -288,11 +288,14 @@ def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed
         {"bbox": [10, 10, 40, 40], "score": 0.6, "class_name": "tabby", "rle_counts": empty},
         {"bbox": [60, 60, 30, 30], "score": 0.01, "class_name": "ocarina", "rle_counts": empty}]}
     named = []
-    real = report.draw_bounding_boxes
-    monkeypatch.setattr(report, "draw_bounding_boxes",
-                        lambda *a, **kw: named.append(a[2] if len(a) > 2 else kw.get("labels")) or real(*a, **kw))
+    real = report._named
+    monkeypatch.setattr(report, "_named", lambda pic, boxes, labels: named.append(labels) or real(pic, boxes, labels))
     picture = report.overlay(torch.zeros(3, 100, 100, dtype=torch.uint8), row)
-    assert picture[:, 10, 30].tolist() == [255, 255, 0]  # the strong box's top edge: yellow
+    assert picture[:, 40, 10].tolist() == [255, 255, 0]  # the strong box's left edge: yellow
     assert picture[:, 60, 75].tolist() == [128, 128, 128]  # the weak one's: grey
     assert picture[:, 61, 75].tolist() == [0, 0, 0]  # one pixel wide
-    assert [n for n in named if n] == [["tabby 0.60"]]  # only the strong box is named
+    assert named == [["tabby 0.60"]]  # only the strong box is named
+    strip = picture[:, 10:28, 10:60]  # its name: black on a yellow strip inside the box (no room above it)
+    yellow = (strip == torch.tensor([255, 255, 0])[:, None, None]).all(0).float().mean()
+    black = (strip.amax(0) < 128).float().mean()  # the letters (anti-aliased)
+    assert yellow > 0.4 and black > 0.05, (yellow, black)
