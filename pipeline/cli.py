@@ -209,7 +209,7 @@ def cmd_demo(args) -> int:
     from ..schemas.tables import IMAGES
     from .export import export_coco
     from .job import annotate
-    from .report import NAMED_FROM, described, write_report
+    from .report import NAMED_FROM, found, write_report
     from .writers import read_parts
 
     data = Path(skimage.data.data_dir)
@@ -230,10 +230,7 @@ def cmd_demo(args) -> int:
           f"boxes under {NAMED_FROM} are counted, not named):")
     rows = read_parts(out / "run" / "annotations", IMAGES, ["path", "annotations"]).to_pylist()
     for row in sorted(rows, key=lambda r: r["path"]):
-        shown = [a for a in row["annotations"] if a["score"] >= NAMED_FROM]
-        found = ", ".join(described(a) for a in shown) or "nothing"
-        weaker = len(row["annotations"]) - len(shown)
-        print(f"  {Path(row['path']).name:22} {found}" + (f" (+{weaker} weaker)" if weaker else ""))
+        print(f"  {Path(row['path']).name:22} {found(row['annotations'])}")
     print(f"Pictures: {page} (open it in a browser; boxes, masks and heatmaps for every photo)")
     print(json.dumps({"run": str(out / "run"), "coco": str(out / "coco.json"), "report": str(page),
                       **manifest["counts"], "seconds": manifest["seconds"]}))

@@ -48,7 +48,8 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
     manifest = read_manifest(run_dir)
     check_parts(run_dir)
     chosen = set(chosen or [])
-    classes: Counter[str] = Counter()
+    classes: Counter[str] = Counter()  # every box of a class
+    named_classes: Counter[str] = Counter()  # those the pictures name (scoring NAMED_FROM or more)
     sizes, scores = torch.zeros(BINS, dtype=torch.long), torch.zeros(BINS, dtype=torch.long)
     lowest: list[tuple[float, str]] = []  # max-heap by negated confidence: the `gallery` least confident
     named: list[str] = []
@@ -58,6 +59,7 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
             images += 1
             anns = row["annotations"]
             classes.update(a["class_name"] for a in anns)
+            named_classes.update(a["class_name"] for a in anns if a["score"] >= NAMED_FROM)
             if anns:
                 box = torch.tensor([a["bbox"] for a in anns])
                 relative = (box[:, 2] * box[:, 3] / (row["width"] * row["height"])).sqrt()
@@ -77,7 +79,8 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
     picked = [p for _, p in sorted(lowest, key=lambda t: (-t[0], t[1]))] + sorted(named)
     figures = _draw_gallery(run_dir, picked, out / "overlays") if picked else []
     errors = read_parts(run_dir / "errors", ERRORS)
-    page = _page(manifest, images, classes, sizes, scores, figures, errors.slice(0, 100).to_pylist(), errors.num_rows)
+    page = _page(manifest, images, classes, named_classes, sizes, scores, figures, errors.slice(0, 100).to_pylist(),
+                 errors.num_rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "report.html", page.encode())
     return out / "report.html"
@@ -89,6 +92,14 @@ def described(annotation: dict) -> str:
     rivals = [r for r in annotation.get("runner_ups") or [] if r["score"] >= annotation["score"] / 10][:2]
     named = f"{annotation['class_name']} {annotation['score']:.2f}"
     return named + (" (or " + ", ".join(f"{r['class_name']} {r['score']:.2f}" for r in rivals) + ")" if rivals else "")
+
+
+def found(annotations: list[dict]) -> str:
+    """An image's annotations as a person reads them: those scoring NAMED_FROM or more, described, and how many
+    weaker ones the run keeps besides ("moped 0.34, tripod 0.12 (+4 weaker)")."""
+    shown = [a for a in annotations if a["score"] >= NAMED_FROM]
+    weaker = len(annotations) - len(shown)
+    return (", ".join(described(a) for a in shown) or "nothing") + (f" (+{weaker} weaker)" if weaker else "")
 
 
 def _batches(run_dir: Location, columns: list[str], where=None):
@@ -204,8 +215,8 @@ def _histogram(counts: torch.Tensor, label: str) -> str:
             f"<figcaption>{label}</figcaption></figure>")
 
 
-def _page(manifest: dict, images: int, classes: Counter, sizes, scores, figures: list[dict], errors: list[dict],
-          error_count: int) -> str:
+def _page(manifest: dict, images: int, classes: Counter, named_classes: Counter, sizes, scores, figures: list[dict],
+          errors: list[dict], error_count: int) -> str:
     e = html.escape
     config, model = manifest.get("config", {}), manifest.get("model", {})
     summary = {
@@ -215,13 +226,15 @@ def _page(manifest: dict, images: int, classes: Counter, sizes, scores, figures:
         "input size": config.get("input_size", ""), "status": manifest.get("status", ""),
         "finished": manifest.get("finished", ""),
     }
-    top = max(classes.values(), default=1)
-    class_rows = "".join(f'<tr><td>{e(name)}</td><td>{n}</td><td><span class="bar" style="width:{200 * n / top:.0f}px">'
-                         f"</span></td></tr>" for name, n in classes.most_common())
+    top = max(named_classes.values(), default=1)
+    by_named = sorted(classes, key=lambda name: (-named_classes[name], -classes[name], name))
+    class_rows = "".join(f'<tr><td>{e(name)}</td><td>{named_classes[name]}</td><td>{classes[name]}</td><td>'
+                         f'<span class="bar" style="width:{200 * named_classes[name] / top:.0f}px"></span></td></tr>'
+                         for name in by_named)
     cards = []
     for fig in figures:
         row = fig["row"]
-        caption = ", ".join(described(a) for a in row["annotations"]) or "no annotation"
+        caption = found(row["annotations"])
         picture = (f'<img src="{e(fig["file"])}" alt="{e(Path(row["path"]).name)}" loading="eager">' if fig["file"]
                    else f"<p>cannot draw: {e(fig['why'])}</p>")
         cards.append(f"<figure>{picture}<figcaption><b>{e(row['path'])}</b><br>{e(caption)}</figcaption></figure>")
@@ -233,12 +246,14 @@ def _page(manifest: dict, images: int, classes: Counter, sizes, scores, figures:
 <style>{STYLE}</style></head><body>
 <h1>camlabel report</h1>
 <table>{"".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in summary.items())}</table>
-<h2>Annotations per class</h2><table>{class_rows or "<tr><td>none</td></tr>"}</table>
+<h2>Annotations per class</h2><table><tr><th>class</th><th>scoring {NAMED_FROM} or more</th><th>all</th><th></th></tr>
+{class_rows or "<tr><td>none</td></tr>"}</table>
 <h2>Histograms</h2><div class="gallery">
 {_histogram(sizes, "box size: sqrt(box area / image area)")}{_histogram(scores, "annotation score")}</div>
 <h2>Gallery, lowest confidence first ({len(figures)} images)</h2>
 <p>Confidence of an image: its lowest annotation score (0 when nothing was found). Overlays: the strongest
-class map (orange), masks (cyan), boxes (yellow) with class and score.</p>
+class map (orange), masks (cyan), boxes (yellow) with class and score; boxes scoring under {NAMED_FROM} thin, grey
+and unnamed (counted in the caption as weaker).</p>
 <div class="gallery">{"".join(cards)}</div>
 <h2>Errors ({error_count})</h2><table><tr><th>path</th><th>stage</th><th>reason</th></tr>{error_rows}</table>
 <script>{CHECK}</script>

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -280,6 +281,18 @@ def test_label_names_that_match_no_image_are_counted_in_a_warning(tmp_path, capl
     paths, labels, classes = labelled_images(str(tmp_path / "images"), str(tmp_path / "labels.csv"), ["cat", "dog"])
     assert len(paths) == 2 and labels == [[0], [1]] and classes == ["cat", "dog"]
     assert f"2 file names in {tmp_path}/labels.csv match no image under" in caplog.text  # by bare name, by path
+
+
+def test_the_report_names_the_boxes_scoring_enough_and_counts_the_weaker_ones():
+    """The demo's photos carry parts named as other things at scores near 0: they headed the class table."""
+    anns = [{"class_name": "tabby", "score": 0.6}, {"class_name": "ocarina", "score": 0.01},
+            {"class_name": "ocarina", "score": 0.02}]
+    assert report.found(anns) == "tabby 0.60 (+2 weaker)"
+    assert report.found(anns[1:]) == "nothing (+2 weaker)" and report.found([]) == "nothing"
+    bins = torch.zeros(report.BINS, dtype=torch.long)
+    page = report._page({}, 1, Counter(tabby=1, ocarina=2), Counter(tabby=1), bins, bins, [], [], 0)
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>(\d+)</td><td>(\d+)</td>", page)
+    assert rows == [("tabby", "1", "1"), ("ocarina", "0", "2")]  # the classes the pictures name come first
 
 
 def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed(monkeypatch):
