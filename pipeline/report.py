@@ -164,10 +164,10 @@ def overlay(image: torch.Tensor, row: dict, side: int = PAGE_SIDE) -> torch.Tens
     if not strong:
         return picture
     picture = draw_bounding_boxes(picture, boxes[strong], colors="yellow", width=2)
-    return _named(picture, boxes[strong], [f"{anns[i]['class_name']} {anns[i]['score']:.2f}" for i in strong])
+    return _label_boxes(picture, boxes[strong], [f"{anns[i]['class_name']} {anns[i]['score']:.2f}" for i in strong])
 
 
-def _named(picture: torch.Tensor, boxes: torch.Tensor, labels: list[str]) -> torch.Tensor:
+def _label_boxes(picture: torch.Tensor, boxes: torch.Tensor, labels: list[str]) -> torch.Tensor:
     """Each label black on a yellow strip over its box's top-left corner, kept inside the picture.
 
     torchvision draws labels in a fixed 10-pixel bitmap font (a larger one only from a font file the host may

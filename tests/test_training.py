@@ -301,8 +301,8 @@ def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed
         {"bbox": [10, 10, 40, 40], "score": 0.6, "class_name": "tabby", "rle_counts": empty},
         {"bbox": [60, 60, 30, 30], "score": 0.01, "class_name": "ocarina", "rle_counts": empty}]}
     named = []
-    real = report._named
-    monkeypatch.setattr(report, "_named", lambda pic, boxes, labels: named.append(labels) or real(pic, boxes, labels))
+    real = report._label_boxes
+    monkeypatch.setattr(report, "_label_boxes", lambda *args: named.append(args[2]) or real(*args))
     picture = report.overlay(torch.zeros(3, 100, 100, dtype=torch.uint8), row)
     assert picture[:, 40, 10].tolist() == [255, 255, 0]  # the strong box's left edge: yellow
     assert picture[:, 60, 75].tolist() == [128, 128, 128]  # the weak one's: grey
