@@ -48,6 +48,10 @@ ODD = {
                            append_images=[Image.fromarray(gradient()[::-1])]),
     "webp": lambda: encode(Image.fromarray(gradient()), "WEBP", save_all=True,
                            append_images=[Image.fromarray(gradient()[::-1])]),
+    "bilevel": lambda: encode(Image.fromarray(gradient()).convert("1"), "PNG"),
+    "grey_alpha": lambda: encode(Image.fromarray(gradient()).convert("LA"), "PNG"),
+    "tiff": lambda: encode(Image.fromarray(gradient()), "TIFF", save_all=True,
+                           append_images=[Image.fromarray(gradient()[::-1])]),
 }
 
 
@@ -64,6 +68,15 @@ def test_decoded_colours_are_right():
     np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), gradient())
     grey16 = decode(ODD["png16"]())
     np.testing.assert_array_equal(grey16[0].numpy(), gradient()[..., 0])
+    np.testing.assert_array_equal(decode(ODD["tiff"]()).permute(1, 2, 0).numpy(), gradient())  # its first page
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 255])
+def test_floating_point_pixels_are_refused_not_made_black(scale):
+    """PIL's mode F holds 0-1, 0-255 or any range; it was read as 16-bit and came out black, unnoticed."""
+    tiff = encode(Image.fromarray(gradient()[..., 0].astype(np.float32) * scale), "TIFF")
+    with pytest.raises(DecodeError, match="floating-point pixels"):
+        decode(tiff)
 
 
 @pytest.mark.parametrize("kind", ["PNG", "WEBP", "TIFF", "LA", "palette", "GIF"])

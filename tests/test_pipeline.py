@@ -436,14 +436,16 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     os.symlink("/dev/zero", folder / "device.jpg")  # endless bytes behind a photo's name
     os.symlink(folder / "gone.png", folder / "dangling.png")
     (folder / "new\nline.jpg").write_bytes(good)  # a name a line-based tool would split
+    (folder / "strip.png").write_bytes(encode(Image.new("RGB", (20000, 1)), "PNG"))
+    (folder / "float.tif").write_bytes(encode(Image.new("F", (40, 30)), "TIFF"))
     out = tmp_path / "run"
     annotate(folder, out)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["inputs"] == len(ODD) + 10
+    assert summary["inputs"] == len(ODD) + 12
     assert summary["annotated"] + summary["errors"] == summary["inputs"]
     errors = {e["path"].rsplit("/", 1)[1]: e for e in
               pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()}
-    refused = {"zero.jpg", "random.jpg", "page.png", "bomb.png", "device.jpg", "dangling.png"}
+    refused = {"zero.jpg", "random.jpg", "page.png", "bomb.png", "device.jpg", "dangling.png", "float.tif"}
     assert set(errors) in (refused | {"truncated.jpg"}, refused)  # libjpeg may recover a truncated file's top half
     assert "refused" in errors["bomb.png"]["reason"] and "empty" in errors["zero.jpg"]["reason"]
     assert "not a regular file" in errors["device.jpg"]["reason"] and errors["dangling.png"]["stage"] == "read"
@@ -451,6 +453,8 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     assert annotated["dup_a.jpg"]["image_id"] == annotated["dup_b.jpg"]["image_id"] == annotated["new\nline.jpg"][
         "image_id"]
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
+    assert (annotated["strip.png"]["width"], annotated["strip.png"]["height"]) == (20000, 1)
+    assert "floating-point" in errors["float.tif"]["reason"]
     assert (annotated["apng.png"]["width"], annotated["webp.webp"]["height"]) == (40, 30)  # first frames
 
 

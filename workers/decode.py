@@ -64,8 +64,8 @@ def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """uint8 [3, H, W], EXIF orientation applied; grey, palette, CMYK and 16-bit made RGB, transparency laid
-    over white.
+    """uint8 [3, H, W], EXIF orientation applied; grey, bilevel, palette, CMYK and 16-bit made RGB, transparency
+    laid over white; floating-point pixels refused.
 
     torchvision decodes JPEG, PNG and WEBP; PIL handles the rest, GIF's first frame among them.
     """
@@ -133,9 +133,13 @@ def _decode_with_pil(data: bytes) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I", "F"):
+            if im.mode == "F":  # 0-1, 0-255 or any range: a guess would make some of them black, unnoticed
+                raise DecodeError("floating-point pixels (PIL mode F) have no fixed range: save it as 8 or 16 bits")
+            if im.mode in ("I;16", "I;16B", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             return _rgb_tensor(im)
+    except DecodeError:
+        raise
     except Exception as exc:
         raise DecodeError(f"cannot decode ({type(exc).__name__}: {_without_address(exc)})") from exc
 
