@@ -71,12 +71,17 @@ def test_decoded_colours_are_right():
     np.testing.assert_array_equal(decode(ODD["tiff"]()).permute(1, 2, 0).numpy(), gradient())  # its first page
 
 
-@pytest.mark.parametrize("scale", [1.0, 1 / 255])
-def test_floating_point_pixels_are_refused_not_made_black(scale):
-    """PIL's mode F holds 0-1, 0-255 or any range; it was read as 16-bit and came out black, unnoticed."""
-    tiff = encode(Image.fromarray(gradient()[..., 0].astype(np.float32) * scale), "TIFF")
-    with pytest.raises(DecodeError, match="floating-point pixels"):
+@pytest.mark.parametrize("pixels", [np.float32, lambda grey: grey.astype(np.float32) / 255, np.int32])
+def test_32_bit_pixels_are_refused_not_made_black(pixels):
+    """A 32-bit TIFF holds 0-1, 0-255 or any range; it was read as 16-bit and came out black, unnoticed."""
+    tiff = encode(Image.fromarray(pixels(gradient()[..., 0])), "TIFF")
+    with pytest.raises(DecodeError, match="32-bit pixels"):
         decode(tiff)
+
+
+def test_a_16_bit_pgm_which_pil_opens_as_32_bit_integers_is_read():
+    pgm = b"P5 40 30 65535\n" + (gradient()[..., 0].astype(">u2") * 257).tobytes()
+    np.testing.assert_array_equal(decode(pgm)[0].numpy(), gradient()[..., 0])
 
 
 @pytest.mark.parametrize("kind", ["PNG", "WEBP", "TIFF", "LA", "palette", "GIF"])

@@ -454,7 +454,7 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
         "image_id"]
     assert annotated["tiny.png"]["width"] == 1 and annotated["cmyk_jpeg.png"]["height"] == 30
     assert (annotated["strip.png"]["width"], annotated["strip.png"]["height"]) == (20000, 1)
-    assert "floating-point" in errors["float.tif"]["reason"]
+    assert "32-bit pixels" in errors["float.tif"]["reason"]
     assert (annotated["apng.png"]["width"], annotated["webp.webp"]["height"]) == (40, 30)  # first frames
 
 

@@ -65,7 +65,7 @@ def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 [3, H, W], EXIF orientation applied; grey, bilevel, palette, CMYK and 16-bit made RGB, transparency
-    laid over white; floating-point pixels refused.
+    laid over white; 32-bit pixels refused.
 
     torchvision decodes JPEG, PNG and WEBP; PIL handles the rest, GIF's first frame among them.
     """
@@ -132,9 +132,11 @@ def _rgb_tensor(im: Image.Image) -> torch.Tensor:
 def _decode_with_pil(data: bytes) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.mode == "F" or 32 in getattr(im, "tag_v2", {}).get(258, ()):  # TIFF's BitsPerSample
+                # 0-1, 0-255 or any range (PIL's mode I holds 16-bit PGMs too): a guess makes some black, unnoticed
+                raise DecodeError("32-bit pixels (floating-point or integer) have no fixed range: save it as 8 or "
+                                  "16 bits")
             im = ImageOps.exif_transpose(im)
-            if im.mode == "F":  # 0-1, 0-255 or any range: a guess would make some of them black, unnoticed
-                raise DecodeError("floating-point pixels (PIL mode F) have no fixed range: save it as 8 or 16 bits")
             if im.mode in ("I;16", "I;16B", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             return _rgb_tensor(im)
