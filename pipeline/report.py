@@ -66,7 +66,7 @@ def write_report(run_dir: str | Path, out: Path, gallery: int = 48, chosen: list
                 sizes += torch.bincount((relative * BINS).long().clamp(max=BINS - 1), minlength=BINS)
                 score = torch.tensor([a["score"] for a in anns])
                 scores += torch.bincount((score * BINS).long().clamp(0, BINS - 1), minlength=BINS)
-            confidence = min((a["score"] for a in anns), default=0.0)
+            confidence = image_confidence(anns)
             if Path(row["path"]).name in chosen:
                 named.append(row["path"])
             elif gallery > 0:
@@ -92,6 +92,15 @@ def described(annotation: dict) -> str:
     rivals = [r for r in annotation.get("runner_ups") or [] if r["score"] >= annotation["score"] / 10][:2]
     named = f"{annotation['class_name']} {annotation['score']:.2f}"
     return named + (" (or " + ", ".join(f"{r['class_name']} {r['score']:.2f}" for r in rivals) + ")" if rivals else "")
+
+
+def image_confidence(annotations: list[dict]) -> float:
+    """How sure a run is of an image: the best score of its least sure class (0 when nothing was found). Its
+    lowest score would rank every image where a part of a well-found object was boxed apart, weakly, first."""
+    best: dict[str, float] = {}
+    for a in annotations:
+        best[a["class_name"]] = max(best.get(a["class_name"], 0.0), a["score"])
+    return min(best.values(), default=0.0)
 
 
 def found(annotations: list[dict]) -> str:
@@ -251,7 +260,7 @@ def _page(manifest: dict, images: int, classes: Counter, named_classes: Counter,
 <h2>Histograms</h2><div class="gallery">
 {_histogram(sizes, "box size: sqrt(box area / image area)")}{_histogram(scores, "annotation score")}</div>
 <h2>Gallery, lowest confidence first ({len(figures)} images)</h2>
-<p>Confidence of an image: its lowest annotation score (0 when nothing was found). Overlays: the strongest
+<p>Confidence of an image: the best score of its least sure class (0 when nothing was found). Overlays: the strongest
 class map (orange), masks (cyan), boxes (yellow) with class and score; boxes scoring under {NAMED_FROM} thin, grey
 and unnamed (counted in the caption as weaker).</p>
 <div class="gallery">{"".join(cards)}</div>

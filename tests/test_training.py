@@ -149,7 +149,8 @@ def test_annotate_uses_the_model_dir_and_the_report_renders(trained, tmp_path, c
     page = page_path.read_text()
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert page.count("<img ") == 3  # the lowest-confidence image of the others, and the two asked for
-    confidence = {n: min(a["score"] for a in coco["annotations"] if named[a["image_id"]] == n)
+    confidence = {n: report.image_confidence([{"class_name": a["category_id"], "score": a["score"]}
+                                              for a in coco["annotations"] if named[a["image_id"]] == n])
                   for n in ("0.png", "1.png")}
     lowest, other = sorted(confidence, key=confidence.get)
     assert f"/{lowest}</b>" in page and f"/{other}</b>" not in page
@@ -289,6 +290,10 @@ def test_the_report_names_the_boxes_scoring_enough_and_counts_the_weaker_ones():
             {"class_name": "ocarina", "score": 0.02}]
     assert report.found(anns) == "tabby 0.60 (+2 weaker)"
     assert report.found(anns[1:]) == "nothing (+2 weaker)" and report.found([]) == "nothing"
+    # the gallery's order: an image's least sure class, by that class's best box; not a part boxed apart
+    assert report.image_confidence([*anns, {"class_name": "tabby", "score": 0.3}]) == 0.02
+    assert report.image_confidence([anns[0], {"class_name": "tabby", "score": 0.01}]) == 0.6
+    assert report.image_confidence([]) == 0.0
     bins = torch.zeros(report.BINS, dtype=torch.long)
     page = report._page({}, 1, Counter(tabby=1, ocarina=2), Counter(tabby=1), bins, bins, [], [], 0)
     rows = re.findall(r"<tr><td>([^<]+)</td><td>(\d+)</td><td>(\d+)</td>", page)
