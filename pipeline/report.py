@@ -177,18 +177,27 @@ def overlay(image: torch.Tensor, row: dict, side: int = PAGE_SIDE) -> torch.Tens
 
 
 def _label_boxes(picture: torch.Tensor, boxes: torch.Tensor, labels: list[str]) -> torch.Tensor:
-    """Each label black on a yellow strip over its box's top-left corner, kept inside the picture.
+    """Each label black on a yellow strip by its box, kept inside the picture: above the box's top-left corner (or
+    just inside where there is no room), else inside it, else at its foot, the first place no better label holds.
+    Labels come worst first; the best are placed first and drawn last, on top.
 
     torchvision draws labels in a fixed 10-pixel bitmap font (a larger one only from a font file the host may
     lack), which no one can read once the picture is scaled down.
     """
     canvas = to_pil_image(picture)
     draw = ImageDraw.Draw(canvas)
-    for (x0, y0, _, _), text in zip(boxes.tolist(), labels, strict=True):
+    placed: list[tuple[int, int, int, int, str]] = []  # x, y, width, height, text; the best first
+    for (x0, y0, _, y1), text in reversed(list(zip(boxes.tolist(), labels, strict=True))):
         left, top, right, bottom = draw.textbbox((0, 0), text, font=LABEL_FONT)
         width, height = right - left + 6, bottom - top + 4
-        x = min(max(x0, 0), max(canvas.width - width, 0))
-        y = y0 - height if y0 >= height else min(max(y0, 0), max(canvas.height - height, 0))  # above, else inside
+        x = int(min(max(x0, 0), max(canvas.width - width, 0)))
+        places = [int(min(max(y, 0), max(canvas.height - height, 0))) for y in
+                  (y0 - height if y0 >= height else y0, y0, y1 - height)]
+        free = [y for y in places if not any(x < px + pw and px < x + width and y < py + ph and py < y + height
+                                             for px, py, pw, ph, _ in placed)]
+        placed.append((x, (free or places)[0], width, height, text))
+    for x, y, width, height, text in reversed(placed):
+        left, top, _, _ = draw.textbbox((0, 0), text, font=LABEL_FONT)
         draw.rectangle((x, y, x + width - 1, y + height - 1), fill="yellow")
         draw.text((x + 3 - left, y + 2 - top), text, fill="black", font=LABEL_FONT)
     return pil_to_tensor(canvas)

@@ -300,6 +300,16 @@ def test_the_report_names_the_boxes_scoring_enough_and_counts_the_weaker_ones():
     assert rows == [("tabby", "1", "1"), ("ocarina", "0", "2")]  # the classes the pictures name come first
 
 
+def test_labels_of_boxes_that_share_a_corner_do_not_cover_each_other():
+    """The demo's astronaut: four boxes at the picture's top, and one name half hidden under another."""
+    boxes = torch.tensor([[0.0, 0.0, 99.0, 99.0], [0.0, 0.0, 99.0, 99.0]])
+    picture = report._label_boxes(torch.zeros(3, 100, 100, dtype=torch.uint8), boxes, ["worse 0.10", "best 0.90"])
+    yellow = (picture == torch.tensor([255, 255, 0])[:, None, None]).all(0)
+    assert yellow[:15, :40].float().mean() > 0.4  # the best at the top, inside (no room above)
+    assert yellow[85:, :40].float().mean() > 0.4  # the other at the box's foot
+    assert yellow[30:70].sum() == 0
+
+
 def test_an_overlay_names_strong_boxes_and_draws_weak_ones_thin_grey_and_unnamed(monkeypatch):
     empty = mask_utils.encode(np.zeros((100, 100), np.uint8, order="F"))["counts"].decode("ascii")
     row = {"height": 100, "width": 100, "heatmaps": [], "annotations": [
