@@ -186,7 +186,7 @@ def _label_boxes(picture: torch.Tensor, boxes: torch.Tensor, labels: list[str]) 
     """
     canvas = to_pil_image(picture)
     draw = ImageDraw.Draw(canvas)
-    placed: list[tuple[int, int, int, int, str]] = []  # x, y, width, height, text; the best first
+    placed: list[tuple[int, int, int, int, str, int, int]] = []  # x, y, width, height, text, its bbox's left, top
     for (x0, y0, _, y1), text in reversed(list(zip(boxes.tolist(), labels, strict=True))):
         left, top, right, bottom = draw.textbbox((0, 0), text, font=LABEL_FONT)
         width, height = right - left + 6, bottom - top + 4
@@ -194,10 +194,9 @@ def _label_boxes(picture: torch.Tensor, boxes: torch.Tensor, labels: list[str]) 
         places = [int(min(max(y, 0), max(canvas.height - height, 0))) for y in
                   (y0 - height if y0 >= height else y0, y0, y1 - height)]
         free = [y for y in places if not any(x < px + pw and px < x + width and y < py + ph and py < y + height
-                                             for px, py, pw, ph, _ in placed)]
-        placed.append((x, (free or places)[0], width, height, text))
-    for x, y, width, height, text in reversed(placed):
-        left, top, _, _ = draw.textbbox((0, 0), text, font=LABEL_FONT)
+                                             for px, py, pw, ph, *_ in placed)]
+        placed.append((x, (free or places)[0], width, height, text, left, top))
+    for x, y, width, height, text, left, top in reversed(placed):  # the best last, on top
         draw.rectangle((x, y, x + width - 1, y + height - 1), fill="yellow")
         draw.text((x + 3 - left, y + 2 - top), text, fill="black", font=LABEL_FONT)
     return pil_to_tensor(canvas)
