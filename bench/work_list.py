@@ -58,7 +58,7 @@ def one(folder: Path, labels: bool, worker: bool) -> dict:
     start = time.perf_counter()
     (folder / "run").mkdir()
     plan = plan_work if worker else planned
-    inputs, todo = plan(config, [str(i) for i in range(1000)], folder / "run", [folder / "earlier"])
+    inputs, todo, *_ = plan(config, [str(i) for i in range(1000)], folder / "run", [folder / "earlier"])
     seconds = time.perf_counter() - start
     planned_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     blocks = WorkList(folder / "run" / WORK_LIST, todo, max(8, -(-todo // MAX_BLOCKS))).get_read_tasks(1)

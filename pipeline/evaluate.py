@@ -351,7 +351,7 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
         if path is None:
             continue
         try:
-            with Image.open(path) as png:
+            with Image.open(path, formats=["PNG"]) as png:  # nothing else, whatever its name
                 mode = png.mode
                 predicted = np.array(png).astype(np.int64)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -34,7 +34,7 @@ from .lease import lease
 from .plan import annotate_stream, plan_resources
 from .signals import Stopped, kept_from_ray, stopped_by_signals
 from .store import Location, StoreError
-from .worklist import WORK_LIST, plan_work
+from .worklist import WORK_LIST, Planned, plan_work
 from .writers import RunError, atomic_write_json, io_reason, provenance, read_manifest, run_counts, run_folders
 
 log = logging.getLogger(__name__)
@@ -231,24 +231,28 @@ def run_manifest(config: JobConfig, loaded, settings: AnnotateSettings, earlier:
     }
 
 
-def planned(config: JobConfig, class_names: list[str], run_dir: Location,
-            earlier: list[Location]) -> tuple[int, int, int]:
-    """plan_work on a Ray worker: (images listed, images to do, label names that match no listed image). Its
+def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlier: list[Location]) -> Planned:
+    """plan_work on a Ray worker; what it found that the user should know of is said in warnings. Its
     errors (a bad manifest or labels file) are raised here as they are. A run stopped meanwhile ends the task,
     so that nothing writes into the run once its lease is given up. The driver waits in Python (a Future),
     where SIGTERM's Stopped is raised plainly: raised inside ray.get, it came out as a SystemError."""
     task = ray.remote(num_cpus=PLAN_CPUS)(plan_work).remote(config, class_names, run_dir, earlier)
     try:
-        inputs, todo, unmatched = task.future().result()
+        plan = task.future().result()
     except ray.exceptions.RayTaskError as exc:
         raise exc.cause from None
     except Stopped:
         ray.cancel(task, force=True)
         raise
-    if unmatched:  # those images would quietly fall back to predicted classes
+    if plan.labels_unmatched:  # those images would quietly fall back to predicted classes
         log.warning("%d file names in %s match no listed image, by path below the source or by bare file name",
-                    unmatched, config.labels)
-    return inputs, todo, unmatched
+                    plan.labels_unmatched, config.labels)
+    if plan.left_out:  # a kind of photo no decoder here reads (.heic), or a typo'd suffix, would go unseen
+        kinds = sorted(plan.left_out.items(), key=lambda kind: (-kind[1], kind[0]))
+        log.warning("%d files in %s were left out, not named as images: %s%s", sum(plan.left_out.values()),
+                    config.source, ", ".join(f"{suffix or 'no suffix'} {n}" for suffix, n in kinds[:5]),
+                    f" and {len(kinds) - 5} more kinds" if len(kinds) > 5 else "")
+    return plan
 
 
 def stream_parts(todo: int, model: dict, settings: AnnotateSettings, run_dir: Location, earlier: list[Location],
@@ -312,13 +316,14 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         check_resumable(run_dir, manifest)
         connect(config.address)
         with stopped_by_signals(), recorded_if_stopped(run_dir, manifest):  # not before: Ray sets its own
-            inputs, todo, unmatched = planned(config, loaded.class_names, run_dir, earlier)
+            plan = planned(config, loaded.class_names, run_dir, earlier)
             atomic_write_json(run_dir / "manifest.json", manifest)
             start = time.perf_counter()
-            if todo:
-                stream_parts(todo, model, settings, run_dir, earlier, config, manifest, progress)
-            counts = {"inputs": inputs, **run_counts(run_dir), "this_run": todo,
-                      **({"labels_unmatched": unmatched} if config.labels else {})}
+            if plan.todo:
+                stream_parts(plan.todo, model, settings, run_dir, earlier, config, manifest, progress)
+            counts = {"inputs": plan.inputs, **run_counts(run_dir), "this_run": plan.todo,
+                      **({"labels_unmatched": plan.labels_unmatched} if config.labels else {}),
+                      **({"left_out": plan.left_out} if plan.left_out else {})}
             record_finished(run_dir, manifest, counts, time.perf_counter() - start)
     return manifest
 

@@ -9,8 +9,10 @@ import fnmatch
 import glob
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +23,10 @@ import pyarrow.parquet as pq
 
 from ..schemas.config import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+# What a folder or a bucket is listed for: the names of the formats workers.decode opens. Other files are
+# counted by suffix (`Listing.left_out`) and named in a warning: not annotated, and not passed over unseen.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+                  ".avif", ".jp2", ".j2k", ".pbm", ".pgm", ".ppm", ".pnm"}
 
 
 class SourceError(UserError):
@@ -37,18 +42,24 @@ def is_glob(source: str) -> bool:
     return any(c in source for c in "*?[") and not os.path.isdir(source)
 
 
+class Listing(NamedTuple):
+    paths: pa.Array  # sorted, de-duplicated image paths (a manifest's never become Python objects)
+    unnamed: pa.Array  # names that are not valid UTF-8, backslash-escaped
+    left_out: dict[str, int]  # a folder's or bucket's other files, by suffix ("" for none): {".heic": 118}
+
+
 def list_images(source: str) -> list[str]:
     """Sorted, de-duplicated image paths under a directory (recursive), a glob, or a manifest's `path` column."""
-    return image_listing(source)[0].to_pylist()
+    return image_listing(source).paths.to_pylist()
 
 
-def image_listing(source: str) -> tuple[pa.Array, pa.Array]:
-    """list_images as an Arrow string array (a manifest's paths never become Python objects), and the
-    names found that are not valid UTF-8, backslash-escaped: Arrow cannot hold them, so they cannot be
-    read by name; the job records each as an error row instead of failing on one."""
+def image_listing(source: str) -> Listing:
+    """list_images as an Arrow string array, with the names found that are not valid UTF-8 (Arrow cannot hold
+    them, so they cannot be read by name; the job records each as an error row instead of failing on one) and
+    the files a folder or bucket holds that are not named as images. A glob or a manifest lists what it names."""
     suffix = PurePosixPath(source).suffix.lower()
     if suffix in (".csv", ".parquet"):
-        return _from_manifest(source), pa.array([], pa.string())
+        return Listing(_from_manifest(source), pa.array([], pa.string()), {})
     if _is_uri(source):
         try:
             fs, root = pafs.FileSystem.from_uri(source)
@@ -60,28 +71,36 @@ def image_listing(source: str) -> tuple[pa.Array, pa.Array]:
         except (OSError, pa.ArrowInvalid) as exc:  # unreachable, no such bucket, no credentials, a bad URI
             raise SourceError(f"cannot list {source}: {exc}") from None
         paths = [i.path for i in infos if i.type == pafs.FileType.File]
-        paths = [p for p in paths if fnmatch.fnmatch(p, pattern)] if pattern else paths
-        return _sorted({prefix + p for p in paths if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES})
+        if pattern:
+            return _sorted({prefix + p for p in paths if fnmatch.fnmatch(p, pattern)})
+        return _sorted(prefix + p for p in paths)
     if is_glob(source):
-        return _sorted({os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)})
+        return _sorted({os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)},
+                       every_file=False)
     if not os.path.isdir(source):
         raise SourceError(f"source {source!r} is not a directory, a glob, a .csv/.parquet manifest or a URI")
-    found = set()
-    for folder, _dirs, files in os.walk(source, followlinks=False):  # symlinked folders are not followed
-        for name in files:
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                found.add(os.path.abspath(os.path.join(folder, name)))
-    return _sorted(found)
+    return _sorted(os.path.abspath(os.path.join(folder, name))  # symlinked folders are not followed
+                   for folder, _dirs, files in os.walk(source, followlinks=False) for name in files)
 
 
-def _sorted(paths) -> tuple[pa.Array, pa.Array]:
-    named, unnamed = [], []
+def _sorted(paths: Iterator[str] | set[str], every_file: bool = True) -> Listing:
+    """The listing of `paths`: every file of a folder or bucket (`every_file`), where only the names of images
+    are kept, or the files a glob matched, all kept."""
+    named, unnamed, left_out = set(), set(), Counter()
     for path in paths:
-        if _is_utf8(path):
-            named.append(path)
+        suffix = PurePosixPath(path).suffix.lower()
+        if every_file and suffix not in IMAGE_SUFFIXES:
+            left_out[_escaped(suffix)] += 1
+        elif _is_utf8(path):
+            named.add(path)
         else:
-            unnamed.append(os.fsencode(path).decode("utf-8", "backslashreplace"))
-    return pa.array(sorted(named), pa.string()), pa.array(sorted(unnamed), pa.string())
+            unnamed.add(_escaped(path))
+    return Listing(pa.array(sorted(named), pa.string()), pa.array(sorted(unnamed), pa.string()), dict(left_out))
+
+
+def _escaped(name: str) -> str:
+    """A name whose bytes are not UTF-8 (Python holds them as lone surrogates), backslash-escaped."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _is_utf8(name: str) -> bool:

@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -54,13 +55,19 @@ SPILL_ROWS = 1 << 17  # rows read at a time while spilling
 SCHEMA = pa.schema([("path", pa.string()), ("labels", pa.string())])
 
 
+class Planned(NamedTuple):
+    inputs: int  # images listed
+    todo: int  # of them, those this run annotates
+    labels_unmatched: int  # names in the labels file that match no listed image (their images fall back to predictions)
+    left_out: dict[str, int]  # the source folder's files not named as images, by suffix (`sources.Listing`)
+
+
 def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Location,
-              earlier: list[Location]) -> tuple[int, int, int]:
+              earlier: list[Location]) -> Planned:
     """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
     read errors are retried: I/O may mend), with its labels ("i j", or "-" for none), and with earlier
-    runs, the index of their contents (pipeline.contents). Returns (inputs, images to do, names of the labels
-    file that match no listed image: their images fall back to predicted classes). Files whose
-    names are not UTF-8 are settled here, as error rows. Nothing below config.out is listed (unless the
+    runs, the index of their contents (pipeline.contents). Files whose names are not UTF-8 are settled
+    here, as error rows. Nothing below config.out is listed (unless the
     source lies there too): a job writing into its own source never annotates its report's overlays."""
     run_dir = Location.of(run_dir)
     run_dir.mkdir()
@@ -70,7 +77,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     retried = retire_read_errors(run_dir)
     if retried:
         log.info("retrying %d images whose read failed", retried)
-    listing, expected, unnamed = _listing(config.source)
+    listing, expected, unnamed, left_out = _listing(config.source)
     listing = (_outside(paths, config.out, config.source) for paths in listing)
     buckets = max(1, math.ceil(expected / BUCKET_ROWS))
     labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
@@ -96,16 +103,17 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
             _index_contents(run_dir, earlier, Path(spill))
     if len(unnamed):
         _settle_unnamed(run_dir, unnamed)
-    return inputs + len(unnamed), todo, unmatched
+    return Planned(inputs + len(unnamed), todo, unmatched, left_out)
 
 
-def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array]:
-    """(the listing's paths in batches, how many there are or about, names that are not UTF-8). A
-    manifest is read a batch at a time; a folder or glob is listed whole (its walk holds every name)."""
+def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array, dict[str, int]]:
+    """(the listing's paths in batches, how many there are or about, names that are not UTF-8, other files by
+    suffix: `sources.Listing`). A manifest is read a batch at a time; a folder or glob is listed whole (its walk
+    holds every name)."""
     if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
-        return manifest_batches(source, SPILL_ROWS), manifest_rows(source), pa.array([], pa.string())
-    paths, unnamed = image_listing(source)
-    return [paths], len(paths), unnamed
+        return manifest_batches(source, SPILL_ROWS), manifest_rows(source), pa.array([], pa.string()), {}
+    paths, unnamed, left_out = image_listing(source)
+    return [paths], len(paths), unnamed, left_out
 
 
 def _outside(paths: pa.Array, out: str, source: str) -> pa.Array:

@@ -52,6 +52,11 @@ ODD = {
     "grey_alpha": lambda: encode(Image.fromarray(gradient()).convert("LA"), "PNG"),
     "tiff": lambda: encode(Image.fromarray(gradient()), "TIFF", save_all=True,
                            append_images=[Image.fromarray(gradient()[::-1])]),
+    "avif": lambda: encode(Image.fromarray(gradient()), "AVIF"),
+    "jpeg2000": lambda: encode(Image.fromarray(gradient()), "JPEG2000"),
+    "ppm": lambda: encode(Image.fromarray(gradient()), "PPM"),
+    "mpo": lambda: encode(Image.fromarray(gradient()), "MPO", save_all=True,  # a camera's multi-picture JPEG
+                          append_images=[Image.fromarray(gradient()[::-1])]),
 }
 
 
@@ -155,6 +160,16 @@ def test_non_images_are_refused_with_a_reason(data, reason):
     assert " at 0x" not in str(refused.value)  # the errors table says why, not where PIL's buffer lived
 
 
+@pytest.mark.parametrize("fmt", ["EPS", "TGA", "ICO"])
+def test_only_photo_formats_are_opened_so_postscript_named_jpg_is_never_rendered(fmt):
+    """PIL has Ghostscript render EPS, a PostScript interpreter run on an untrusted file; other plugins are
+    attack surface that no photo collection needs. Each is refused by its bytes, whatever its name."""
+    data = encode(Image.fromarray(gradient()), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # PIL itself would open it
+    with pytest.raises(DecodeError, match="not a readable image"):
+        decode(data)
+
+
 def test_an_animated_gif_decodes_its_first_frame_only(monkeypatch):
     """torchvision decodes every frame of a GIF: thousands of cheap frames are gigabytes of pixels."""
     import camlabel.workers.decode as decode_module
@@ -231,22 +246,33 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_job(tmp_path)
         f.write(photo)
     config = JobConfig(source=str(tmp_path / "src"), out=str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
-    assert plan_work(config, ["a"], tmp_path / "run", []) == (2, 1, 0)
+    assert plan_work(config, ["a"], tmp_path / "run", []) == (2, 1, 0, {})
     assert pq.read_table(tmp_path / "run" / WORK_LIST).column("path").to_pylist() == [str(tmp_path / "src" / "ok.png")]
     errors = pq.read_table(tmp_path / "run" / "errors").to_pylist()
     assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "src" / "bad\\xff.png"), "list")]
     assert "not valid UTF-8" in errors[0]["reason"]
 
 
-def test_listing_skips_symlink_loops_and_keeps_duplicates_by_name(tmp_path):
+def test_listing_skips_symlink_loops_keeps_duplicates_by_name_and_counts_the_other_files(tmp_path):
     (tmp_path / "a").mkdir()
     data = encode(Image.fromarray(gradient()), "PNG")
     (tmp_path / "a" / "one.png").write_bytes(data)
     (tmp_path / "a" / "copy.PNG").write_bytes(data)
-    (tmp_path / "a" / "notes.txt").write_text("x")
+    for name in ("notes.txt", "phone.HEIC", "phone2.heic", "README"):
+        (tmp_path / "a" / name).write_text("x")
     os.symlink(tmp_path, tmp_path / "a" / "loop")
     assert [p.rsplit("/", 1)[1] for p in list_images(str(tmp_path))] == ["copy.PNG", "one.png"]
+    assert image_listing(str(tmp_path)).left_out == {".txt": 1, ".heic": 2, "": 1}
     assert len(list_images(str(tmp_path / "a" / "*.png"))) == 1
+    assert len(list_images(str(tmp_path / "a" / "*"))) == 6 and image_listing(str(tmp_path / "a" / "*")).left_out == {}
+
+
+def test_every_suffix_a_folder_is_listed_for_names_a_format_the_decoder_opens():
+    from camlabel.pipeline.sources import IMAGE_SUFFIXES
+    from camlabel.workers.decode import FORMATS
+
+    formats = Image.registered_extensions()
+    assert {suffix: formats.get(suffix) for suffix in IMAGE_SUFFIXES if formats.get(suffix) not in FORMATS} == {}
 
 
 def test_a_folder_whose_name_holds_glob_characters_is_a_folder(tmp_path):

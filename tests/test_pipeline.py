@@ -412,12 +412,12 @@ def test_a_source_that_lists_no_images_and_labels_that_match_none_are_named_in_w
     (tmp_path / "labels.csv").write_text("file_name,labels\na.jpg,1\n")
     assert main(["annotate", str(tmp_path / "*.JPG"), "--out", str(tmp_path / "run"),
                  "--labels", str(tmp_path / "labels.csv")]) == 0
-    assert f"{tmp_path}/*.JPG lists no images (.bmp .gif" in caplog.text
+    assert f"{tmp_path}/*.JPG lists no images (.apng .avif .bmp" in caplog.text
     assert f"1 file names in {tmp_path}/labels.csv match no listed image" in caplog.text
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["labels_unmatched"] == 1
 
 
-def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys):
+def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys, caplog):
     from tests.test_inputs import ODD, encode, gradient
 
     folder = tmp_path / "hostile"
@@ -438,14 +438,19 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     (folder / "new\nline.jpg").write_bytes(good)  # a name a line-based tool would split
     (folder / "strip.png").write_bytes(encode(Image.new("RGB", (20000, 1)), "PNG"))
     (folder / "float.tif").write_bytes(encode(Image.new("F", (40, 30)), "TIFF"))
+    (folder / "postscript.jpg").write_bytes(encode(Image.new("RGB", (40, 30)), "EPS"))  # Ghostscript's, were it opened
+    (folder / "phone.heic").write_bytes(good)  # not named as an image: counted, not listed
+    (folder / "README").write_text("photos of the shoot")
     out = tmp_path / "run"
     annotate(folder, out)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["inputs"] == len(ODD) + 12
+    assert summary["inputs"] == len(ODD) + 13 and summary["left_out"] == {".heic": 1, "": 1}
+    assert f"2 files in {folder} were left out, not named as images: no suffix 1, .heic 1" in caplog.text
     assert summary["annotated"] + summary["errors"] == summary["inputs"]
     errors = {e["path"].rsplit("/", 1)[1]: e for e in
               pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()}
-    refused = {"zero.jpg", "random.jpg", "page.png", "bomb.png", "device.jpg", "dangling.png", "float.tif"}
+    refused = {"zero.jpg", "random.jpg", "page.png", "bomb.png", "device.jpg", "dangling.png", "float.tif",
+               "postscript.jpg"}
     assert set(errors) in (refused | {"truncated.jpg"}, refused)  # libjpeg may recover a truncated file's top half
     assert "refused" in errors["bomb.png"]["reason"] and "empty" in errors["zero.jpg"]["reason"]
     assert "not a regular file" in errors["device.jpg"]["reason"] and errors["dangling.png"]["stage"] == "read"

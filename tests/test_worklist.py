@@ -54,7 +54,7 @@ def test_a_collection_planned_in_buckets_gets_the_plan_made_in_memory(tmp_path, 
         bucketed = plan(root, tmp_path / "bucketed")
     assert any("buckets" in r.getMessage() for r in caplog.records)
     assert bucketed == whole
-    (inputs, todo, unmatched), rows = whole
+    (inputs, todo, unmatched, _), rows = whole
     assert inputs == 61 and todo == 59 and len(rows) == 59  # one path listed twice; two settled
     assert unmatched == 1  # nowhere.jpg (img05.jpg's two rows are one name, and match)
     labels = dict(rows)
@@ -84,7 +84,7 @@ def test_a_header_only_manifest_and_labels_plan_nothing(tmp_path):
     (tmp_path / "labels.csv").write_text("file_name,labels\n")
     config = JobConfig(source=str(tmp_path / "manifest.csv"), out=str(tmp_path / "run"),
                        labels=str(tmp_path / "labels.csv"))
-    assert worklist.plan_work(config, NAMES, tmp_path / "run", []) == (0, 0, 0)
+    assert worklist.plan_work(config, NAMES, tmp_path / "run", []) == (0, 0, 0, {})
     assert pq.read_table(tmp_path / "run" / worklist.WORK_LIST).num_rows == 0
 
 
@@ -133,7 +133,7 @@ def test_files_that_share_one_name_spread_over_the_buckets_unless_labels_name_ba
     monkeypatch.setattr(worklist, "_plan_bucket", lambda writer, source, listed, *rest: sizes.append(len(listed))
                         or plan_bucket(writer, source, listed, *rest))
     monkeypatch.setattr(worklist, "BUCKET_ROWS", 2)  # a CSV's size says about 8 rows: four buckets
-    assert worklist.plan_work(config, NAMES, tmp_path / "bucketed", []) == whole == (40, 40, 0)
+    assert worklist.plan_work(config, NAMES, tmp_path / "bucketed", []) == whole == (40, 40, 0, {})
     read = [pq.read_table(tmp_path / run / worklist.WORK_LIST).sort_by("path").to_pylist()
             for run in ("whole", "bucketed")]
     assert read[0] == read[1] and {r["path"].split("/")[-2]: r["labels"] for r in read[0] if r["labels"] != "-"} \

@@ -18,6 +18,10 @@ MAX_PIXELS = 64_000_000  # larger headers are refused unread (decompression bomb
 MAX_BYTES = 512 * 2**20  # larger files are refused unread: a 64 MP image needs less even as 16-bit TIFF
 EXIF_ORIENTATION = 0x0112
 TORCHVISION_ORIENTS = ("JPEG", "PNG")  # the formats whose EXIF orientation torchvision applies itself
+# The raster formats photo collections hold, and the only ones PIL is let open: never EPS or PostScript (PIL has
+# Ghostscript render them: an interpreter run on an untrusted file), nor the dozens of rarer plugins. A file is
+# known by its bytes, whatever its name: PostScript named .jpg is refused, not rendered.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM")
 
 
 class DecodeError(ValueError):
@@ -55,7 +59,7 @@ def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 return (*im.size, im.format, im.getexif().get(EXIF_ORIENTATION, 1), _transparent(im))
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"refused: {exc}") from exc
@@ -107,7 +111,7 @@ def decode_reduced(data: bytes, shortest: int, max_pixels: int = MAX_PIXELS) -> 
         return _decode(data, header, max_pixels), upright
     scale = shortest / min(width, height)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             return _rgb_tensor(ImageOps.exif_transpose(im)), upright
     except Exception:  # a JPEG libjpeg cannot scale (progressive oddities): decode it whole
@@ -131,7 +135,7 @@ def _rgb_tensor(im: Image.Image) -> torch.Tensor:
 
 def _decode_with_pil(data: bytes) -> torch.Tensor:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             if im.mode == "F" or 32 in getattr(im, "tag_v2", {}).get(258, ()):  # TIFF's BitsPerSample
                 # 0-1, 0-255 or any range (PIL's mode I holds 16-bit PGMs too): a guess makes some black, unnoticed
                 raise DecodeError("32-bit pixels (floating-point or integer) have no fixed range: save it as 8 or "
