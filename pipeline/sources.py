@@ -307,5 +307,10 @@ def relative_paths(paths: pa.Array, source: str) -> pa.Array:
     root = os.path.abspath(root).rstrip("/") + "/"
     local = pc.if_else(pc.starts_with(paths, root), pc.utf8_slice_codeunits(paths, len(root)),
                        pc.utf8_ltrim(paths, "/"))
-    return pc.if_else(pc.match_substring(paths, "://"),
-                      pc.utf8_ltrim(pc.replace_substring_regex(paths, "^[^/]*://", ""), "/"), local)
+    relative = pc.if_else(pc.match_substring(paths, "://"),
+                          pc.utf8_ltrim(pc.replace_substring_regex(paths, "^[^/]*://", ""), "/"), local)
+    # a bucket's key may hold '..' (a manifest's may not): its dots are escaped as in a URL; a match takes the
+    # '/' after it, so '../..' needs a second pass
+    for _ in range(2):
+        relative = pc.replace_substring_regex(relative, r"(^|/)\.\.(/|$)", r"\1%2E%2E\2")
+    return relative

@@ -323,6 +323,8 @@ def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
     assert relative_path(image, str(tmp_path / "list.parquet")) == "a/x.jpg"  # below the manifest's folder
     assert relative_path("/elsewhere/b/x.jpg", str(tmp_path / "list.csv")) == "elsewhere/b/x.jpg"
     assert relative_path("s3://bucket/b/x.jpg", "s3://bucket/list.csv") == "bucket/b/x.jpg"
+    # an object store's key may hold '..': an output named after it (export-masks' PNG) must not climb out
+    assert relative_path("s3://b/../../../x/..y/../z.jpg", "s3://b") == "b/%2E%2E/%2E%2E/%2E%2E/x/..y/%2E%2E/z.jpg"
     (tmp_path / "é").mkdir()
     listing = [str(tmp_path / "é" / "ü.jpg"), "/elsewhere/b/x.jpg", "gs://b/c/x.jpg", str(tmp_path / "a" / "x.jpg")]
     assert relative_paths(pa.array(listing), str(tmp_path / "é")).to_pylist() == [
