@@ -53,10 +53,12 @@ def list_images(source: str) -> list[str]:
     return image_listing(source).paths.to_pylist()
 
 
-def image_listing(source: str) -> Listing:
+def image_listing(source: str, skipped: str | None = None) -> Listing:
     """list_images as an Arrow string array, with the names found that are not valid UTF-8 (Arrow cannot hold
     them, so they cannot be read by name; the job records each as an error row instead of failing on one) and
-    the files a folder or bucket holds that are not named as images. A glob or a manifest lists what it names."""
+    the files a folder or bucket holds that are not named as images. A glob or a manifest lists what it names.
+    A folder or bucket is listed but for what lies below `skipped` (an absolute folder or a URI ending in '/':
+    a run's own output)."""
     suffix = PurePosixPath(source).suffix.lower()
     if suffix in (".csv", ".parquet"):
         return Listing(_from_manifest(source), pa.array([], pa.string()), {})
@@ -70,17 +72,26 @@ def image_listing(source: str) -> Listing:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=False))
         except (OSError, pa.ArrowInvalid) as exc:  # unreachable, no such bucket, no credentials, a bad URI
             raise SourceError(f"cannot list {source}: {exc}") from None
-        paths = [i.path for i in infos if i.type == pafs.FileType.File]
+        paths = [prefix + i.path for i in infos if i.type == pafs.FileType.File]
+        paths = [p for p in paths if not (skipped and p.startswith(skipped))]
         if pattern:
-            return _sorted({prefix + p for p in paths if fnmatch.fnmatch(p, pattern)})
-        return _sorted(prefix + p for p in paths)
+            return _sorted({p for p in paths if fnmatch.fnmatch(p.removeprefix(prefix), pattern)})
+        return _sorted(paths)
     if is_glob(source):
         return _sorted({os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)},
                        every_file=False)
     if not os.path.isdir(source):
         raise SourceError(f"source {source!r} is not a directory, a glob, a .csv/.parquet manifest or a URI")
-    return _sorted(os.path.abspath(os.path.join(folder, name))  # symlinked folders are not followed
-                   for folder, _dirs, files in os.walk(source, followlinks=False) for name in files)
+    return _sorted(_walk(source, skipped))
+
+
+def _walk(source: str, skipped: str | None) -> Iterator[str]:
+    """Every file below the folder source, as an absolute path, but those below `skipped`; symlinked folders
+    are not followed (no loops)."""
+    for folder, dirs, files in os.walk(source, followlinks=False):
+        folder = os.path.abspath(folder)
+        dirs[:] = [d for d in dirs if not (skipped and os.path.join(folder, d, "").startswith(skipped))]
+        yield from (os.path.join(folder, name) for name in files)
 
 
 def _sorted(paths: Iterator[str] | set[str], every_file: bool = True) -> Listing:

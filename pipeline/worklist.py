@@ -77,8 +77,9 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     retried = retire_read_errors(run_dir)
     if retried:
         log.info("retrying %d images whose read failed", retried)
-    listing, expected, unnamed, left_out = _listing(config.source)
-    listing = (_outside(paths, config.out, config.source) for paths in listing)
+    skipped = _run_folder(config.out, config.source)
+    listing, expected, unnamed, left_out = _listing(config.source, skipped)
+    listing = (_outside(paths, skipped) for paths in listing)
     buckets = max(1, math.ceil(expected / BUCKET_ROWS))
     labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
     settled = (batch for d in (run_dir, *earlier) for batch in settled_batches(d))
@@ -106,23 +107,26 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     return Planned(inputs + len(unnamed), todo, unmatched, left_out)
 
 
-def _listing(source: str) -> tuple[Iterable[pa.Array], int, pa.Array, dict[str, int]]:
+def _listing(source: str, skipped: str | None) -> tuple[Iterable[pa.Array], int, pa.Array, dict[str, int]]:
     """(the listing's paths in batches, how many there are or about, names that are not UTF-8, other files by
     suffix: `sources.Listing`). A manifest is read a batch at a time; a folder or glob is listed whole (its walk
-    holds every name)."""
+    holds every name), but for the folder `skipped`."""
     if PurePosixPath(source).suffix.lower() in (".csv", ".parquet"):
         return manifest_batches(source, SPILL_ROWS), manifest_rows(source), pa.array([], pa.string()), {}
-    paths, unnamed, left_out = image_listing(source)
+    paths, unnamed, left_out = image_listing(source, skipped)
     return [paths], len(paths), unnamed, left_out
 
 
-def _outside(paths: pa.Array, out: str, source: str) -> pa.Array:
-    """paths less those below the folder or prefix out, unless the source itself lies there (then every
-    image in it is the user's)."""
+def _run_folder(out: str, source: str) -> str | None:
+    """The folder or prefix out, which is not listed (its report's overlays are no images to do, its parts no
+    files left out), unless the source itself lies there: then every image in it is the user's."""
     below = _folder(out)
-    if _folder(re.split(r"[*?[]", source)[0] if is_glob(source) else source).startswith(below):
-        return paths
-    return paths.filter(pc.invert(pc.starts_with(paths, below)))
+    return None if _folder(re.split(r"[*?[]", source)[0] if is_glob(source) else source).startswith(below) else below
+
+
+def _outside(paths: pa.Array, skipped: str | None) -> pa.Array:
+    """paths less those below the folder or prefix `skipped`."""
+    return paths if skipped is None else paths.filter(pc.invert(pc.starts_with(paths, skipped)))
 
 
 def _folder(path: str) -> str:

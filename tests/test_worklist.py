@@ -144,17 +144,22 @@ def test_files_that_share_one_name_spread_over_the_buckets_unless_labels_name_ba
 def test_a_job_writing_into_its_source_never_lists_its_own_outputs(tmp_path):
     """An output folder inside the source: the report's overlays and label maps there are not images to do; a
     source inside the output folder is the user's own and is listed whole."""
-    for name in ("a.jpg", "sub/b.png", "out/report/overlays/a-0123456789.png", "out/masks/a.jpg.png",
-                 "out/images/c.jpg"):
+    for name in ("a.jpg", "sub/b.png", "notes.txt", "out/report/overlays/a-0123456789.png", "out/masks/a.jpg.png",
+                 "out/images/c.jpg", "out/manifest.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
+    left_out = {}
 
     def planned(source, out):
-        worklist.plan_work(JobConfig(source=str(source), out=str(out)), NAMES, tmp_path / "plans" / out.name, [])
+        plan = worklist.plan_work(JobConfig(source=str(source), out=str(out)), NAMES, tmp_path / "plans" / out.name,
+                                  [])
+        left_out[out.name] = plan.left_out
         rows = pq.read_table(tmp_path / "plans" / out.name / worklist.WORK_LIST).column("path").to_pylist()
         return sorted(str(Path(p).relative_to(tmp_path)) for p in rows)
 
     assert planned(tmp_path, tmp_path / "out") == ["a.jpg", "sub/b.png"]
+    assert left_out["out"] == {".txt": 1}  # the run's own files are not the source's left out
     assert planned(f"{tmp_path}/**/*.jpg", tmp_path / "out") == ["a.jpg"]
     assert planned(tmp_path / "out" / "images", tmp_path / "out") == ["out/images/c.jpg"]
     assert len(planned(tmp_path, tmp_path / "elsewhere")) == 5
+    assert left_out["elsewhere"][".json"] == 1 and left_out["elsewhere"][".txt"] == 1
