@@ -17,7 +17,7 @@ from pathlib import Path
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, UserError, load_config
 from .evaluate import evaluate, evaluate_label_maps
 from .signals import Stopped, stopped_by_signals
-from .sources import IMAGE_SUFFIXES
+from .sources import IMAGE_SUFFIXES, is_glob
 from .writers import RunError
 
 log = logging.getLogger("camlabel")
@@ -193,7 +193,9 @@ def cmd_annotate(args) -> int:
     manifest = annotate(config)
     counts = manifest["counts"]
     print(json.dumps({"out": manifest["run_dir"], **counts, "seconds": manifest["seconds"]}))
-    if not counts["inputs"]:  # a mistyped pattern or an empty folder, not a run that found nothing new
+    if not counts["inputs"] and is_glob(config.source):  # a mistyped pattern, not a run that found nothing new
+        log.warning("%s matches no file (a pattern's letters match in their own case)", config.source)
+    elif not counts["inputs"]:  # an empty folder or manifest, or a folder of other kinds of file
         log.warning("%s lists no images (%s)", config.source, " ".join(sorted(IMAGE_SUFFIXES)))
     if counts["errors"] and not counts["annotated"]:  # a scheduled job must not pass for one that worked
         print(f"camlabel annotate: no image was annotated; the reasons of all {counts['errors']} are in "

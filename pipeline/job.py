@@ -249,8 +249,8 @@ def planned(config: JobConfig, class_names: list[str], run_dir: Location, earlie
                     plan.labels_unmatched, config.labels)
     if plan.left_out:  # a kind of photo no decoder here reads (.heic), or a typo'd suffix, would go unseen
         kinds = sorted(plan.left_out.items(), key=lambda kind: (-kind[1], kind[0]))
-        log.warning("%d files in %s were left out, not named as images: %s%s", sum(plan.left_out.values()),
-                    config.source, ", ".join(f"{suffix or 'no suffix'} {n}" for suffix, n in kinds[:5]),
+        log.warning("files left out of %s, not named as images: %s%s", config.source,
+                    ", ".join(f"{suffix or 'no suffix'} {n}" for suffix, n in kinds[:5]),
                     f" and {len(kinds) - 5} more kinds" if len(kinds) > 5 else "")
     return plan
 

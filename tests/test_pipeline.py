@@ -406,15 +406,20 @@ def test_a_run_where_every_image_fails_exits_1(local_ray, tmp_path, capsys):
 
 def test_a_source_that_lists_no_images_and_labels_that_match_none_are_named_in_warnings(local_ray, tmp_path, caplog,
                                                                                         capsys):
-    """A mistyped pattern (`*.JPG` for .jpg files) found nothing, and labels naming no listed image left
-    their images to predicted classes: both said nothing."""
+    """A mistyped pattern (`*.JPG` for .jpg files) or a folder of phone photos (.heic) found nothing, and labels
+    naming no listed image left their images to predicted classes: each said nothing."""
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "labels.csv").write_text("file_name,labels\na.jpg,1\n")
     assert main(["annotate", str(tmp_path / "*.JPG"), "--out", str(tmp_path / "run"),
                  "--labels", str(tmp_path / "labels.csv")]) == 0
-    assert f"{tmp_path}/*.JPG lists no images (.apng .avif .bmp" in caplog.text
+    assert f"{tmp_path}/*.JPG matches no file (a pattern's letters match in their own case)" in caplog.text
     assert f"1 file names in {tmp_path}/labels.csv match no listed image" in caplog.text
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["labels_unmatched"] == 1
+    (tmp_path / "phone").mkdir()
+    (tmp_path / "phone" / "IMG_0001.HEIC").write_bytes(b"")
+    assert main(["annotate", str(tmp_path / "phone"), "--out", str(tmp_path / "run2")]) == 0
+    assert f"files left out of {tmp_path}/phone, not named as images: .heic 1" in caplog.text
+    assert f"{tmp_path}/phone lists no images (.apng .avif .bmp" in caplog.text
 
 
 def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, tmp_path, capsys, caplog):
@@ -445,7 +450,7 @@ def test_a_folder_of_broken_and_hostile_files_is_fully_accounted_for(local_ray, 
     annotate(folder, out)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["inputs"] == len(ODD) + 13 and summary["left_out"] == {".heic": 1, "": 1}
-    assert f"2 files in {folder} were left out, not named as images: no suffix 1, .heic 1" in caplog.text
+    assert f"files left out of {folder}, not named as images: no suffix 1, .heic 1" in caplog.text
     assert summary["annotated"] + summary["errors"] == summary["inputs"]
     errors = {e["path"].rsplit("/", 1)[1]: e for e in
               pads.dataset(str(out / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()}
