@@ -56,7 +56,8 @@ def list_images(source: str) -> list[str]:
 def image_listing(source: str, skipped: str | None = None) -> Listing:
     """list_images as an Arrow string array, with the names found that are not valid UTF-8 (Arrow cannot hold
     them, so they cannot be read by name; the job records each as an error row instead of failing on one) and
-    the files a folder or bucket holds that are not named as images. A glob or a manifest lists what it names.
+    the files a folder or bucket holds that are not named as images. A file, a glob or a manifest lists what it
+    names.
     A folder or bucket is listed but for what lies below `skipped` (an absolute folder or a URI ending in '/':
     a run's own output)."""
     suffix = PurePosixPath(source).suffix.lower()
@@ -80,8 +81,11 @@ def image_listing(source: str, skipped: str | None = None) -> Listing:
     if is_glob(source):
         return _sorted({os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)},
                        every_file=False)
+    if os.path.isfile(source):  # one image, whatever its name: the user named it
+        return _sorted({os.path.abspath(source)}, every_file=False)
     if not os.path.isdir(source):
-        raise SourceError(f"source {source!r} is not a directory, a glob, a .csv/.parquet manifest or a URI")
+        raise SourceError(f"source {source!r} " + ("is not a regular file or a directory" if os.path.exists(source)
+                                                   else "does not exist (nor is it a pattern or a URI)"))
     return _sorted(_walk(source, skipped))
 
 

@@ -314,6 +314,18 @@ def relative_path(path: str, source: str) -> str:
     return relative_paths(pa.array([path]), source)[0].as_py()
 
 
+def test_one_image_is_a_source_and_a_missing_one_is_named(tmp_path):
+    (tmp_path / "photo.heic").write_bytes(b"")  # named by the user: listed, whatever its suffix
+    assert image_listing(str(tmp_path / "photo.heic")).paths.to_pylist() == [str(tmp_path / "photo.heic")]
+    assert relative_paths(pa.array([str(tmp_path / "photo.heic")]), str(tmp_path / "photo.heic"))[0].as_py() == \
+        "photo.heic"
+    with pytest.raises(SourceError, match="photo.jpg' does not exist"):
+        list_images(str(tmp_path / "photo.jpg"))
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(SourceError, match="is not a regular file or a directory"):
+        list_images(str(tmp_path / "pipe.jpg"))
+
+
 def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
     (tmp_path / "a").mkdir()
     image = str(tmp_path / "a" / "x.jpg")
