@@ -1,4 +1,4 @@
-"""What to annotate: image paths from a folder, a glob or a manifest, and image-level labels from a CSV.
+"""What to annotate: image paths from an image, a folder, a glob or a manifest, and image-level labels from a CSV.
 
 Local paths and any URI that pyarrow's filesystems open (s3://, gs://, file://).
 """

@@ -132,7 +132,7 @@ class AnnotateSettings:
 class JobConfig(AnnotateSettings):
     """The annotate job: where from, where to, which model, how many workers, and the settings above."""
 
-    source: str = setting("", "folder (recursive), glob, .csv/.parquet manifest, or URI")
+    source: str = setting("", "an image, a folder (recursive), a glob, a .csv/.parquet manifest, or a URI")
     out: str = setting("", "run directory (with --incremental: a root of runs; calibrate: the YAML to write)")
     labels: str | None = setting(None, "CSV: file_name, labels (class indices or names, space-separated)")
     model: str = setting("mobilenet_v2", "torchvision classifier name")
@@ -157,7 +157,7 @@ class JobConfig(AnnotateSettings):
             raise ConfigError.refused(name, getattr(self, name), allowed)
 
         if not self.source:
-            fail("source", "give a folder, a glob, a .csv/.parquet manifest or a URI")
+            fail("source", "give an image, a folder, a glob, a .csv/.parquet manifest or a URI")
         if not self.out:
             fail("out", "give the run directory")
         if "://" in self.out and self.out.split("://")[0] not in OUTPUT_SCHEMES:
