@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
     ev.add_argument("--gt", required=True, type=Path)
     what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--pred", type=Path, help="COCO results list or COCO dataset")
+    what.add_argument("--pred", type=Path, help="COCO results list or COCO dataset, or a run (as export-coco gives it)")
     what.add_argument("--label-maps", type=Path, help="folder of PNG label maps (camlabel export-masks)")
     return parser
 
@@ -307,9 +307,16 @@ def cmd_runs(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.label_maps:
-        print(json.dumps(evaluate_label_maps(args.gt, args.label_maps), indent=2))
+        result = evaluate_label_maps(args.gt, args.label_maps)
+    elif args.pred.is_dir():  # a run or an incremental root: scored as its `export-coco` would be
+        from .export import export_coco
+
+        with tempfile.TemporaryDirectory(prefix="camlabel-eval-") as scratch:
+            export_coco([args.pred], Path(scratch) / "pred.json")
+            result = evaluate(args.gt, Path(scratch) / "pred.json")
     else:
-        print(json.dumps(evaluate(args.gt, args.pred), indent=2))
+        result = evaluate(args.gt, args.pred)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -155,6 +155,12 @@ def test_annotate_export_and_resume(local_ray, collection, labelled_run, tmp_pat
     assert made_by["versions"] == resumed["versions"] and made_by["rule"] == resumed["rule"]
     assert main(["export-coco", str(out), "--out", str(tmp_path / "results.json"), "--results"]) == 0
     assert len(coco.loadRes(str(tmp_path / "results.json")).getAnnIds()) == len(coco.getAnnIds())
+    capsys.readouterr()
+    scored = []  # the run scored as its export is (against the export itself as ground truth)
+    for pred in (coco_path, out):
+        assert main(["eval", "--gt", str(coco_path), "--pred", str(pred)]) == 0
+        scored.append(json.loads(capsys.readouterr().out))
+    assert scored[0] == scored[1] and scored[0]["corloc"] == 1.0
 
 
 def dies_once(marker):
