@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import fields
+from importlib import metadata
 from pathlib import Path
 
 from ..schemas.config import AnnotateSettings, ConfigError, JobConfig, UserError, load_config
@@ -71,6 +72,7 @@ def _annotate_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camlabel", description="Pseudo-labels from class activation maps.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"camlabel {metadata.version('camlabel')}")
     sub = parser.add_subparsers(dest="command", required=True)
     _annotate_flags(sub.add_parser("annotate", help="annotate an image collection with Ray"))
     demo = sub.add_parser("demo", help="annotate the bundled demo photos and export COCO")

@@ -61,3 +61,14 @@ def test_the_vocabulary_is_what_the_workers_implement():
 
     assert set(BOX_RULES) == set(RULES)
     assert set(GRADIENT_METHODS) < set(METHODS)
+
+
+def test_the_cli_says_the_version_pyproject_declares(capsys):
+    import tomllib
+
+    from camlabel.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert done.value.code == 0 and capsys.readouterr().out == f"camlabel {declared}\n"
