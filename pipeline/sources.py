@@ -10,7 +10,7 @@ import glob
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import NamedTuple
 
@@ -98,7 +98,7 @@ def _walk(source: str, skipped: str | None) -> Iterator[str]:
         yield from (os.path.join(folder, name) for name in files)
 
 
-def _sorted(paths: Iterator[str] | set[str], every_file: bool = True) -> Listing:
+def _sorted(paths: Iterable[str], every_file: bool = True) -> Listing:
     """The listing of `paths`: every file of a folder or bucket (`every_file`), where only the names of images
     are kept, or the files a glob matched, all kept."""
     named, unnamed, left_out = set(), set(), Counter()

@@ -52,6 +52,11 @@ def _check_readable(regular: bool, size: int | None) -> None:
         raise OSError(f"refused: {size:,} bytes is over the {MAX_BYTES:,}-byte limit")
 
 
+def _opened(data: bytes) -> Image.Image:
+    """data opened by PIL as one of FORMATS, whatever its name; anything else raises."""
+    return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
 def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
     """(width, height, format, EXIF orientation 1-8, whether it has transparency) from the header alone."""
     if not data:
@@ -59,7 +64,7 @@ def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            with _opened(data) as im:
                 return (*im.size, im.format, im.getexif().get(EXIF_ORIENTATION, 1), _transparent(im))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's limits lie above ours (its warning, raised as an error here, at 89 MP; its error at 179 MP):
@@ -115,7 +120,7 @@ def decode_reduced(data: bytes, shortest: int, max_pixels: int = MAX_PIXELS) -> 
         return _decode(data, header, max_pixels), upright
     scale = shortest / min(width, height)
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+        with _opened(data) as im:
             im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             return _rgb_tensor(ImageOps.exif_transpose(im)), upright
     except Exception:  # a JPEG libjpeg cannot scale (progressive oddities): decode it whole
@@ -139,7 +144,7 @@ def _rgb_tensor(im: Image.Image) -> torch.Tensor:
 
 def _decode_with_pil(data: bytes) -> torch.Tensor:
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+        with _opened(data) as im:
             if im.mode == "F" or 32 in getattr(im, "tag_v2", {}).get(258, ()):  # TIFF's BitsPerSample
                 # 0-1, 0-255 or any range (PIL's mode I holds 16-bit PGMs too): a guess makes some black, unnoticed
                 raise DecodeError("32-bit pixels (floating-point or integer) have no fixed range: save it as 8 or "
