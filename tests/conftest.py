@@ -1,10 +1,34 @@
-"""Planted-object data shared by the training and calibration tests."""
+"""Planted-object data shared by the training and calibration tests; camlabel's own output for the tests that
+read it."""
+
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from camlabel.pipeline.train import TrainConfig, train
 from PIL import Image
+
+# a line Ray's driver forwards from its processes: "(raylet) ...", "(Annotator pid=12, ip=10.0.0.2) ...", in colour
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|autoscaler |[^\n]*?\bpid=\d+[,)])")
+
+
+@pytest.fixture
+def capsys(capsys):
+    """pytest's capsys, less the lines that Ray's log monitor prints in this process whenever one of its
+    processes logs (a raylet's "disk over 95% full" came mid-test on a full CI machine, 2026-12-07): a Ray
+    session started by one test lives on through the next, and a test reads what camlabel wrote."""
+
+    def own(text: str) -> str:
+        return "".join(line for line in text.splitlines(keepends=True) if not RAY_FORWARDED.match(line))
+
+    class Captured:
+        def readouterr(self):
+            captured = capsys.readouterr()
+            return captured._replace(out=own(captured.out), err=own(captured.err))
+
+    return Captured()
+
 
 CLASSES = ("disc", "square")
 SIZE = 160

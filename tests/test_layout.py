@@ -1,6 +1,7 @@
 """The package's shape: the stage folders install as camlabel.*, and import each other relatively."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,14 @@ def test_the_cli_says_the_version_pyproject_declares(capsys):
         main(["--version"])
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert done.value.code == 0 and capsys.readouterr().out == f"camlabel {declared}\n"
+
+
+def test_the_suites_capsys_drops_what_ray_forwards_and_nothing_of_camlabels(capsys):
+    """Lines printed by Ray's own forwarding (its format, not a copy of it) are dropped; camlabel's stay."""
+    from ray._private.worker import print_worker_logs
+
+    for pid, actor in (("raylet", None), (4242, "MapWorker(MapBatches(Annotator))"), (4243, None)):
+        print_worker_logs({"pid": pid, "actor_name": actor, "ip": "10.0.0.2", "localhost": "10.0.0.1",
+                           "lines": ["disk (/tmp) is over 95% full"]}, sys.stderr)
+    print("camlabel annotate: out: (pid=1) a message of ours", file=sys.stderr)
+    assert capsys.readouterr().err == "camlabel annotate: out: (pid=1) a message of ours\n"
