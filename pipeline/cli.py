@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score predictions against COCO ground truth")
     ev.add_argument("--gt", required=True, type=Path)
     what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--pred", type=Path, help="COCO results list or COCO dataset, or a run (as export-coco gives it)")
+    what.add_argument("--pred", help="COCO results list or COCO dataset, or a run or incremental root (path or URI), "
+                                     "scored as export-coco writes it")
     what.add_argument("--label-maps", type=Path, help="folder of PNG label maps (camlabel export-masks)")
     return parser
 
@@ -310,7 +311,7 @@ def cmd_runs(args) -> int:
 def cmd_eval(args) -> int:
     if args.label_maps:
         result = evaluate_label_maps(args.gt, args.label_maps)
-    elif args.pred.is_dir():  # a run or an incremental root: scored as its `export-coco` would be
+    elif "://" in args.pred or Path(args.pred).is_dir():  # a run or a root: scored as its `export-coco` would be
         from .export import export_coco
 
         with tempfile.TemporaryDirectory(prefix="camlabel-eval-") as scratch:

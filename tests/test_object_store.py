@@ -66,6 +66,9 @@ def test_incremental_runs_on_s3_resume_list_and_export(local_ray, collection, bu
     coco = COCO(str(tmp_path / "coco.json"))
     assert sorted(i["file_name"] for i in coco.imgs.values()) == [str(source / n) for n in ("cat.png", "coffee.png",
                                                                                               "horse.png")]
+    capsys.readouterr()
+    assert main(["eval", "--gt", str(tmp_path / "coco.json"), "--pred", root]) == 0  # scored as exported
+    assert json.loads(capsys.readouterr().out)["corloc"] == 1.0
     first = bucket.format(f"series/runs/{runs[0]['run']}")
     assert main(["report", first, "--out", str(tmp_path / "report")]) == 0
     assert "coffee.png" in (tmp_path / "report" / "report.html").read_text()
