@@ -64,9 +64,15 @@ def image_listing(source: str, skipped: str | None = None) -> Listing:
     if suffix in (".csv", ".parquet"):
         return Listing(_from_manifest(source), pa.array([], pa.string()), {})
     if _is_uri(source):
+        if "?" in source:
+            raise SourceError(f"source {source}: options in a source URI (after '?') would not reach the workers, "
+                              "which read each image by its own URI; set them in the environment (e.g. "
+                              "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION)")
+        scheme, rest = source.split("://", 1)
+        user = rest.partition("/")[0].rpartition("@")[0]  # credentials, which each image's URI needs too
+        prefix = f"{scheme}://{user}@" if user else f"{scheme}://"  # the listing's paths are bucket/key
         try:
             fs, root = pafs.FileSystem.from_uri(source)
-            prefix = source[: len(source) - len(root)] if source.endswith(root) else ""
             pattern = None
             if any(c in root for c in "*?["):
                 pattern, root = root, root.split("*")[0].rsplit("/", 1)[0]
@@ -322,10 +328,17 @@ def relative_paths(paths: pa.Array, source: str) -> pa.Array:
     root = os.path.abspath(root).rstrip("/") + "/"
     local = pc.if_else(pc.starts_with(paths, root), pc.utf8_slice_codeunits(paths, len(root)),
                        pc.utf8_ltrim(paths, "/"))
-    relative = pc.if_else(pc.match_substring(paths, "://"),
-                          pc.utf8_ltrim(pc.replace_substring_regex(paths, "^[^/]*://", ""), "/"), local)
-    # a bucket's key may hold '..' (a manifest's may not): its dots are escaped as in a URL; a match takes the
-    # '/' after it, so '../..' needs a second pass
-    for _ in range(2):
-        relative = pc.replace_substring_regex(relative, r"(^|/)\.\.(/|$)", r"\1%2E%2E\2")
-    return relative
+    return pc.if_else(pc.match_substring(paths, "://"), _key_names(paths), local)
+
+
+def _key_names(uris: pa.Array) -> pa.Array:
+    """Each URI's bucket/key as a relative path that names it alone: a key may hold '.' and '..' segments (a
+    folder's paths never do), which would name another file or climb out; they are escaped as in a URL, and
+    '%' before them, so that the key '%2E' keeps a name of its own. A URI's credentials are no part of it."""
+    if isinstance(uris, pa.ChunkedArray):
+        uris = uris.combine_chunks()
+    keys = pc.utf8_ltrim(pc.replace_substring_regex(uris, "^[^/]*://([^/@]*@)?", ""), "/")
+    segments = pc.split_pattern(pc.replace_substring(keys, "%", "%25"), "/")
+    flat = pc.list_flatten(segments)
+    flat = pc.if_else(pc.equal(flat, ".."), "%2E%2E", pc.if_else(pc.equal(flat, "."), "%2E", flat))
+    return pc.binary_join(pa.ListArray.from_arrays(segments.offsets, flat), "/")

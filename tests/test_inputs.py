@@ -336,8 +336,15 @@ def test_relative_paths_stay_below_their_source_and_keep_folders(tmp_path):
     assert relative_path(image, str(tmp_path / "list.parquet")) == "a/x.jpg"  # below the manifest's folder
     assert relative_path("/elsewhere/b/x.jpg", str(tmp_path / "list.csv")) == "elsewhere/b/x.jpg"
     assert relative_path("s3://bucket/b/x.jpg", "s3://bucket/list.csv") == "bucket/b/x.jpg"
+    assert relative_path("s3://key:secret@bucket/b/x.jpg", "s3://key:secret@bucket/b") == "bucket/b/x.jpg"
     # an object store's key may hold '..': an output named after it (export-masks' PNG) must not climb out
     assert relative_path("s3://b/../../../x/..y/../z.jpg", "s3://b") == "b/%2E%2E/%2E%2E/%2E%2E/x/..y/%2E%2E/z.jpg"
+    # nor name another's ('.' and its escape, '%2E', each keep a name of their own)
+    keys = ["s3://b/i/a.png", "s3://b/i/./a.png", "s3://b/i/././a.png", "s3://b/i/%2E/a.png", "s3://b/i/../a.png",
+            "s3://b/i/%2E%2E/a.png", "s3://b/i/.../a.png"]
+    names = relative_paths(pa.chunked_array([keys[:3], keys[3:]]), "s3://b").to_pylist()
+    assert names == ["b/i/a.png", "b/i/%2E/a.png", "b/i/%2E/%2E/a.png", "b/i/%252E/a.png", "b/i/%2E%2E/a.png",
+                     "b/i/%252E%252E/a.png", "b/i/.../a.png"]
     (tmp_path / "é").mkdir()
     listing = [str(tmp_path / "é" / "ü.jpg"), "/elsewhere/b/x.jpg", "gs://b/c/x.jpg", str(tmp_path / "a" / "x.jpg")]
     assert relative_paths(pa.array(listing), str(tmp_path / "é")).to_pylist() == [
@@ -457,13 +464,15 @@ def test_files_nested_past_the_parsers_limit_or_binary_are_one_line(tmp_path, ca
         assert line in err and err.count("\n") == 1, err[-300:]
 
 
-def test_an_object_store_that_cannot_be_opened_or_listed_is_one_line(tmp_path, capsys):
+def test_an_object_store_that_cannot_be_opened_or_listed_is_one_line(tmp_path, capsys, monkeypatch):
     """A URI pyarrow refuses, and a store that does not answer (a closed port: no network, no such bucket):
     each names the URI and exits 2, where pyarrow's OSError was a traceback."""
     assert main(["export-coco", "s3://bucket/run?nonsense=1", "--out", str(tmp_path / "c.json")]) == 2
     assert "cannot open s3://bucket/run?nonsense=1: Unexpected query parameter" in capsys.readouterr().err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with pytest.raises(SourceError, match="^cannot list s3://bucket/images"):
-        image_listing("s3://bucket/images?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+        image_listing("s3://bucket/images")
 
 
 def test_a_method_the_model_cannot_run_exits_2_before_anything_starts(tmp_path, capsys):

@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.lease import LEASE_FILE, lease
+from camlabel.pipeline.sources import SourceError, image_listing
 from camlabel.pipeline.store import Location
 from camlabel.schemas.config import ConfigError
+from camlabel.workers.decode import read_bytes
 from moto.server import ThreadedMotoServer
 from pycocotools.coco import COCO
 
@@ -74,3 +76,26 @@ def test_incremental_runs_on_s3_resume_list_and_export(local_ray, collection, bu
     assert "coffee.png" in (tmp_path / "report" / "report.html").read_text()
     assert main(["export-masks", first, "--out", str(tmp_path / "masks")]) == 0
     assert sorted(p.name for p in (tmp_path / "masks").rglob("*.png")) == ["cat.png.png", "coffee.png.png"]
+
+
+def test_a_bucket_source_lists_and_reads_every_key_as_written(bucket, monkeypatch):
+    """Keys with a space, '%', '?' or '#' (a URI would have them percent-encoded), listed from a source given
+    with a trailing '/' and with credentials, each read back byte for byte. Both were lost, every image an error:
+    a trailing '/' made the listing's paths bucket/key, read as local paths; a key with a space was no URI."""
+    endpoint = bucket.split("endpoint_override=")[1].split("&")[0]
+    for name, value in (("AWS_ENDPOINT_URL", f"http://{endpoint}"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                        ("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")):
+        monkeypatch.setenv(name, value)
+    store = Location.of(bucket.format("shoot"))
+    keys = ["a.png", "My Photos/IMG 001.png", "100%.png", "what?.png", "#1.png"]
+    for i, key in enumerate([*keys, "notes.txt"]):
+        (store / key).write_bytes(bytes([i]) * 3)
+    for source in ("s3://labels/shoot/", "s3://k:s@labels/shoot"):
+        listing = image_listing(source)
+        assert listing.left_out == {".txt": 1}
+        head = source.split("labels/")[0]
+        assert listing.paths.to_pylist() == sorted(f"{head}labels/shoot/{key}" for key in keys)
+        assert [read_bytes(path) for path in listing.paths.to_pylist()] == [
+            bytes([keys.index(path.split("labels/shoot/")[1])]) * 3 for path in listing.paths.to_pylist()]
+    with pytest.raises(SourceError, match="options in a source URI .* AWS_ENDPOINT_URL"):
+        image_listing(bucket.format("shoot"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -30,9 +31,13 @@ class DecodeError(ValueError):
 
 def read_bytes(path: str) -> bytes:
     """A local path's or a URI's bytes. Only a regular file of at most MAX_BYTES is read: a FIFO, a device
-    (/dev/zero in a manifest) or a huge file would block or fill the worker."""
-    if "://" in path:  # s3://, gs://, file://: pyarrow's filesystems
-        fs, inner = pafs.FileSystem.from_uri(path)
+    (/dev/zero in a manifest) or a huge file would block or fill the worker. A URI's key is read as written,
+    not percent-decoded (keys hold spaces, '%', '?' and '#'), through one filesystem per bucket and process."""
+    path = path.removeprefix("file://")
+    if "://" in path:  # s3://, gs://: pyarrow's filesystems
+        scheme, rest = path.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        fs, inner = _bucket_filesystem(f"{scheme}://{bucket}"), f"{bucket.rpartition('@')[2]}/{key}"
         info = fs.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no such object: {path}")
@@ -45,9 +50,16 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+@functools.lru_cache(maxsize=16)
+def _bucket_filesystem(root: str) -> pafs.FileSystem:
+    """The filesystem of a bucket's URI (with its credentials, if it holds any). Made once: S3's is made by
+    asking the bucket's region, a round trip each image paid when every URI made its own."""
+    return pafs.FileSystem.from_uri(root)[0]
+
+
 def _check_readable(regular: bool, size: int | None) -> None:
     if not regular:
-        raise OSError("not a regular file (a FIFO or a device)")
+        raise OSError("not a regular file (a folder, a FIFO or a device)")
     if size is not None and size > MAX_BYTES:
         raise OSError(f"refused: {size:,} bytes is over the {MAX_BYTES:,}-byte limit")
 
