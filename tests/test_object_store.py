@@ -6,6 +6,7 @@ import shutil
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import ray
 from camlabel.pipeline.cli import main
 from camlabel.pipeline.lease import LEASE_FILE, lease
 from camlabel.pipeline.sources import SourceError, image_listing
@@ -20,14 +21,21 @@ from tests.test_pipeline import annotate, collection, local_ray, ray_stops_with_
 
 @pytest.fixture(scope="module")
 def bucket():
-    """A URI of an empty bucket whose options (endpoint, credentials) travel with it to Ray's workers."""
+    """A URI of an empty bucket whose options (endpoint, credentials) travel with it to Ray's workers. The
+    environment names the same store, as a cluster's pods would (`s3://labels/...`), for the Rays started after."""
     server = ThreadedMotoServer(port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     options = dict(access_key="k", secret_key="s", region="us-east-1", endpoint_override=f"{host}:{port}",
                    scheme="http")
     pafs.S3FileSystem(**options, allow_bucket_creation=True).create_dir("labels")
-    yield f"s3://k:s@labels/{{}}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    environment = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        ray.shutdown()  # a Ray of an earlier module would not have it
+        yield f"s3://k:s@labels/{{}}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
 
 
@@ -78,24 +86,32 @@ def test_incremental_runs_on_s3_resume_list_and_export(local_ray, collection, bu
     assert sorted(p.name for p in (tmp_path / "masks").rglob("*.png")) == ["cat.png.png", "coffee.png.png"]
 
 
-def test_a_bucket_source_lists_and_reads_every_key_as_written(bucket, monkeypatch):
+def test_a_bucket_source_lists_reads_and_annotates_every_key_as_written(local_ray, collection, bucket, capsys):  # noqa: F811
     """Keys with a space, '%', '?' or '#' (a URI would have them percent-encoded), listed from a source given
-    with a trailing '/' and with credentials, each read back byte for byte. Both were lost, every image an error:
-    a trailing '/' made the listing's paths bucket/key, read as local paths; a key with a space was no URI."""
-    endpoint = bucket.split("endpoint_override=")[1].split("&")[0]
-    for name, value in (("AWS_ENDPOINT_URL", f"http://{endpoint}"), ("AWS_DEFAULT_REGION", "us-east-1"),
-                        ("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")):
-        monkeypatch.setenv(name, value)
+    with a trailing '/' and with credentials, each read back byte for byte, and annotated. Both were lost, every
+    image an error: a trailing '/' made the listing's paths bucket/key, read as local paths; a key with a space
+    was no URI."""
     store = Location.of(bucket.format("shoot"))
     keys = ["a.png", "My Photos/IMG 001.png", "100%.png", "what?.png", "#1.png"]
-    for i, key in enumerate([*keys, "notes.txt"]):
-        (store / key).write_bytes(bytes([i]) * 3)
+    photo = (collection / "cat.png").read_bytes()
+    for i, key in enumerate(keys):
+        (store / key).write_bytes(photo + bytes([i]))  # each its own bytes, the same picture
+    (store / "notes.txt").write_bytes(b"")
     for source in ("s3://labels/shoot/", "s3://k:s@labels/shoot"):
         listing = image_listing(source)
-        assert listing.left_out == {".txt": 1}
         head = source.split("labels/")[0]
+        assert listing.left_out == {".txt": 1}
         assert listing.paths.to_pylist() == sorted(f"{head}labels/shoot/{key}" for key in keys)
-        assert [read_bytes(path) for path in listing.paths.to_pylist()] == [
-            bytes([keys.index(path.split("labels/shoot/")[1])]) * 3 for path in listing.paths.to_pylist()]
+        assert [read_bytes(path)[-1] for path in listing.paths.to_pylist()] == [
+            keys.index(path.split("labels/shoot/")[1]) for path in listing.paths.to_pylist()]
     with pytest.raises(SourceError, match="options in a source URI .* AWS_ENDPOINT_URL"):
         image_listing(bucket.format("shoot"))
+
+    out = bucket.format("shoot-labels")
+    capsys.readouterr()
+    annotate("s3://labels/shoot/", out)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["annotated"], summary["errors"]) == (5, 0)
+    parts = Location.of(out) / "annotations"
+    paths = [pq.read_table(part.path, filesystem=parts.fs).column("path").to_pylist() for part in parts.files()]
+    assert sorted(sum(paths, [])) == sorted(f"s3://labels/shoot/{key}" for key in keys)
