@@ -328,7 +328,8 @@ def relative_paths(paths: pa.Array, source: str) -> pa.Array:
     root = os.path.abspath(root).rstrip("/") + "/"
     local = pc.if_else(pc.starts_with(paths, root), pc.utf8_slice_codeunits(paths, len(root)),
                        pc.utf8_ltrim(paths, "/"))
-    return pc.if_else(pc.match_substring(paths, "://"), _key_names(paths), local)
+    uris = pc.match_substring(paths, "://")
+    return pc.if_else(uris, _key_names(paths), local) if pc.any(uris).as_py() else local
 
 
 def _key_names(uris: pa.Array) -> pa.Array:

@@ -88,7 +88,7 @@ def test_incremental_runs_on_s3_resume_list_and_export(local_ray, collection, bu
 
 def test_a_bucket_source_lists_reads_and_annotates_every_key_as_written(local_ray, collection, bucket, capsys):  # noqa: F811
     """Keys with a space, '%', '?' or '#' (a URI would have them percent-encoded), listed from a source given
-    with a trailing '/' and with credentials, each read back byte for byte, and annotated. Both were lost, every
+    with a trailing '/' and with credentials, each read back as its own file, and annotated. Both were lost, every
     image an error: a trailing '/' made the listing's paths bucket/key, read as local paths; a key with a space
     was no URI."""
     store = Location.of(bucket.format("shoot"))
