@@ -190,8 +190,18 @@ def _checked_paths(paths: pa.Array, manifest: str, line: int, base: str) -> pa.A
     climbing = _first(pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)"))
     if climbing is not None:
         raise SourceError(f"{manifest}:{line + climbing}: path {paths[climbing].as_py()!r} climbs out with '..'")
-    whole = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://"))
-    return pc.if_else(whole, paths, pc.binary_join_element_wise(base, paths, "/"))
+    uris = pc.match_substring(paths, "://")
+    joined = pc.if_else(pc.or_(pc.starts_with(paths, "/"), uris), paths, pc.binary_join_element_wise(base, paths, "/"))
+    return pc.if_else(uris, joined, plain_paths(joined))  # a key is read as written
+
+
+def plain_paths(paths: pa.Array) -> pa.Array:
+    """Local paths without their '.' segments and repeated '/' ('..' is refused before), as os.path.normpath
+    writes them: a manifest made by `find .` (`./shoot/a.jpg`) names the image a folder's listing names, so
+    labels given as `shoot/a.jpg` find it, and `./a.jpg` beside `a.jpg` is one image, annotated once."""
+    paths = pc.replace_substring_regex(paths, "/{2,}", "/")
+    paths = pc.replace_substring_regex(paths, r"(^|/)(\./)+", r"\1")
+    return pc.replace_substring_regex(paths, r"(.)/\.$", r"\1")
 
 
 def read_labels(path: str, class_names: list[str]) -> pa.Table:
@@ -259,6 +269,7 @@ def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: t
     if bad is not None:
         raise SourceError(f"{path}:{first + bad + 2}: file_name {names[bad].as_py()!r} must be a relative path "
                           "without '..'")
+    names = plain_paths(names)  # `./a/x.jpg` names a/x.jpg
     tokens = pc.split_pattern_regex(pc.utf8_trim_whitespace(batch.column("labels")), r"\s+")
     flat, row = pc.list_flatten(tokens), pc.list_parent_indices(tokens)
     some = pc.greater(pc.utf8_length(flat), 0)

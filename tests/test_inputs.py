@@ -16,6 +16,7 @@ from camlabel.pipeline.sources import (
     list_images,
     read_labels,
     relative_paths,
+    unmatched_names,
 )
 from camlabel.schemas.config import ConfigError, load_config
 from camlabel.workers.actor import decode_batch
@@ -309,6 +310,21 @@ def test_a_parquet_manifest_is_joined_to_its_folder_sorted_and_deduplicated(tmp_
     pq.write_table(pa.table({"path": ["a.jpg", ""]}), manifest)
     with pytest.raises(SourceError, match=r"list.parquet:3: empty path"):
         list_images(str(manifest))
+
+
+def test_a_manifest_made_by_find_names_the_images_a_folder_listing_names(tmp_path):
+    """`find . -name '*.jpg' > list.csv` writes `./shoot/a.jpg`: its images were stored as `.../list/./shoot/a.jpg`,
+    labels given as `shoot/a.jpg` matched none of them (each fell back to predicted classes), and `./a.jpg` beside
+    `a.jpg` was annotated twice. A key of an object store is kept as written."""
+    (tmp_path / "list.csv").write_text("path\n./shoot/a.jpg\nshoot/a.jpg\nshoot//./b.jpg\n.//c.jpg\n"
+                                      f"{tmp_path}/./shoot/./a.jpg\ns3://bucket/./k.jpg\n")
+    paths = image_listing(str(tmp_path / "list.csv")).paths
+    assert paths.to_pylist() == [f"{tmp_path}/c.jpg", f"{tmp_path}/shoot/a.jpg", f"{tmp_path}/shoot/b.jpg",
+                                 "s3://bucket/./k.jpg"]
+    (tmp_path / "labels.csv").write_text("file_name,labels\n./shoot/a.jpg,0\nshoot/b.jpg,1\n./c.jpg,2\n")
+    labels = read_labels(str(tmp_path / "labels.csv"), ["cat", "dog", "cow"])
+    assert labels_column(paths, str(tmp_path / "list.csv"), labels).to_pylist() == [[2], [0], [1], None]
+    assert unmatched_names(paths, str(tmp_path / "list.csv"), labels) == 0
 
 
 def relative_path(path: str, source: str) -> str:
