@@ -84,6 +84,24 @@ def test_state_dict_and_safetensors_round_trip_with_class_names(tmp_path):
         load_model("resnet18", weights=tmp_path / "w.pt", class_names=tmp_path / "names.bin", device="cpu")
 
 
+def test_a_training_checkpoint_gives_its_model(tmp_path):
+    """torchvision's reference scripts save {"model", "optimizer", "lr_scheduler", "epoch", "args"}, the arguments
+    an argparse.Namespace: refused whole before ("not a plain tensor checkpoint"), which sent users to unpickle."""
+    import argparse
+
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 30).state_dict(), "epoch": 89,
+                "args": argparse.Namespace(model="resnet18", lr=0.1, data_path="/data")}, tmp_path / "model_89.pth")
+    loaded = load_model("resnet18", weights=tmp_path / "model_89.pth", device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 class Payload:
     def __init__(self, path):
         self.path = path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.resources
 import importlib.util
@@ -76,7 +77,10 @@ def default_weights_path() -> Path:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors only: safetensors, or a torch file loaded with weights_only=True (never arbitrary pickle)."""
+    """Tensors only: safetensors, or a torch file loaded with weights_only=True (never arbitrary pickle). A
+    training checkpoint's model is taken from it: under "state_dict", or under "model" as torchvision's
+    reference scripts save it, beside their optimizer and their `argparse.Namespace` of arguments (a plain
+    holder of attributes, so the unpickler may build it)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
@@ -85,11 +89,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler refuses anything but tensors and plain containers
         raise ModelError(f"refused to load {path}: not a plain tensor checkpoint ({exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    if isinstance(state, dict):
+        state = next((state[key] for key in ("state_dict", "model") if isinstance(state.get(key), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
