@@ -2,12 +2,22 @@
 
 import os
 import pickle
+import shutil
+import urllib.error
 
 import pytest
 import torch
 import torchvision
 from camlabel.workers.heatmaps import HeatmapError, compute_heatmaps
-from camlabel.workers.models import ModelError, _spatial_shapes, find_affinity_layer, load_model
+from camlabel.workers.models import (
+    DEFAULT_WEIGHTS_SHA256,
+    ModelError,
+    _spatial_shapes,
+    default_weights_path,
+    find_affinity_layer,
+    load_model,
+    published_weights,
+)
 from camlabel.workers.preprocess import prepare_batch
 from safetensors.torch import save_file
 from skimage import data
@@ -100,6 +110,29 @@ def test_a_training_checkpoint_gives_its_model(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torchvisions_weights_are_taken_only_as_published(tmp_path, monkeypatch):
+    """`--weights DEFAULT`: torchvision's builder unpickles the cached file in full, so it must be the file
+    torchvision published (the sha256 prefix in its name), and its sha256 is the provenance's. No network was
+    urllib's traceback; now one line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ModelError, match=r"cannot fetch torchvision's MobileNet_V2_Weights.IMAGENET1K_V2 weights"):
+        load_model("mobilenet_v2", weights="DEFAULT", device="cpu")
+    entry = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1  # the bundled file, as torchvision publishes it
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    shutil.copy(default_weights_path(), cached)
+    assert published_weights(entry) == (cached, DEFAULT_WEIGHTS_SHA256)
+    changed = bytearray(cached.read_bytes())
+    changed[-100] ^= 1
+    cached.write_bytes(changed)
+    with pytest.raises(ModelError, match="is not the file torchvision published"):
+        published_weights(entry)
 
 
 class Payload:

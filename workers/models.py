@@ -76,6 +76,26 @@ def default_weights_path() -> Path:
     return path
 
 
+def published_weights(entry: torchvision.models.WeightsEnum) -> tuple[Path, str]:
+    """The file of torchvision's weights `entry` in torch's hub cache, and its sha256: fetched when missing, and
+    checked against the sha256 prefix in its name, as torchvision publishes it. torchvision's builder then
+    unpickles it in full (not weights_only): only the file torchvision published, never one changed since."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / entry.url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(entry.url, str(path), progress=False)
+        except OSError as exc:  # no network (urllib's URLError), a refused write
+            raise ModelError(f"cannot fetch torchvision's {entry} weights from {entry.url} ({exc}); download the "
+                             f"file where there is network and put it at {path}") from None
+    sha = sha256_file(path)
+    published = torch.hub.HASH_REGEX.search(path.name)
+    if published is None or not sha.startswith(published.group(1)):
+        raise ModelError(f"{path} is not the file torchvision published (its sha256 begins {sha[:8]}); delete it "
+                         "to fetch it again")
+    return path, sha
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors only: safetensors, or a torch file loaded with weights_only=True (never arbitrary pickle). A
     training checkpoint's model is taken from it: under "state_dict", or under "model" as torchvision's
@@ -135,7 +155,9 @@ def load_model(
                          "mobilenet_v2, resnet50, vgg16, densenet121, efficientnet_b0, convnext_tiny")
     sha = None
     if weights == "DEFAULT":
-        model = torchvision.models.get_model(name, weights="DEFAULT")
+        entry = torchvision.models.get_model_weights(name).DEFAULT
+        _, sha = published_weights(entry)
+        model = torchvision.models.get_model(name, weights=entry)  # its builder: some set arguments for their weights
         source = f"torchvision:{name}:DEFAULT"
     else:
         state = None
