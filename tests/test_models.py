@@ -127,7 +127,7 @@ def test_torchvisions_weights_are_taken_only_as_published(tmp_path, monkeypatch)
     entry = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1  # the bundled file, as torchvision publishes it
     cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     shutil.copy(default_weights_path(), cached)
-    assert published_weights(entry) == (cached, DEFAULT_WEIGHTS_SHA256)
+    assert published_weights(entry) == DEFAULT_WEIGHTS_SHA256
     changed = bytearray(cached.read_bytes())
     changed[-100] ^= 1
     cached.write_bytes(changed)

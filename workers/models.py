@@ -76,8 +76,8 @@ def default_weights_path() -> Path:
     return path
 
 
-def published_weights(entry: torchvision.models.WeightsEnum) -> tuple[Path, str]:
-    """The file of torchvision's weights `entry` in torch's hub cache, and its sha256: fetched when missing, and
+def published_weights(entry: torchvision.models.WeightsEnum) -> str:
+    """The sha256 of torchvision's weights `entry`, the file in torch's hub cache: fetched when missing, and
     checked against the sha256 prefix in its name, as torchvision publishes it. torchvision's builder then
     unpickles it in full (not weights_only): only the file torchvision published, never one changed since."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / entry.url.rsplit("/", 1)[-1]
@@ -93,7 +93,7 @@ def published_weights(entry: torchvision.models.WeightsEnum) -> tuple[Path, str]
     if published is None or not sha.startswith(published.group(1)):
         raise ModelError(f"{path} is not the file torchvision published (its sha256 begins {sha[:8]}); delete it "
                          "to fetch it again")
-    return path, sha
+    return sha
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -156,7 +156,7 @@ def load_model(
     sha = None
     if weights == "DEFAULT":
         entry = torchvision.models.get_model_weights(name).DEFAULT
-        _, sha = published_weights(entry)
+        sha = published_weights(entry)
         model = torchvision.models.get_model(name, weights=entry)  # its builder: some set arguments for their weights
         source = f"torchvision:{name}:DEFAULT"
     else:
