@@ -238,7 +238,8 @@ def labels_batches(path: str, class_names: list[str], rows: int = 1 << 17) -> It
                                     strings_can_be_null=False))
         missing = {"file_name", "labels"} - set(reader.schema.names)
         if missing:
-            raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}; its header holds "
+                              f"{reader.schema.names} (a CSV's columns are separated by commas)")
         for batch in reader:
             yield _parsed_labels(batch, path, len(class_names), vocabulary, first)
             first += batch.num_rows
@@ -281,7 +282,8 @@ def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: t
     unknown = _first(pc.is_null(found))
     if unknown is not None:
         raise SourceError(f"{path}:{first + row[unknown].as_py() + 2}: unknown class {flat[unknown].as_py()!r} "
-                          f"(use an index below {classes} or a class name)")
+                          f"(use an index below {classes} or a class name; classes are separated by spaces, so a "
+                          "name's own spaces are written as underscores: great_white_shark)")
     ambiguous = _first(pc.equal(found, -1))
     if ambiguous is not None:
         raise SourceError(f"{path}:{first + row[ambiguous].as_py() + 2}: {flat[ambiguous].as_py()!r} names two "

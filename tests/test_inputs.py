@@ -383,6 +383,13 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     bad.write_text("file_name,labels\nx.jpg,cat\ny.jpg,unicorn\n")
     with pytest.raises(SourceError, match=r"bad.csv:3: unknown class 'unicorn'"):
         read_labels(str(bad), names)
+    # the two mistakes a spreadsheet makes: a name's spaces, and semicolons for commas (a European locale's CSV)
+    bad.write_text("file_name,labels\nx.jpg,great white shark\n")
+    with pytest.raises(SourceError, match=r"bad.csv:2: unknown class 'great' .* written as underscores"):
+        read_labels(str(bad), names)
+    bad.write_text("file_name;labels\nx.jpg;cat\n")
+    with pytest.raises(SourceError, match=r"file_name, labels; its header holds \['file_name;labels'\]"):
+        read_labels(str(bad), names)
     # a name two classes share but for case (ImageNet's Cardigan, the dog, and cardigan, the sweater) is taken as
     # written, and refused in any other case
     names = ["Cardigan", "cat", "cardigan"]
