@@ -3,7 +3,8 @@
 Maps are computed and refined once per image; only the cheap last step (threshold, components, masks)
 is repeated for each candidate, and each candidate is scored with the same evaluator as `camlabel
 eval`. The box threshold maximises (CorLoc + box AP50) / 2; then, at that threshold, the mask threshold
-maximises (mean mask IoU + segm AP50) / 2. The result is a YAML file `annotate --config` takes.
+maximises (mean mask IoU + segm AP50) / 2 (a ground truth of boxes alone keeps the box threshold, at which the
+boxes, each its mask's, were scored). The result is a YAML file `annotate --config` takes.
 """
 
 from __future__ import annotations
@@ -93,16 +94,19 @@ def calibrate(images: str | list[str], gt_path: Path, loaded: LoadedModel, setti
     found = CalibrationSet(images, gt_path, loaded, settings, use_labels, progress=progress)
     boxes = {t: found.score(t, t) for t in tqdm(thresholds, desc="box thresholds", disable=not progress)}
     best = max(thresholds, key=lambda t: (boxes[t]["corloc"] + boxes[t]["bbox_AP50"]) / 2)
-    masks = {m: (boxes[m] if m == best else found.score(best, m))
-             for m in tqdm(thresholds, desc="mask thresholds", disable=not progress)}
-    best_mask = max(thresholds, key=lambda m: (masks[m]["mean_mask_iou"] + masks[m].get("segm_AP50", 0)) / 2)
+    if boxes[best]["mean_mask_iou"] is None:  # ground truth of boxes alone: the masks as the boxes were scored
+        masks, best_mask = {}, best
+    else:
+        masks = {m: (boxes[m] if m == best else found.score(best, m))
+                 for m in tqdm(thresholds, desc="mask thresholds", disable=not progress)}
+        best_mask = max(thresholds, key=lambda m: (masks[m]["mean_mask_iou"] + masks[m].get("segm_AP50", 0)) / 2)
     keys = ("corloc", "bbox_AP50", "bbox_AP", "mean_mask_iou", "segm_AP50")
     return {
         "images": len(found),
         "threshold": best,
         "mask_threshold": best_mask,
-        "box_thresholds": {t: {k: round(boxes[t].get(k, 0.0), 4) for k in keys} for t in thresholds},
-        "mask_thresholds": {m: {k: round(masks[m].get(k, 0.0), 4) for k in keys} for m in thresholds},
+        "box_thresholds": {t: {k: round(r[k], 4) for k in keys if r.get(k) is not None} for t, r in boxes.items()},
+        "mask_thresholds": {m: {k: round(r[k], 4) for k in keys if r.get(k) is not None} for m, r in masks.items()},
         # what each score is worth on these images at the chosen threshold: where to cut a run's boxes
         "precision_by_score": boxes[best]["bbox_precision_by_score"],
     }

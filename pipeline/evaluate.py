@@ -229,7 +229,9 @@ def evaluate(gt_path: str | Path | COCO, pred: str | Path | list | dict) -> dict
         meter.accumulate(gt.imgToAnns[image_id], by_image.get(image_id, []), info["height"], info["width"])
     result = {"images": len(gt.getImgIds()), "predictions": len(anns), **meter.compute()}
     result.update(_coco_ap(gt, anns, "bbox"))
-    if anns and all("segmentation" in a for a in anns):
+    if not all("segmentation" in a for a in gt.dataset["annotations"]):  # boxes only: no mask is scored
+        result["mean_mask_iou"] = None
+    elif anns and all("segmentation" in a for a in anns):
         result.update(_coco_ap(gt, anns, "segm"))
     return result
 
@@ -242,6 +244,9 @@ def load_ground_truth(path: str | Path, image_ids: set[int] | None = None) -> CO
         except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:  # not JSON, not COCO
             raise EvaluationError(f"cannot read ground truth {path}: {type(exc).__name__}: {exc}") from None
         _check_ground_truth(path, gt.dataset)
+        for a in gt.dataset.get("annotations", []):  # what COCOeval reads and boxes drawn by hand often lack
+            a.setdefault("iscrowd", 0)
+            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
         if image_ids is not None:
             subset = COCO()
             subset.dataset = {**gt.dataset, "images": [i for i in gt.dataset["images"] if i["id"] in image_ids],

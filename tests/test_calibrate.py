@@ -69,6 +69,21 @@ def test_calibrate_chooses_by_its_rule_and_its_figures_are_what_annotate_scores(
     assert result["precision_by_score"] == direct["bbox_precision_by_score"]
     assert sum(b["boxes"] for b in result["precision_by_score"].values()) == direct["predictions"] > 0  # each once
 
+    # Boxes drawn by hand, without masks (nor iscrowd or area): the same box figures, and the masks cut where the
+    # boxes were scored, at the box threshold (a KeyError in COCOeval before)
+    drawn = json.loads(gt.read_text())
+    drawn["annotations"] = [{k: a[k] for k in ("id", "image_id", "category_id", "bbox")} for a in drawn["annotations"]]
+    (root / "drawn.json").write_text(json.dumps(drawn))
+    assert main(["calibrate", str(root / "images"), "--gt", str(root / "drawn.json"), "--out",
+                 str(root / "drawn.yaml"), "--model-dir", str(model_dir), "--input-size", "320", "--scales", "1.0",
+                 "--no-flip"]) == 0
+    boxes_only = json.loads(capsys.readouterr().out)
+    assert boxes_only["threshold"] == boxes_only["mask_threshold"] == result["threshold"]
+    assert boxes_only["mask_thresholds"] == {}
+    for t, figures in boxes_only["box_thresholds"].items():
+        assert figures == {k: v for k, v in result["box_thresholds"][t].items() if k not in ("mean_mask_iou",
+                                                                                             "segm_AP50")}
+
 
 def test_calibrating_for_predicted_classes_maps_no_labels_and_scores_what_annotate_does_without(
         labelled_set, capsys, monkeypatch):

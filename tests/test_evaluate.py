@@ -49,6 +49,27 @@ def test_shifted_boxes_score_the_hand_computed_iou(gt_path):
     assert r["mean_box_iou"] == pytest.approx(1 / 3, abs=1e-6) and r["corloc"] == 0
 
 
+def test_boxes_drawn_by_hand_are_scored_without_masks(gt_path, capsys):
+    """A ground truth of boxes alone, as annotation tools and hand-drawn sets write it (no iscrowd, area or
+    segmentation), was a KeyError traceback in COCOeval; now its boxes are scored as a full one's are, and no
+    mask figure is given (not a mean mask IoU of 0)."""
+    full = json.loads(gt_path.read_text())
+    boxes = {**full, "annotations": [{k: a[k] for k in ("id", "image_id", "category_id", "bbox")}
+                                     for a in full["annotations"]]}
+    drawn = gt_path.with_name("drawn.json")
+    drawn.write_text(json.dumps(boxes))
+    preds = [pred(20, score=0.7), pred(60, score=0.4)]
+    r, whole = evaluate(drawn, preds), evaluate(gt_path, preds)
+    assert r["mean_mask_iou"] is None and "segm_AP" not in r and whole["segm_AP50"] == pytest.approx(1)
+    for key in ("corloc", "mean_box_iou", "bbox_AP", "bbox_AP50", "boxes_per_object", "bbox_precision_by_score"):
+        assert r[key] == whole[key], key
+    capsys.readouterr()
+    results = gt_path.with_name("results.json")
+    results.write_text(json.dumps(preds))
+    assert main(["eval", "--gt", str(drawn), "--pred", str(results)]) == 0
+    assert json.loads(capsys.readouterr().out)["bbox_AP"] == pytest.approx(0.3)
+
+
 def test_corloc_uses_the_top_scoring_box_of_the_class(gt_path):
     r = evaluate(gt_path, [pred(10, score=0.2), pred(60, score=0.8)])
     assert r["corloc"] == 0
