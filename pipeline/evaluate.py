@@ -348,6 +348,8 @@ def evaluate_label_maps(gt_path: Path, folder: Path) -> dict:
     added) against COCO ground truth; objects are drawn largest first, so a small object on a large one keeps
     its pixels. Says how many ground-truth images had a PNG: the figures are over those alone."""
     gt = load_ground_truth(gt_path)  # quietly: stdout carries the JSON result
+    if not all("segmentation" in a for a in gt.dataset["annotations"]):
+        raise EvaluationError(f"{gt_path} holds objects without a segmentation: label maps are scored against masks")
     folder = Path(folder)
     pngs = by_tail((png.relative_to(folder).as_posix().removesuffix(".png"), png) for png in folder.rglob("*.png"))
     meter, scored = None, 0

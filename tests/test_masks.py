@@ -131,3 +131,8 @@ def test_eval_label_maps_scores_a_hand_made_png_against_coco_masks(tmp_path, cap
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
     assert "a.jpg: 2 images match it" in capsys.readouterr().err
+    gt["images"][0]["file_name"] = "sub/a.jpg"  # boxes drawn by hand, no masks: nothing to score a label map by
+    gt["annotations"][0] = {k: gt["annotations"][0][k] for k in ("id", "image_id", "category_id", "bbox")}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--label-maps", str(tmp_path / "maps")]) == 2
+    assert "gt.json holds objects without a segmentation" in capsys.readouterr().err
