@@ -85,8 +85,10 @@ def _ours(path: Location, me: dict) -> bool:
 @contextmanager
 def lease(root: Path | Location) -> Iterator[None]:
     """Hold root's lease for the block, renewing it in a background thread; refuse (ConfigError, which
-    exits 2) while a live holder has it."""
+    exits 2) while a live holder has it. The local folders made to hold the lease go again if the block leaves
+    them empty: a run refused as it plans (a bad labels file) leaves no empty output behind."""
     path = Location.of(root) / LEASE_FILE
+    made = _missing_folders(path.parent)
     try:
         path.parent.mkdir()
     except OSError as exc:  # a file by that name, a read-only or missing parent
@@ -114,3 +116,18 @@ def lease(root: Path | Location) -> Iterator[None]:
         done.set()
         if _ours(path, me):
             path.unlink()
+        for folder in made:  # innermost first; one that holds anything stays, and so do those above it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing_folders(folder: Location) -> list[Path]:
+    """The local folders that making `folder` creates, innermost first (an object store's are not folders)."""
+    missing = []
+    path = Path(folder.path)
+    while folder.local and not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing

@@ -462,6 +462,7 @@ def test_errors_quoting_a_hostile_file_print_one_plain_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read labels" in err and "\\x1b[2J\\x00oops" in err
     assert err.count("\n") == 1 and "\x1b" not in err and "\x00" not in err
+    assert not (tmp_path / "o").exists()  # refused as it planned: the output's folder goes with its lease
 
 
 def test_files_nested_past_the_parsers_limit_or_binary_are_one_line(tmp_path, capsys):

@@ -33,6 +33,23 @@ def test_a_live_holder_keeps_the_output_and_the_lease_goes_when_the_run_ends(tmp
     assert not (tmp_path / LEASE_FILE).exists()
 
 
+def test_the_folders_made_for_the_lease_go_if_the_run_leaves_them_empty(tmp_path):
+    """A run refused as it plans (a bad labels file) left its new, empty output folder behind."""
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ConfigError, match="refused"):
+        with lease(out):
+            assert (out / LEASE_FILE).is_file()
+            raise ConfigError("refused")
+    assert list(tmp_path.iterdir()) == []
+    with lease(out):
+        (out / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    (tmp_path / "made_before").mkdir()
+    with lease(tmp_path / "made_before"):
+        pass
+    assert (tmp_path / "made_before").is_dir()  # a folder that was there stays, empty or not
+
+
 def test_a_dead_holder_on_this_host_or_a_silent_one_elsewhere_is_taken_over(tmp_path):
     for path in (holder(tmp_path, socket.gethostname(), dead_pid()),
                  holder(tmp_path, "other-node", 1, age_s=STALE_AFTER_S + 5)):
