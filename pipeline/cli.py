@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--results", action="store_true", help="the list COCO.loadRes expects")
     what.add_argument("--shard-size", type=_positive, metavar="N",
                       help="one COCO file per N images beside OUT (OUT-00000.json, ...); OUT indexes them")
+    export.add_argument("--image-root", metavar="DIR", help="name the images below DIR (a folder or URI) relative "
+                                                           "to it, as COCO does; others keep their whole path "
+                                                           "(default: every image's whole path)")
     export.add_argument("--min-score", type=_share, default=0.0, metavar="S",
                         help="leave out boxes scoring under S (0-1; eval and calibrate say what each score is "
                              "worth); every image stays (default 0: every box)")
@@ -288,7 +292,8 @@ def cmd_export(args) -> int:
     if args.out.is_dir():
         raise ConfigError(f"out: {args.out} is a folder; give the JSON file to write")
     writable(args.out.parent)
-    summary = export_coco(args.runs, args.out, results=args.results, shard_size=args.shard_size,
+    root = args.image_root and (args.image_root if "://" in args.image_root else os.path.abspath(args.image_root))
+    summary = export_coco(args.runs, args.out, results=args.results, image_root=root, shard_size=args.shard_size,
                           min_score=args.min_score)
     print(json.dumps({k: v for k, v in summary.items() if k != "shards"}))
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -92,12 +91,15 @@ def annotated_rows(run_dirs: list[Location]) -> Iterator[dict]:
 
 
 def coco_records(rows: Iterator[dict], image_ids: Iterator[int], annotation_ids: Iterator[int],
-                 relative_to: str | None = None, min_score: float = 0.0) -> Iterator[tuple[dict, list[dict]]]:
+                 image_root: str | None = None, min_score: float = 0.0) -> Iterator[tuple[dict, list[dict]]]:
     """Rows -> (COCO image, its COCO annotations scoring at least min_score), numbered from the two counters.
-    Every image is kept, with no annotation when none scores enough: to a detector it is then background."""
+    Every image is kept, with no annotation when none scores enough: to a detector it is then background.
+    A path below image_root (a folder or a URI) is named relative to it, as COCO names images below its image
+    folder; any other keeps its whole path, which a trainer's join with its image root leaves as it is."""
+    below = image_root.rstrip("/") + "/" if image_root else None
     for row in rows:
         image_id = next(image_ids)
-        name = os.path.relpath(row["path"], relative_to) if relative_to else row["path"]
+        name = row["path"].removeprefix(below) if below else row["path"]
         image = {"id": image_id, "file_name": name, "width": row["width"], "height": row["height"],
                  "camlabel_id": row["image_id"], "camlabel_run": row["run"]}
         yield image, [{
@@ -136,7 +138,7 @@ def write_dataset(path: Path, records: Iterator[tuple[dict, list[dict]]], header
     return {"file": path.name, "images": images.count, "annotations": annotations.count}
 
 
-def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, relative_to: str | None = None,
+def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, image_root: str | None = None,
                 shard_size: int | None = None, min_score: float = 0.0) -> dict:
     """Write the runs as one COCO dataset (or the results list with `results`), or as shards of
     `shard_size` images each beside `out`, which then indexes them. Image ids run 1.. across shards.
@@ -151,7 +153,7 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
     other = next((run for run in runs[1:] if run_class_names(run) != names), None)
     if other is not None:  # one category list: another model's classes would take this one's ids
         raise RunError(f"{other} was made by a model with other classes than {runs[0]}; export them apart")
-    records = coco_records(annotated_rows(runs), count(1), count(1), relative_to, min_score)
+    records = coco_records(annotated_rows(runs), count(1), count(1), image_root, min_score)
     if results:
         keys = ("image_id", "category_id", "bbox", "score", "segmentation")
         with atomic_file(out, "w") as f:
@@ -162,8 +164,8 @@ def export_coco(run_dirs: list[str | Path], out: Path, results: bool = False, re
                     listed.add({k: ann[k] for k in keys})
             f.write("\n]\n")
         return {"out": str(out), "annotations": listed.count}
-    header = {"info": {"description": "camlabel pseudo labels", "runs": [
-        {"dir": str(r), **provenance(read_manifest(r))} for r in runs]},  # each image's `camlabel_run` indexes them
+    header = {"info": {"description": "camlabel pseudo labels", **({"image_root": image_root} if image_root else {}),
+                       "runs": [{"dir": str(r), **provenance(read_manifest(r))} for r in runs]},  # by `camlabel_run`
               "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]}
     if not shard_size:
         return {"out": str(out), **write_dataset(out, records, header)}

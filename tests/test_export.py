@@ -147,11 +147,13 @@ def test_shards_split_the_images_and_the_index_counts_them(run, tmp_path):
     assert sorted(image_ids) == list(range(1, 12)) and sorted(ann_ids) == list(range(1, 16))  # unique across shards
 
 
-def test_results_list_and_relative_names(run, tmp_path):
+def test_results_list_and_names_below_an_image_root(run, tmp_path, capsys):
     export_coco([run], tmp_path / "results.json", results=True)
-    export_coco([run], tmp_path / "coco.json", relative_to="/data")
+    assert main(["export-coco", str(run), "--out", str(tmp_path / "coco.json"), "--image-root", "/data/"]) == 0
     coco = COCO(str(tmp_path / "coco.json"))
-    assert boxes_by_file(coco) == expected_boxes(root="")
+    assert boxes_by_file(coco) == expected_boxes(root="") and coco.dataset["info"]["image_root"] == "/data"
+    export_coco([run], tmp_path / "other.json", image_root="/dat")  # not a folder of theirs: whole paths
+    assert boxes_by_file(COCO(str(tmp_path / "other.json"))) == expected_boxes()
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 15 and len(coco.loadRes(results).getAnnIds()) == 15
 
