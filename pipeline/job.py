@@ -315,6 +315,7 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
         manifest = run_manifest(config, loaded, settings, earlier)
         check_resumable(run_dir, manifest)
         connect(config.address)
+        check_gpus(config)
         with stopped_by_signals(), recorded_if_stopped(run_dir, manifest):  # not before: Ray sets its own
             plan = planned(config, loaded.class_names, run_dir, earlier)
             atomic_write_json(run_dir / "manifest.json", manifest)
@@ -326,6 +327,19 @@ def annotate(config: JobConfig, progress: bool = True) -> dict:
                       **({"left_out": plan.left_out} if plan.left_out else {})}
             record_finished(run_dir, manifest, counts, time.perf_counter() - start)
     return manifest
+
+
+def check_gpus(config: JobConfig) -> None:
+    """Actors that want a GPU where Ray sees none wait for one to join. A private local Ray has only this
+    machine's, and no node joins it: refused at once (Ray's autoscaler says so after a minute and a half, and
+    waits on). A cluster's GPU nodes may still be starting (a RayJob's workers scale from zero): said, not
+    refused."""
+    if not config.gpus_per_actor or ray.cluster_resources().get("GPU"):
+        return
+    if not (config.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(f"gpus_per_actor: {config.gpus_per_actor} GPU an actor, but Ray sees no GPU on this "
+                          "machine; leave it out to annotate on the CPU cores, or give --address a cluster with GPUs")
+    log.warning("the Ray cluster has no GPU yet: the annotate actors wait for a GPU node to join")
 
 
 def record_finished(run_dir: Location, manifest: dict, counts: dict, seconds: float) -> None:

@@ -509,6 +509,21 @@ def test_a_method_the_model_cannot_run_exits_2_before_anything_starts(tmp_path, 
     assert not (tmp_path / "o").exists()  # nothing written, no Ray started
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_actors_that_want_a_gpu_on_a_machine_without_one_are_refused_at_once(tmp_path, capsys, monkeypatch):
+    """--gpus-per-actor on a machine where Ray sees no GPU: the private local Ray's actors waited for ever (Ray's
+    autoscaler said so after 80 s, and waited on)."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    Image.fromarray(gradient()).save(tmp_path / "a.png")
+    assert main(["annotate", str(tmp_path), "--out", str(tmp_path / "o"), "--gpus-per-actor", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camlabel annotate: gpus_per_actor: 1.0 GPU an actor, but Ray sees no GPU")
+    assert "\n" not in err
+    assert not ray.cluster_resources().get("GPU") and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command", [["export-coco", "{x}", "--out", "{tmp}/c.json"], ["report", "{x}"],
                                      ["export-masks", "{x}", "--out", "{tmp}/m"], ["runs", "{x}"],
                                      ["eval", "--gt", "{x}/gt.json", "--pred", "{x}/pred.json"]])
