@@ -10,7 +10,6 @@ boxes, each its mask's, were scored). The result is a YAML file `annotate --conf
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..schemas.config import AnnotateSettings, JobConfig
 from ..workers.annotator import Annotator
 from ..workers.decode import DecodeError, decode, read_bytes
 from ..workers.models import LoadedModel
-from .evaluate import EvaluationError, category_mapping, evaluate, load_ground_truth
+from .evaluate import EvaluationError, by_tail, category_mapping, evaluate, find_by_tail, load_ground_truth
 from .sources import list_images
 
 log = logging.getLogger(__name__)
@@ -54,17 +53,18 @@ class CalibrationSet:
         to_class = ground_truth_classes(full, loaded.class_names)
         self.to_category = {i: c for c, i in to_class.items()}
         paths = images if isinstance(images, list) else list_images(images)
-        by_name = {os.path.basename(p): p for p in paths}
-        wanted = [im for im in full.dataset["images"] if os.path.basename(im["file_name"]) in by_name]
+        index = by_tail((p, p) for p in paths)  # matched as eval matches: a.jpg of two folders is no guess
+        wanted = [(im, path) for im in full.dataset["images"]
+                  if (path := find_by_tail(im["file_name"], index)) is not None]
         if not wanted:
             raise EvaluationError("none of the ground truth's images is among the images given")
         self.annotator = Annotator(loaded, settings)
         self.groups = []  # (image ids of the group, its WorkingMaps)
         for start in tqdm(range(0, len(wanted), batch_size), desc="maps", unit="batch", disable=not progress):
             chunk, pictures = [], []
-            for im in wanted[start : start + batch_size]:
+            for im, path in wanted[start : start + batch_size]:
                 try:
-                    pictures.append(decode(read_bytes(by_name[os.path.basename(im["file_name"])])))
+                    pictures.append(decode(read_bytes(path)))
                     chunk.append(im)
                 except (OSError, DecodeError) as exc:
                     log.warning("skipping %s: %s", im["file_name"], exc)

@@ -129,3 +129,33 @@ def test_the_calibrated_config_keeps_every_annotate_setting():
     written = yaml.safe_load(calibrated_config(config, {"threshold": 0.4, "mask_threshold": 0.55}))
     assert written["precision"] == "bfloat16" and written["top_k"] == 4 and written["scales"] == [1.0, 2.0]
     assert written["flip"] is False and (written["threshold"], written["mask_threshold"]) == (0.4, 0.55)
+
+
+def test_ground_truth_meets_its_images_by_their_folders_as_eval_matches_them(labelled_set, monkeypatch):
+    """Two folders' `x.png`: the ground truth's `sub1/x.png` was met by whichever the listing named last (a bare
+    name kept one of them), so thresholds were chosen on another image; a bare name two folders hold is refused."""
+    import shutil
+
+    import camlabel.pipeline.calibrate as calibrate_module
+    from camlabel.pipeline.calibrate import CalibrationSet
+    from camlabel.pipeline.evaluate import EvaluationError
+
+    model_dir, root, gt, made = labelled_set
+    images = root / "folders"
+    for folder, (path, _, _, _) in zip(("sub1", "sub2"), made, strict=False):
+        (images / folder).mkdir(parents=True)
+        shutil.copy(path, images / folder / "x.png")
+    dataset = json.loads(gt.read_text())
+    dataset["images"] = [{**dataset["images"][0], "file_name": "sub1/x.png"}]
+    dataset["annotations"] = dataset["annotations"][:1]
+    (root / "folders.json").write_text(json.dumps(dataset))
+    read = []
+    monkeypatch.setattr(calibrate_module, "read_bytes", lambda path: read.append(path) or open(path, "rb").read())
+    settings = AnnotateSettings(input_size=320, scales=(1.0,), flip=False)
+    loaded = load_model(model_dir=model_dir, device="cpu")
+    found = CalibrationSet(str(images), root / "folders.json", loaded, settings, progress=False)
+    assert len(found) == 1 and read == [str(images / "sub1" / "x.png")]
+    dataset["images"][0]["file_name"] = "x.png"
+    (root / "folders.json").write_text(json.dumps(dataset))
+    with pytest.raises(EvaluationError, match="x.png: 2 images match it"):
+        CalibrationSet(str(images), root / "folders.json", loaded, settings, progress=False)
