@@ -20,6 +20,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from functools import partial
+from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -64,11 +65,11 @@ class Planned(NamedTuple):
 
 def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Location,
               earlier: list[Location]) -> Planned:
-    """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (this run's
-    read errors are retried: I/O may mend), with its labels ("i j", or "-" for none), and with earlier
-    runs, the index of their contents (pipeline.contents). Files whose names are not UTF-8 are settled
-    here, as error rows. Nothing below config.out is listed (unless the
-    source lies there too): a job writing into its own source never annotates its report's overlays."""
+    """Write run_dir/WORK_LIST: each listed image not settled by this run or an earlier one (read errors are retried:
+    I/O may mend; an earlier run's decode errors too: the file may have been mid-copy), with its labels ("i j", or
+    "-" for none), and with earlier runs, the index of their contents (pipeline.contents). Files whose names are not
+    UTF-8 are settled here, as error rows. Nothing below config.out is listed (unless the source lies there too): a
+    job writing into its own source never annotates its report's overlays."""
     run_dir = Location.of(run_dir)
     run_dir.mkdir()
     scratch = Path(run_dir.path) if run_dir.local else None  # spills beside the run, else in local temp
@@ -82,7 +83,8 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     listing = (_outside(paths, skipped) for paths in listing)
     buckets = max(1, math.ceil(expected / BUCKET_ROWS))
     labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
-    settled = (batch for d in (run_dir, *earlier) for batch in settled_batches(d))
+    # an earlier run's image that did not decode is read again: a photo still being copied when it ran
+    settled = chain(settled_batches(run_dir), *(settled_batches(d, retried=("read", "decode")) for d in earlier))
     inputs = todo = unmatched = 0
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".plan-") as spill:
         out = Path(spill) / WORK_LIST

@@ -165,18 +165,18 @@ def retire_read_errors(run_dir: Path | Location) -> int:
     return dropped
 
 
-def settled_batches(run_dir: Path | Location) -> Iterator[pa.Array]:
-    """Paths of every image a run has settled (annotated, or failed for a reason a retry cannot mend), as
-    Arrow strings a record batch at a time (parts read by pyarrow's dataset scanner, never all at once, never
-    a Python set)."""
+def settled_batches(run_dir: Path | Location, retried: tuple[str, ...] = ("read",)) -> Iterator[pa.Array]:
+    """Paths of every image a run has settled (annotated, or failed at a stage not in `retried`), as Arrow
+    strings a record batch at a time (parts read by pyarrow's dataset scanner, never all at once, never a Python
+    set). Read errors are retried by default: I/O may mend."""
     run_dir = Location.of(run_dir)
     quarantine_broken_parts(run_dir / "annotations")
     quarantine_broken_parts(run_dir / "errors")
     for folder, schema in (("annotations", IMAGES), ("errors", ERRORS)):
         parts = parts_dataset(run_dir / folder, schema)
         for batch in parts.to_batches(columns=["path", "stage"] if schema is ERRORS else ["path"]) if parts else ():
-            if schema is ERRORS:  # read errors are retried, not settled
-                batch = batch.filter(pc.not_equal(batch.column("stage"), "read"))
+            if schema is ERRORS:
+                batch = batch.filter(pc.invert(pc.is_in(batch.column("stage"), value_set=pa.array(retried))))
             yield batch.column("path")
 
 

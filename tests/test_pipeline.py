@@ -578,7 +578,10 @@ def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(
     source.mkdir()
     for name in ("cat.png", "coffee.png"):
         shutil.copy(collection / name, source / name)
+    whole = (collection / "astronaut.png").read_bytes()
+    (source / "late.png").write_bytes(whole[: len(whole) // 2])  # still being copied when the first run reads it
     annotate(source, out, "--incremental")
+    (source / "late.png").write_bytes(whole)
     shutil.copy(collection / "horse.png", source / "horse.png")
     shutil.copy(collection / "cat.png", source / "cat_again.png")  # same content, new name
     annotate(source, out, "--incremental")
@@ -586,23 +589,26 @@ def test_incremental_runs_annotate_only_what_is_new_and_name_content_duplicates(
     assert main(["runs", str(out)]) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["status"] for r in runs] == ["finished", "finished"] and runs[0]["series"] == runs[1]["series"]
-    assert [(r["this_run"], r["annotated"], r["errors"]) for r in runs] == [(2, 2, 0), (2, 1, 1)]
-    second = sorted((out / "runs").iterdir())[1]
+    # the copy cut short did not decode; the next run reads it again, now whole, and annotates it
+    assert [(r["this_run"], r["annotated"], r["errors"]) for r in runs] == [(3, 2, 1), (3, 2, 1)]
+    first, second = sorted((out / "runs").iterdir())[:2]
+    (late,) = pads.dataset(str(first / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
+    assert late["stage"] == "decode" and late["path"].endswith("late.png")
     (duplicate,) = pads.dataset(str(second / "errors"), schema=ERRORS, format="parquet").to_table().to_pylist()
     assert duplicate["stage"] == "duplicate" and duplicate["path"].endswith("cat_again.png")
     assert duplicate["reason"].startswith(f"same content as {source / 'cat.png'}")
-    assert [r["path"] for r in rows(second)] == [str(source / "horse.png")]
+    assert sorted(r["path"] for r in rows(second)) == [str(source / "horse.png"), str(source / "late.png")]
 
     annotate(source, out, "--incremental", "--method", "gradcam")  # another series: a run of its own, all anew
     capsys.readouterr()
     assert main(["runs", str(out)]) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(runs) == 3 and runs[2]["series"] != runs[0]["series"] and runs[2]["this_run"] == 4
+    assert len(runs) == 3 and runs[2]["series"] != runs[0]["series"] and runs[2]["this_run"] == 5
     # the root exports its newest series: merged with the first, every image would be in it twice
     assert main(["export-coco", str(out), "--out", str(tmp_path / "coco.json")]) == 0
     assert f"left out 2 runs of other series ({runs[0]['series']})" in caplog.text
     names = [i["file_name"] for i in json.loads((tmp_path / "coco.json").read_text())["images"]]
-    assert sorted(names) == [r["path"] for r in rows(sorted((out / "runs").iterdir())[2])] and len(names) == 4
+    assert sorted(names) == [r["path"] for r in rows(sorted((out / "runs").iterdir())[2])] and len(names) == 5
 
 
 def test_a_block_of_the_work_list_reads_exactly_its_rows(tmp_path):
