@@ -301,10 +301,15 @@ def cmd_export(args) -> int:
 
 def cmd_runs(args) -> int:
     from .job import list_runs
+    from .store import Location
+    from .writers import read_manifest
 
-    runs = list_runs(args.root)
+    root = Location.of(args.root)
+    runs = list_runs(root) or ([{"run": root.name, **read_manifest(root)}] if (root / "manifest.json").is_file()
+                               else [])  # a plain run is its own one run
     if not runs:
-        raise RunError(f"{args.root} holds no runs (an incremental output root holds runs/<run-id>/manifest.json)")
+        raise RunError(f"{args.root} holds no runs (a run holds manifest.json, an incremental output root "
+                       "runs/<run-id>/manifest.json)")
     for run in runs:
         counts = run.get("counts", {})
         print(json.dumps({"run": run["run"], "series": run.get("series"), "status": run.get("status"),

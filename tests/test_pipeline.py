@@ -124,6 +124,10 @@ def test_annotate_export_and_resume(local_ray, collection, labelled_run, tmp_pat
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished"
+    capsys.readouterr()
+    assert main(["runs", str(out)]) == 0  # a plain run lists as its own one run (it held "no runs" before)
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["run"] == out.name and listed["status"] == "finished" and listed["annotated"] == 5
     assert manifest["model"]["weights_sha256"].startswith("b0353104")
     assert manifest["config"]["method"] == "cam" and manifest["versions"]["torch"]
     assert manifest["devices"] == ["cpu"]  # every actor's device, from the parts' counts
