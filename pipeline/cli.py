@@ -301,12 +301,8 @@ def cmd_export(args) -> int:
 
 def cmd_runs(args) -> int:
     from .job import list_runs
-    from .store import Location
-    from .writers import read_manifest
 
-    root = Location.of(args.root)
-    runs = list_runs(root) or ([{"run": root.name, **read_manifest(root)}] if (root / "manifest.json").is_file()
-                               else [])  # a plain run is its own one run
+    runs = list_runs(args.root)
     if not runs:
         raise RunError(f"{args.root} holds no runs (a run holds manifest.json, an incremental output root "
                        "runs/<run-id>/manifest.json)")

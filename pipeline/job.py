@@ -159,8 +159,10 @@ def series_of(loaded, settings: AnnotateSettings) -> str:
 
 
 def list_runs(root: str | Path | Location) -> list[dict]:
-    """Every run under root/runs, oldest first, with its manifest."""
-    return [{"run": run.name, "dir": str(run), **read_manifest(run)} for run in run_folders(root)]
+    """Every run under root/runs, oldest first, with its manifest; a plain run's folder holds one, itself."""
+    root = Location.of(root)
+    runs = run_folders(root) or ([root] if (root / "manifest.json").is_file() else [])
+    return [{"run": run.name, "dir": str(run), **read_manifest(run)} for run in runs]
 
 
 def incremental_run(root: Location, series: str) -> tuple[Location, list[Location]]:
