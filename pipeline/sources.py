@@ -204,12 +204,12 @@ def plain_paths(paths: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(paths, r"(.)/\.$", r"\1")
 
 
-def read_labels(path: str, class_names: list[str]) -> pa.Table:
+def read_labels(path: str, class_names: list[str], source: str) -> pa.Table:
     """A labels CSV (columns file_name and labels: space-separated class indices or names, a name with
-    spaces written with underscores) as a table of file_name and labels (sorted class indices), read and
-    checked in Arrow compute: a million rows never become Python objects. A file_name listed twice keeps
-    its last row."""
-    return last_row_first(labels_table(labels_batches(path, class_names)))
+    spaces written with underscores) as a table of file_name (as `label_names` reads it for `source`) and labels
+    (sorted class indices), read and checked in Arrow compute: a million rows never become Python objects. A
+    file_name listed twice keeps its last row."""
+    return last_row_first(labels_table(labels_batches(path, class_names, source)))
 
 
 LABELS = pa.schema([("file_name", pa.string()), ("labels", pa.list_(pa.int32())), ("row", pa.int64())])
@@ -226,9 +226,9 @@ def last_row_first(labels: pa.Table) -> pa.Table:
     return labels.take(pc.sort_indices(labels, [("row", "descending")])).drop_columns(["row"])
 
 
-def labels_batches(path: str, class_names: list[str], rows: int = 1 << 17) -> Iterator[pa.Table]:
-    """The labels CSV about `rows` at a time as tables of file_name, labels and row (its place in the
-    file); every error names its line."""
+def labels_batches(path: str, class_names: list[str], source: str, rows: int = 1 << 17) -> Iterator[pa.Table]:
+    """The labels CSV about `rows` at a time as tables of file_name (`label_names`), labels and row (its place
+    in the file); every error names its line."""
     vocabulary = _vocabulary(class_names)
     first = 0
     try:
@@ -241,7 +241,7 @@ def labels_batches(path: str, class_names: list[str], rows: int = 1 << 17) -> It
             raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))}; its header holds "
                               f"{reader.schema.names} (a CSV's columns are separated by commas)")
         for batch in reader:
-            yield _parsed_labels(batch, path, len(class_names), vocabulary, first)
+            yield _parsed_labels(batch, path, source, len(class_names), vocabulary, first)
             first += batch.num_rows
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read labels {path}: {exc}") from exc
@@ -262,15 +262,16 @@ def _vocabulary(class_names: list[str]) -> tuple[pa.Array, pa.Array, pa.Array, p
             pa.array(list(folded)), pa.array(list(folded.values())))
 
 
-def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: tuple[pa.Array, ...],
+def _parsed_labels(batch: pa.RecordBatch, path: str, source: str, classes: int, vocabulary: tuple[pa.Array, ...],
                    first: int) -> pa.Table:
     names = pc.utf8_trim_whitespace(batch.column("file_name"))
-    bad = _first(pc.or_(pc.or_(pc.equal(pc.utf8_length(names), 0), pc.starts_with(names, "/")),
-                        pc.match_substring_regex(names, r"(^|/)\.\.(/|$)")))
+    local = pc.invert(pc.match_substring(names, "://"))
+    bad = _first(pc.or_(pc.equal(pc.utf8_length(names), 0),
+                        pc.and_(local, pc.match_substring_regex(names, r"(^|/)\.\.(/|$)"))))
     if bad is not None:
-        raise SourceError(f"{path}:{first + bad + 2}: file_name {names[bad].as_py()!r} must be a relative path "
+        raise SourceError(f"{path}:{first + bad + 2}: file_name {names[bad].as_py()!r} must name an image "
                           "without '..'")
-    names = plain_paths(names)  # `./a/x.jpg` names a/x.jpg
+    names = label_names(names, source)
     tokens = pc.split_pattern_regex(pc.utf8_trim_whitespace(batch.column("labels")), r"\s+")
     flat, row = pc.list_flatten(tokens), pc.list_parent_indices(tokens)
     some = pc.greater(pc.utf8_length(flat), 0)
@@ -299,6 +300,15 @@ def _parsed_labels(batch: pa.RecordBatch, path: str, classes: int, vocabulary: t
     labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(indices, pa.int32()))
     return pa.table({"file_name": names, "labels": labels, "row": pa.array(np.arange(first, first + len(names)))},
                     schema=LABELS)
+
+
+def label_names(names: pa.Array, source: str) -> pa.Array:
+    """A labels file's file names as the listing's images are matched (`relative_paths`): a relative name as
+    written, less its `.` segments (`./a/x.jpg` names a/x.jpg); an absolute path or a URI by its path below the
+    source, as a script that lists a folder writes them (`/data/photos/a/x.jpg` names a/x.jpg of the source
+    /data/photos)."""
+    uris = pc.match_substring(names, "://")
+    return relative_paths(pc.if_else(uris, names, plain_paths(names)), source)
 
 
 def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:

@@ -89,10 +89,10 @@ def labelled_images(images: str, labels: str | None, class_names: list[str]
     paths = list_images(images)
     if labels is not None:
         try:
-            table = read_labels(labels, class_names)
+            table = read_labels(labels, class_names, images)
         except SourceError:
             class_names = sorted({t for names in _label_tokens(labels) for t in names})
-            table = read_labels(labels, class_names)
+            table = read_labels(labels, class_names, images)
         listed = pa.array(paths, pa.string())
         found = labels_column(listed, images, table).to_pylist()
         unmatched = unmatched_names(listed, images, table)

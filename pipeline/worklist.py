@@ -82,7 +82,7 @@ def plan_work(config: JobConfig, class_names: list[str], run_dir: Path | Locatio
     listing, expected, unnamed, left_out = _listing(config.source, skipped)
     listing = (_outside(paths, skipped) for paths in listing)
     buckets = max(1, math.ceil(expected / BUCKET_ROWS))
-    labels = labels_batches(config.labels, class_names, SPILL_ROWS) if config.labels else None
+    labels = labels_batches(config.labels, class_names, config.source, SPILL_ROWS) if config.labels else None
     # an earlier run's image that did not decode is read again: a photo still being copied when it ran
     settled = chain(settled_batches(run_dir), *(settled_batches(d, retried=("read", "decode")) for d in earlier))
     inputs = todo = unmatched = 0
@@ -161,7 +161,8 @@ def _spill_inputs(spill: Path, config: JobConfig, class_names: list[str], listin
     the plan shares: a path's bare file name when the labels name bare files (such a label matches that
     name in any folder), else its path relative to the source (a settled path is the same path, a label
     the same relative path), so that a collection of `image.jpg` in every folder still spreads."""
-    bare = config.labels is not None and _names_bare_files(labels_batches(config.labels, class_names, SPILL_ROWS))
+    bare = config.labels is not None and _names_bare_files(
+        labels_batches(config.labels, class_names, config.source, SPILL_ROWS))
     path_key = file_names if bare else partial(relative_paths, source=config.source)
     for name, tables, column, key in (("listing", _tables(listing), "path", path_key),
                                       ("settled", _tables(settled), "path", path_key),

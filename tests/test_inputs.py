@@ -322,7 +322,7 @@ def test_a_manifest_made_by_find_names_the_images_a_folder_listing_names(tmp_pat
     assert paths.to_pylist() == [f"{tmp_path}/c.jpg", f"{tmp_path}/shoot/a.jpg", f"{tmp_path}/shoot/b.jpg",
                                  "s3://bucket/./k.jpg"]
     (tmp_path / "labels.csv").write_text("file_name,labels\n./shoot/a.jpg,0\nshoot/b.jpg,1\n./c.jpg,2\n")
-    labels = read_labels(str(tmp_path / "labels.csv"), ["cat", "dog", "cow"])
+    labels = read_labels(str(tmp_path / "labels.csv"), ["cat", "dog", "cow"], str(tmp_path / "list.csv"))
     assert labels_column(paths, str(tmp_path / "list.csv"), labels).to_pylist() == [[2], [0], [1], None]
     assert unmatched_names(paths, str(tmp_path / "list.csv"), labels) == 0
 
@@ -371,7 +371,7 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
     names = ["cat", "great white shark", "dog"]
     good = tmp_path / "good.csv"
     good.write_text("file_name,labels\na/x.jpg,cat 2 CAT 002\ny.jpg,great_white_shark\nz.jpg,\nw.jpg,0\nw.jpg,dog\n")
-    labels = read_labels(str(good), names)
+    labels = read_labels(str(good), names, str(tmp_path))
     assert sorted(zip(*labels.to_pydict().values(), strict=True)) == [
         ("a/x.jpg", [0, 2]), ("w.jpg", [0]), ("w.jpg", [2]), ("y.jpg", [1]), ("z.jpg", [])]
     paths = [str(tmp_path / "a" / "x.jpg"), "/elsewhere/y.jpg", str(tmp_path / "x.jpg"), "s3://b/z.jpg",
@@ -388,16 +388,32 @@ def test_labels_by_name_or_index_and_errors_name_the_line(tmp_path):
                        ("file_name;labels\nx.jpg;cat\n", r"labels; its header holds \['file_name;labels'\]")]:
         bad.write_text(text)
         with pytest.raises(SourceError, match=says):
-            read_labels(str(bad), names)
+            read_labels(str(bad), names, str(tmp_path))
     # a name two classes share but for case (ImageNet's Cardigan, the dog, and cardigan, the sweater) is taken as
     # written, and refused in any other case
     names = ["Cardigan", "cat", "cardigan"]
     good.write_text("file_name,labels\na.jpg,cardigan\nb.jpg,Cardigan\nc.jpg,CAT\n")
-    taken = read_labels(str(good), names).to_pydict()
+    taken = read_labels(str(good), names, str(tmp_path)).to_pydict()
     assert dict(zip(taken["file_name"], taken["labels"], strict=True)) == {"a.jpg": [2], "b.jpg": [0], "c.jpg": [1]}
     bad.write_text("file_name,labels\nx.jpg,cat\ny.jpg,CARDIGAN\n")
     with pytest.raises(SourceError, match=r"bad.csv:3: 'CARDIGAN' names two classes"):
-        read_labels(str(bad), names)
+        read_labels(str(bad), names, str(tmp_path))
+
+
+def test_labels_may_name_images_by_absolute_path_or_uri(tmp_path):
+    """A script that lists a folder writes absolute paths (`/data/photos/a/x.jpg`), which were refused ("must be
+    a relative path"): each now names the image whose path below the source it gives, as a relative name does."""
+    (tmp_path / "labels.csv").write_text(f"file_name,labels\n{tmp_path}/a/x.jpg,0\n{tmp_path}//./b.jpg,1\n"
+                                         "/elsewhere/c.jpg,2\ns3://bucket/k/d.jpg,0\n")
+    paths = pa.array([f"{tmp_path}/a/x.jpg", f"{tmp_path}/b.jpg", f"{tmp_path}/c.jpg", "s3://bucket/k/d.jpg"])
+    labels = read_labels(str(tmp_path / "labels.csv"), ["cat", "dog", "cow"], str(tmp_path))
+    assert labels.column("file_name").to_pylist() == ["bucket/k/d.jpg", "elsewhere/c.jpg", "b.jpg", "a/x.jpg"]
+    assert labels_column(paths, str(tmp_path), labels).to_pylist() == [[0], [1], None, [0]]
+    assert unmatched_names(paths, str(tmp_path), labels) == 1  # outside the source: not c.jpg by its bare name
+    # a manifest's folder is its source's: an absolute path outside it names what the manifest lists
+    manifest = str(tmp_path / "lists" / "m.csv")
+    assert labels_column(paths, manifest, read_labels(str(tmp_path / "labels.csv"), ["cat", "dog", "cow"],
+                                                      manifest)).to_pylist() == [[0], [1], None, [0]]
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -16,11 +16,11 @@ NAMES = [str(i) for i in range(10)]
 
 def collection(root):
     """A CSV manifest of 62 paths (one listed twice, many sharing a bare name) and labels by relative path,
-    by bare name and twice for one name."""
+    by bare name, by absolute path and twice for one name."""
     paths = [f"d{i % 4}/img{i % 25:02d}.jpg" for i in range(60)] + ["d0/img00.jpg", "/abs/img03.jpg"]
     (root / "manifest.csv").write_text("path\n" + "\n".join(paths) + "\n")
     (root / "labels.csv").write_text("file_name,labels\nd1/img01.jpg,1\nimg02.jpg,2\nimg05.jpg,5\nd2/img06.jpg,6 7\n"
-                                     "img05.jpg,3\nnowhere.jpg,9\n")
+                                     "img05.jpg,3\nnowhere.jpg,9\n/abs/img03.jpg,4\n")
 
 
 def plan(root, tmp_copy):
@@ -61,7 +61,7 @@ def test_a_collection_planned_in_buckets_gets_the_plan_made_in_memory(tmp_path, 
     assert labels["/d1/img01.jpg"] == "1" and labels["/d2/img02.jpg"] == labels["/d3/img02.jpg"] == "2"  # by
     # relative path; by bare name (wherever it is)
     assert labels["/d1/img05.jpg"] == "3" and labels["/d2/img06.jpg"] == "6 7"  # a name's last row wins
-    assert labels["/d2/img01.jpg"] == "-" and labels["/abs/img03.jpg"] == "-"
+    assert labels["/d2/img01.jpg"] == "-" and labels["/abs/img03.jpg"] == "4"  # by its absolute path
     assert labels["/d3/img11.jpg"] == "-"  # a read error is planned again, without labels
     assert labels["/d0/img12.jpg"] == "-"  # and an earlier run's decode error (a file then still being copied)
     assert not {"/d1/img09.jpg", "/d2/img10.jpg", "/d3/img15.jpg"} & set(labels)  # settled, here or earlier
