@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import importlib.resources
 import os
 import re
 from collections import Counter
@@ -21,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .. import workers  # its shipped class lists, not its code (no torch)
 from ..schemas.config import UserError
 
 # What a folder or a bucket is listed for: the names of the formats workers.decode opens. Other files are
@@ -249,12 +251,16 @@ def labels_batches(path: str, class_names: list[str], source: str, rows: int = 1
 
 def _vocabulary(class_names: list[str]) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
     """How a label names a class: (tokens, their classes) matched as written (an index, a name, the name with
-    underscores for spaces), then (tokens, their classes) in lower case, -1 where two classes' names differ only
-    in case (ImageNet's Cardigan, the dog, and cardigan, the sweater)."""
+    underscores for spaces, and for ImageNet's classes their WordNet id, `n02123045`, as ImageNet's folders are
+    named), then (tokens, their classes) in lower case, -1 where two classes' names differ only in case
+    (ImageNet's Cardigan, the dog, and cardigan, the sweater)."""
     exact: dict[str, int] = {}
     folded: dict[str, int] = {}
-    for i, name in enumerate(class_names):
-        for token in dict.fromkeys((name, name.replace(" ", "_"))):
+    shipped = importlib.resources.files(workers)
+    imagenet = class_names == shipped.joinpath("imagenet_classes.txt").read_text().splitlines()
+    wnids = shipped.joinpath("imagenet_wnids.txt").read_text().split() if imagenet else [None] * len(class_names)
+    for i, (name, wnid) in enumerate(zip(class_names, wnids, strict=True)):
+        for token in dict.fromkeys(t for t in (name, name.replace(" ", "_"), wnid) if t):
             exact.setdefault(token, i)
             folded[token.lower()] = i if folded.get(token.lower(), i) == i else -1
     exact.update({str(i): i for i in range(len(class_names))})

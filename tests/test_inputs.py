@@ -21,7 +21,9 @@ from camlabel.pipeline.sources import (
 from camlabel.schemas.config import ConfigError, load_config
 from camlabel.workers.actor import decode_batch
 from camlabel.workers.decode import DecodeError, decode
+from camlabel.workers.models import imagenet_class_names
 from PIL import Image
+from torchvision.datasets import Imagenette
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -414,6 +416,22 @@ def test_labels_may_name_images_by_absolute_path_or_uri(tmp_path):
     manifest = str(tmp_path / "lists" / "m.csv")
     assert labels_column(paths, manifest, read_labels(str(tmp_path / "labels.csv"), ["cat", "dog", "cow"],
                                                       manifest)).to_pylist() == [[0], [1], None, [0]]
+
+
+def test_imagenet_classes_are_named_by_their_wordnet_ids_too(tmp_path):
+    """ImageNet's folders are named by WordNet id (`train/n02123045/`): a labels file written from them names
+    the classes so. The ids agree with torchvision's own names for Imagenette's ten; a model of other classes
+    has no such ids."""
+    names = imagenet_class_names()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file_name,labels\n" + "".join(f"{wnid}.jpg,{wnid}\n" for wnid in Imagenette._WNID_TO_CLASS))
+    taken = read_labels(str(labels), names, str(tmp_path)).to_pydict()
+    assert {f: names[i] for f, (i,) in zip(taken["file_name"], taken["labels"], strict=True)} == {
+        f"{wnid}.jpg": synonyms[0] for wnid, synonyms in Imagenette._WNID_TO_CLASS.items()}
+    labels.write_text("file_name,labels\na.jpg,n02123045 N07920052 tabby\n")
+    assert read_labels(str(labels), names, str(tmp_path)).column("labels").to_pylist() == [[281, 967]]
+    with pytest.raises(SourceError, match="unknown class 'n02123045'"):
+        read_labels(str(labels), ["tabby", "espresso"], str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides, field", [
