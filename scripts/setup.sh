@@ -12,7 +12,7 @@ stamp=".venv/.camlabel-$(cat pyproject.toml constraints.txt | sha256sum | cut -c
 if [[ -f "$stamp" ]]; then
   exit 0
 fi
-echo "setup: creating .venv (torch, Ray and the rest: a few minutes, the first time only)" >&2
+echo "setup: installing into .venv (torch, Ray and the rest: a few minutes)" >&2
 "$PYTHON" -m venv .venv
 .venv/bin/pip install -qq --upgrade pip
 # torch/torchvision first and exactly pinned: these builds lie on this machine's disk.
