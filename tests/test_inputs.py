@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -194,6 +195,30 @@ def test_truncated_jpeg_and_decompression_bomb_are_refused():
     for side in (30000, 10000):
         with pytest.raises(DecodeError, match=f"refused: {side * side:,} pixels is over the 64,000,000-pixel limit"):
             decode(encode(Image.new("1", (side, side)), "PNG"))
+
+
+def with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    """png with a chunk of that kind and body inserted before its pixels (IDAT)."""
+    at = png.index(b"IDAT") - 4
+    return png[:at] + len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big") + png[at:]
+
+
+def test_a_png_whose_metadata_pil_refuses_is_decoded_and_a_bomb_in_it_is_skipped():
+    """PIL will not open a PNG whose compressed text (or ICC profile) inflates past 1 MB, its guard against a
+    bomb in the metadata; real PNGs carry that much (Pillow#8363). Its pixels are the photo: libpng, through
+    torchvision, skips such a chunk, and a bomb in it costs nothing. One that may be transparent is still
+    refused: torchvision would drop its transparency."""
+    opaque = encode(Image.fromarray(gradient()), "PNG")
+    text = zlib.compress(" ".join(str(i) for i in range(400_000)).encode())  # 2.6 MB inflated: metadata, not a bomb
+    deflate = zlib.compressobj(9)
+    bomb = b"".join(deflate.compress(bytes(1 << 20)) for _ in range(256)) + deflate.flush()  # 256 MB of zeros
+    for body in (b"Comment\0\0" + text, b"Comment\0\0" + bomb):
+        with pytest.raises(ValueError, match="MAX_TEXT_CHUNK"):
+            Image.open(io.BytesIO(with_chunk(opaque, b"zTXt", body)))  # PIL's own refusal
+        assert torch.equal(decode(with_chunk(opaque, b"zTXt", body)), decode(opaque))
+    transparent = encode(Image.fromarray(gradient()).convert("RGBA"), "PNG")
+    with pytest.raises(DecodeError, match="MAX_TEXT_CHUNK"):
+        decode(with_chunk(transparent, b"zTXt", b"Comment\0\0" + text))
 
 
 def test_decode_stage_turns_every_failure_into_a_row(tmp_path):

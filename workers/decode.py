@@ -85,7 +85,23 @@ def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
         raise DecodeError(f"refused: {int(pixels[1]):,} pixels is over the {MAX_PIXELS:,}-pixel limit" if pixels
                           else f"refused: {exc}") from exc
     except Exception as exc:
+        size = _png_size(data) if "MAX_TEXT" in str(exc) else None
+        if size is not None:  # PIL's guard on a PNG's text chunks, not on its pixels
+            return (*size, "PNG", 1, False)
         raise DecodeError(f"not a readable image ({type(exc).__name__}: {_without_address(exc)})") from exc
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """An opaque PNG's (width, height) from its IHDR chunk; None for any other file. PIL will not open a PNG
+    whose compressed text or ICC profile inflates past 1 MB (its guard against a bomb in the metadata; real
+    PNGs carry that much, Pillow#8363), while libpng, which torchvision decodes with, skips such a chunk: the
+    pixels are the photo's. One that may be transparent (an alpha channel, colour types 4 and 6, or a tRNS chunk
+    before its pixels) is left to PIL, which refuses it: torchvision would drop its transparency (`_rgb_tensor`)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 26 or data[25] in (4, 6):
+        return None
+    if b"tRNS" in data[: data.find(b"IDAT")]:
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
