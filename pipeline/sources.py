@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import importlib.resources
 import os
 import re
 from collections import Counter
@@ -22,8 +21,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .. import workers  # its shipped class lists, not its code (no torch)
 from ..schemas.config import UserError
+from ..workers.classes import imagenet_class_names, imagenet_wnids
 
 # What a folder or a bucket is listed for: the names of the formats workers.decode opens. Other files are
 # counted by suffix (`Listing.left_out`) and named in a warning: not annotated, and not passed over unseen.
@@ -193,17 +192,19 @@ def _checked_paths(paths: pa.Array, manifest: str, line: int, base: str) -> pa.A
     if climbing is not None:
         raise SourceError(f"{manifest}:{line + climbing}: path {paths[climbing].as_py()!r} climbs out with '..'")
     uris = pc.match_substring(paths, "://")
-    joined = pc.if_else(pc.or_(pc.starts_with(paths, "/"), uris), paths, pc.binary_join_element_wise(base, paths, "/"))
-    return pc.if_else(uris, joined, plain_paths(joined))  # a key is read as written
+    return plain_paths(pc.if_else(pc.or_(pc.starts_with(paths, "/"), uris), paths,
+                                  pc.binary_join_element_wise(base, paths, "/")))
 
 
 def plain_paths(paths: pa.Array) -> pa.Array:
     """Local paths without their '.' segments and repeated '/' ('..' is refused before), as os.path.normpath
     writes them: a manifest made by `find .` (`./shoot/a.jpg`) names the image a folder's listing names, so
-    labels given as `shoot/a.jpg` find it, and `./a.jpg` beside `a.jpg` is one image, annotated once."""
-    paths = pc.replace_substring_regex(paths, "/{2,}", "/")
-    paths = pc.replace_substring_regex(paths, r"(^|/)(\./)+", r"\1")
-    return pc.replace_substring_regex(paths, r"(.)/\.$", r"\1")
+    labels given as `shoot/a.jpg` find it, and `./a.jpg` beside `a.jpg` is one image, annotated once. A URI is
+    kept as written: an object store's key is its own name."""
+    local = pc.replace_substring_regex(paths, "/{2,}", "/")
+    local = pc.replace_substring_regex(local, r"(^|/)(\./)+", r"\1")
+    local = pc.replace_substring_regex(local, r"(.)/\.$", r"\1")
+    return pc.if_else(pc.match_substring(paths, "://"), paths, local)
 
 
 def read_labels(path: str, class_names: list[str], source: str) -> pa.Table:
@@ -256,9 +257,7 @@ def _vocabulary(class_names: list[str]) -> tuple[pa.Array, pa.Array, pa.Array, p
     (ImageNet's Cardigan, the dog, and cardigan, the sweater)."""
     exact: dict[str, int] = {}
     folded: dict[str, int] = {}
-    shipped = importlib.resources.files(workers)
-    imagenet = class_names == shipped.joinpath("imagenet_classes.txt").read_text().splitlines()
-    wnids = shipped.joinpath("imagenet_wnids.txt").read_text().split() if imagenet else [None] * len(class_names)
+    wnids = imagenet_wnids() if class_names == imagenet_class_names() else [None] * len(class_names)
     for i, (name, wnid) in enumerate(zip(class_names, wnids, strict=True)):
         for token in dict.fromkeys(t for t in (name, name.replace(" ", "_"), wnid) if t):
             exact.setdefault(token, i)
@@ -313,8 +312,7 @@ def label_names(names: pa.Array, source: str) -> pa.Array:
     written, less its `.` segments (`./a/x.jpg` names a/x.jpg); an absolute path or a URI by its path below the
     source, as a script that lists a folder writes them (`/data/photos/a/x.jpg` names a/x.jpg of the source
     /data/photos)."""
-    uris = pc.match_substring(names, "://")
-    return relative_paths(pc.if_else(uris, names, plain_paths(names)), source)
+    return relative_paths(plain_paths(names), source)
 
 
 def labels_column(paths: pa.Array, source: str, labels: pa.Table) -> pa.Array:

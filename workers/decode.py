@@ -85,8 +85,8 @@ def _header(data: bytes) -> tuple[int, int, str | None, int, bool]:
         raise DecodeError(f"refused: {int(pixels[1]):,} pixels is over the {MAX_PIXELS:,}-pixel limit" if pixels
                           else f"refused: {exc}") from exc
     except Exception as exc:
-        size = _png_size(data) if "MAX_TEXT" in str(exc) else None
-        if size is not None:  # PIL's guard on a PNG's text chunks, not on its pixels
+        size = _png_size(data) if isinstance(exc, ValueError) else None
+        if size is not None:  # PIL's guard on a PNG's metadata (its message varies by version), not on its pixels
             return (*size, "PNG", 1, False)
         raise DecodeError(f"not a readable image ({type(exc).__name__}: {_without_address(exc)})") from exc
 

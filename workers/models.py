@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from ..schemas.config import UserError
+from .classes import imagenet_class_names
 from .heatmaps import HeatmapError, classifier_layer
 from .localizer import TARGET_LAYER, GapLocalizer
 
@@ -47,11 +48,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def imagenet_class_names() -> list[str]:
-    text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text()
-    return text.splitlines()
 
 
 def sha256_file(path: str | Path) -> str:
